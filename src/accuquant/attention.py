@@ -1,0 +1,94 @@
+"""A diffusers attention processor that quantizes the inputs of both attention matmuls.
+
+It computes what diffusers' ``AttnProcessor`` computes, with explicit matmuls so that
+their inputs can be fake-quantized: Q and K before ``Q.K^T``, the softmax output and V
+before ``softmax.V``. The projections (``to_q``, ``to_k``, ``to_v``, ``to_out``) are
+ordinary linear layers, wrapped like every other layer. Installed with
+``Attention.set_processor``; no library source is touched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quantizers import UniformQuantizer
+
+
+def _maybe(bits: int | None, symmetric: bool) -> nn.Module:
+    return UniformQuantizer(bits, symmetric) if bits is not None else nn.Identity()
+
+
+class QuantAttnProcessor(nn.Module):
+    """Attention with fake-quantized matmul inputs.
+
+    Args:
+        attn_bits: bits of Q, K and V (``None``: floating point).
+        softmax_bits: bits of the attention probabilities (``None``: floating point).
+        symmetric: grid of the Q/K/V quantizers; the probabilities, in [0, 1], always use
+            the unsigned grid.
+    """
+
+    def __init__(self, attn_bits: int | None, softmax_bits: int | None, symmetric: bool = False):
+        super().__init__()
+        self.q_quant = _maybe(attn_bits, symmetric)
+        self.k_quant = _maybe(attn_bits, symmetric)
+        self.v_quant = _maybe(attn_bits, symmetric)
+        self.probs_quant = _maybe(softmax_bits, False)
+
+    def quantizers(self) -> dict[str, UniformQuantizer]:
+        names = ("q_quant", "k_quant", "v_quant", "probs_quant")
+        return {n: getattr(self, n) for n in names if isinstance(getattr(self, n), UniformQuantizer)}
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+
+        query, key, value = self.q_quant(query), self.k_quant(key), self.v_quant(value)
+        dtype = query.dtype
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+        scores = torch.bmm(query, key.transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        if attn.upcast_softmax:
+            scores = scores.float()
+        probs = scores.softmax(dim=-1).to(dtype)
+        probs = self.probs_quant(probs)
+
+        hidden_states = torch.bmm(probs, value)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

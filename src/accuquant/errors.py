@@ -1,0 +1,12 @@
+"""The one exception type that the command line turns into a one-line message."""
+
+
+class AccuQuantError(Exception):
+    """A problem with the user's input (a config value, a path, a file), not a bug.
+
+    The command line prints ``accuquant: error: <message>`` and exits with status 2.
+    """
+
+
+class ConfigError(AccuQuantError, ValueError):
+    """An invalid configuration value; the message names the field."""

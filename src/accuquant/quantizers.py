@@ -1,0 +1,239 @@
+"""Uniform affine fake quantization with a straight-through estimator.
+
+A :class:`UniformQuantizer` maps a float tensor onto the integer grid ``[qmin, qmax]``
+and back: ``q = clamp(round(x / s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``.
+
+* symmetric: ``z = 0`` and the grid is ``[-(2^(b-1) - 1), 2^(b-1) - 1]``, the same number
+  of levels on both sides of zero (at 4 bits: -7..7);
+* asymmetric: ``z`` is an integer in ``[0, 2^b - 1]`` and the grid is ``[0, 2^b - 1]``.
+
+Rounding passes gradients straight through; the step size ``s`` is an ``nn.Parameter``
+whose gradient is the LSQ one (it falls out of autograd through ``x / s`` and ``* s``).
+Weights can switch to learned rounding (AdaRound): ``floor(x / s) + h(alpha)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# AdaRound's rectified sigmoid stretch (Nagel et al., 2020).
+_ZETA, _GAMMA = 1.1, -0.1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, with the identity as gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer grid of a ``bits``-bit quantizer."""
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(x.dim()))
+    return tuple(d for d in range(x.dim()) if d != axis)
+
+
+class UniformQuantizer(nn.Module):
+    """Fake quantizer with one step size per tensor (``axis=None``) or per slice along ``axis``.
+
+    Args:
+        bits: bit width, 2 to 8.
+        symmetric: symmetric signed grid (zero point 0) or affine unsigned grid.
+        shape: shape of the step size and zero point, broadcastable to the quantized
+            tensor: ``()`` per tensor, ``(C, 1, 1, 1)`` per output channel of a conv weight.
+        axis: the per-channel axis (``None`` per tensor).
+    """
+
+    def __init__(self, bits: int, symmetric: bool, shape: tuple[int, ...] = (), axis: int | None = None):
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {bits}")
+        self.bits = bits
+        self.symmetric = symmetric
+        self.axis = axis
+        self.qmin, self.qmax = int_range(bits, symmetric)
+        self.scale = nn.Parameter(torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.alpha: nn.Parameter | None = None  # AdaRound variables, when learned rounding is on
+        self.soft_rounding = True
+        self.enabled = True
+        self.observer: RangeObserver | None = None
+
+    def extra_repr(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        gran = "tensor" if self.axis is None else f"axis={self.axis}"
+        return f"bits={self.bits}, {kind}, {gran}" + (", adaround" if self.alpha is not None else "")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.update(x)
+            return x
+        if not self.enabled:
+            return x
+        s = self.scale
+        if self.alpha is not None:
+            x_int = torch.floor(x / s).detach() + self._rounding_offset()
+        else:
+            x_int = round_ste(x / s)
+        q = torch.clamp(x_int + self.zero_point, self.qmin, self.qmax)
+        return (q - self.zero_point) * s
+
+    def to_int(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes in ``[qmin, qmax]`` (int16), rounding as :meth:`forward` does (hard)."""
+        with torch.no_grad():
+            if self.alpha is not None:
+                x_int = torch.floor(x / self.scale) + (self.alpha >= 0).to(x.dtype)
+            else:
+                x_int = torch.round(x / self.scale)
+            return torch.clamp(x_int + self.zero_point, self.qmin, self.qmax).to(torch.int16)
+
+    def from_int(self, q: torch.Tensor) -> torch.Tensor:
+        """Floats from integer codes: ``(q - z) * s``."""
+        return (q.to(self.scale.dtype) - self.zero_point) * self.scale
+
+    # ------------------------------------------------------------------ ranges
+    @torch.no_grad()
+    def set_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> None:
+        """Set step size and zero point so that ``[xmin, xmax]`` spans the grid."""
+        xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+        xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+        if self.symmetric:
+            amax = torch.maximum(-xmin, xmax)
+            scale = amax / self.qmax
+            zp = torch.zeros_like(scale)
+        else:
+            scale = (xmax - xmin) / (self.qmax - self.qmin)
+            scale = torch.clamp(scale, min=1e-8)
+            zp = torch.clamp(torch.round(-xmin / scale), self.qmin, self.qmax)
+        scale = torch.clamp(scale, min=1e-8)
+        self.scale.data.copy_(scale.reshape(self.scale.shape))
+        self.zero_point.copy_(zp.reshape(self.zero_point.shape))
+
+    @torch.no_grad()
+    def init_range(self, x: torch.Tensor, method: str = "mse", percentile: float = 99.99, p: float = 2.0) -> None:
+        """Initialise the range from data ``x`` by ``"minmax"``, ``"percentile"`` or ``"mse"`` (Lp) search."""
+        x = x.detach().float()
+        dims = _reduce_dims(x, self.axis)
+        shape = self.scale.shape
+        xmin = x.amin(dim=dims).reshape(shape) if dims else x.reshape(shape)
+        xmax = x.amax(dim=dims).reshape(shape) if dims else x.reshape(shape)
+        if method == "minmax":
+            self.set_range(xmin, xmax)
+        elif method == "percentile":
+            flat = x if self.axis is None else x.movedim(self.axis, 0)
+            flat = flat.reshape(-1) if self.axis is None else flat.reshape(flat.shape[0], -1)
+            q = percentile / 100.0
+            lo = torch.quantile(flat, 1 - q, dim=-1) if self.axis is not None else torch.quantile(flat, 1 - q)
+            hi = torch.quantile(flat, q, dim=-1) if self.axis is not None else torch.quantile(flat, q)
+            self.set_range(lo.reshape(shape), hi.reshape(shape))
+        elif method == "mse":
+            self._search_lp(x, xmin, xmax, dims, p)
+        else:
+            raise ValueError(f"unknown range method {method!r}")
+
+    @torch.no_grad()
+    def _search_lp(self, x, xmin, xmax, dims, p: float, grid: int = 100) -> None:
+        """Shrink ``[xmin, xmax]`` by factors in (0, 1] and keep, per channel, the lowest Lp error."""
+        best_err = torch.full(self.scale.shape, float("inf"))
+        best_lo, best_hi = xmin.clone(), xmax.clone()
+        saved = self.alpha
+        self.alpha = None
+        enabled, self.enabled = self.enabled, True
+        for i in range(grid):
+            frac = 1.0 - i / (grid + 1) * 0.95
+            lo, hi = xmin * frac, xmax * frac
+            self.set_range(lo, hi)
+            err = (self.forward(x) - x).abs().pow(p)
+            err = err.mean(dim=dims).reshape(self.scale.shape) if dims else err.reshape(self.scale.shape)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, lo, best_lo)
+            best_hi = torch.where(better, hi, best_hi)
+        self.set_range(best_lo, best_hi)
+        self.alpha, self.enabled = saved, enabled
+
+    # ------------------------------------------------------------------ AdaRound
+    def _rounding_offset(self) -> torch.Tensor:
+        assert self.alpha is not None
+        if self.soft_rounding:
+            return torch.clamp(torch.sigmoid(self.alpha) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+        return (self.alpha >= 0).to(self.scale.dtype)
+
+    @torch.no_grad()
+    def enable_learned_rounding(self, w: torch.Tensor) -> None:
+        """Start AdaRound: rounding variables initialised so that ``h(alpha)`` equals the fractional part of ``w / s``."""
+        rest = (w / self.scale) - torch.floor(w / self.scale)
+        rest = rest.clamp(1e-4, 1 - 1e-4)
+        alpha = -torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)
+        self.alpha = nn.Parameter(alpha)
+        self.soft_rounding = True
+
+    def rounding_regularizer(self, beta: float) -> torch.Tensor:
+        """AdaRound's ``sum(1 - |2 h(alpha) - 1|^beta)``, which pushes ``h`` to 0 or 1."""
+        if self.alpha is None:
+            return self.scale.new_zeros(())
+        h = torch.clamp(torch.sigmoid(self.alpha) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+class RangeObserver:
+    """Collects the range of a stream of activations, and a bounded random sample of its values.
+
+    The exact min/max over everything seen is kept; the sample (at most ``max_values``
+    floats) feeds percentile and MSE range searches without storing every activation.
+    """
+
+    def __init__(self, max_values: int = 1 << 18, per_update: int = 1 << 14, seed: int = 0):
+        self.min = math.inf
+        self.max = -math.inf
+        self.max_values = max_values
+        self.per_update = per_update
+        self.samples: list[torch.Tensor] = []
+        self.count = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1).cpu()
+        if x.numel() == 0:
+            return
+        self.min = min(self.min, x.min().item())
+        self.max = max(self.max, x.max().item())
+        if x.numel() > self.per_update:
+            idx = torch.randint(0, x.numel(), (self.per_update,), generator=self.gen)
+            x = x[idx]
+        self.samples.append(x)
+        self.count += x.numel()
+        if self.count > 2 * self.max_values:
+            allv = torch.cat(self.samples)
+            idx = torch.randperm(allv.numel(), generator=self.gen)[: self.max_values]
+            self.samples = [allv[idx]]
+            self.count = self.max_values
+
+    def values(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.zeros(1)
+
+    @torch.no_grad()
+    def apply(self, quantizer: UniformQuantizer, method: str, percentile: float = 99.99) -> None:
+        """Set ``quantizer``'s range from what was observed."""
+        if self.count == 0:
+            return
+        lo, hi = torch.tensor(self.min), torch.tensor(self.max)
+        v = self.values()
+        if method == "minmax":
+            quantizer.set_range(lo, hi)
+        elif method == "percentile":
+            q = percentile / 100.0
+            quantizer.set_range(torch.quantile(v, 1 - q), torch.quantile(v, q))
+        else:
+            # Search on the sample, but always allow the exact observed extremes.
+            quantizer._search_lp(torch.cat([v, lo[None], hi[None]]), lo, hi, dims=(0,), p=2.0)

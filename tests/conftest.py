@@ -1,0 +1,84 @@
+"""Tiny diffusers models built from configs (no network), shared by the tests."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+
+import accuquant as aq
+
+
+def tiny_unet(num_class_embeds: int | None = 11, channels=(32, 64), in_channels: int = 1, seed: int = 0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+def tiny_cond_unet(seed: int = 0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_dit(seed: int = 0):
+    torch.manual_seed(seed)
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    ).eval()
+
+
+def ddim_config() -> dict:
+    return dict(diffusers.DDIMScheduler().config)
+
+
+def class_pipeline(**kw) -> aq.Pipeline:
+    """A class-conditional pipeline with a null class (10) for classifier-free guidance."""
+    return aq.Pipeline(tiny_unet(**kw), ddim_config(), defaults=aq.SamplingDefaults(2.0, 10, 10))
+
+
+def text_conditions(n: int, seed: int = 0) -> aq.Conditions:
+    g = torch.Generator().manual_seed(seed)
+    return aq.Conditions(embeds=torch.randn(n, 5, 16, generator=g), negative_embeds=torch.zeros(n, 5, 16))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Calibration caches go to a per-test folder, never the user's."""
+    monkeypatch.setenv("ACCUQUANT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tiny_pipeline_dir(tmp_path):
+    """A tiny unconditional DDPM pipeline saved to disk, as a user would have it."""
+    unet = tiny_unet(num_class_embeds=None, in_channels=3, channels=(16, 32))
+    path = tmp_path / "tiny-pipeline"
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(str(path))
+    return path
