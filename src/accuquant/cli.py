@@ -174,7 +174,10 @@ def _sample(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         {"quantize": _quantize, "sample": _sample}[args.command](args)
     except AccuQuantError as e:

@@ -1,0 +1,144 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import diffusers
+import pytest
+import torch
+from PIL import Image
+
+from accuquant.cli import main
+
+
+def run(capsys, *args):
+    capsys.readouterr()  # drop what the test itself printed
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _quantize_args(model, out, *extra):
+    return ["quantize", "--model", model, "--method", "naive", "--weight-bits", "4", "--act-bits", "8",
+            "--steps", "4", "--scheduler", "ddim", "--calib-samples", "4", "--seed", "0", "--out", out,
+            "--quiet", *extra]
+
+
+def test_quantize_then_sample_a_saved_pipeline(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, *_quantize_args(tiny_pipeline_dir, out))
+    assert code == 0, err
+    assert "kept in full precision: conv_in, conv_out" in stdout
+    assert (out / "accuquant.json").is_file() and (out / "unet" / "accuquant_weights.safetensors").is_file()
+    grid = tmp_path / "grid.png"
+    code, stdout, err = run(capsys, "sample", "--model", out, "--num", 16, "--seed", 0, "--out", grid, "--quiet")
+    assert code == 0, err
+    img = Image.open(grid)
+    assert img.size == (4 * 18 + 2, 4 * 18 + 2) and img.mode == "RGB"
+    assert "4 ddim steps" in stdout  # the calibrated sampler is the default
+    # the FP model samples from the same command
+    code, _, err = run(capsys, "sample", "--model", tiny_pipeline_dir, "--num", 4, "--steps", 3,
+                       "--out", tmp_path / "fp.png", "--quiet")
+    assert code == 0, err
+
+
+def _assert_refused(code, err, out_path=None):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("accuquant: error: "), err
+    assert "Traceback" not in err
+    if out_path is not None:
+        assert not out_path.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--weight-bits", "9"], "weight_bits: 9 bits is out of range"),
+        (["--act-bits", "1"], "act_bits: 1 bits is out of range"),
+        (["--weight-bits", "four"], "expected a bit width"),
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--scheduler", "euler"], "unknown scheduler 'euler'"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_options_are_refused(tiny_pipeline_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, *_quantize_args(tiny_pipeline_dir, out, *extra))
+    _assert_refused(code, err, out)
+    assert message in err
+
+
+def test_paths_that_are_not_diffusers_models(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    afile = tmp_path / "notes.txt"
+    afile.write_text("hello")
+    for bad in (empty, afile, tmp_path / "missing", "not a model"):
+        code, _, err = run(capsys, *_quantize_args(bad, tmp_path / "q"))
+        _assert_refused(code, err, tmp_path / "q")
+    code, _, err = run(capsys, "sample", "--model", empty, "--out", tmp_path / "g.png")
+    _assert_refused(code, err, tmp_path / "g.png")
+
+
+def test_truncated_and_corrupt_safetensors(tiny_pipeline_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_pipeline_dir, bad)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, *_quantize_args(bad, tmp_path / "q"))
+    _assert_refused(code, err, tmp_path / "q")
+    assert "corrupt or truncated safetensors" in err
+    weights.write_bytes(b"\xff" * 64)
+    code, _, err = run(capsys, *_quantize_args(bad, tmp_path / "q"))
+    _assert_refused(code, err, tmp_path / "q")
+    # a damaged quantized model is refused by sample
+    code, _, _ = run(capsys, *_quantize_args(tiny_pipeline_dir, tmp_path / "good"))
+    assert code == 0
+    qw = tmp_path / "good" / "unet" / "accuquant_weights.safetensors"
+    qw.write_bytes(qw.read_bytes()[:-10])
+    code, _, err = run(capsys, "sample", "--model", tmp_path / "good", "--out", tmp_path / "g.png")
+    _assert_refused(code, err, tmp_path / "g.png")
+
+
+def test_existing_output_directory(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run(capsys, *_quantize_args(tiny_pipeline_dir, out))
+    _assert_refused(code, err)
+    assert "not empty" in err and (out / "keep.txt").read_text() == "precious"
+    code, _, err = run(capsys, *_quantize_args(tiny_pipeline_dir, out, "--overwrite"))
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "accuquant.json").is_file()
+    # an empty directory is fine
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, *_quantize_args(tiny_pipeline_dir, tmp_path / "empty"))
+    assert code == 0, err
+    # sample refuses to overwrite an existing image
+    (tmp_path / "g.png").write_bytes(b"x")
+    code, _, err = run(capsys, "sample", "--model", out, "--out", tmp_path / "g.png")
+    _assert_refused(code, err)
+
+
+def test_nan_or_inf_weights_are_refused(tiny_pipeline_dir, tmp_path, capsys):
+    for bad_value in (float("nan"), float("inf")):
+        pipe = diffusers.DDPMPipeline.from_pretrained(str(tiny_pipeline_dir))
+        with torch.no_grad():
+            pipe.unet.down_blocks[0].resnets[0].conv1.weight[0, 0, 0, 0] = bad_value
+        bad = tmp_path / f"bad-{bad_value}"
+        pipe.save_pretrained(str(bad))
+        code, _, err = run(capsys, *_quantize_args(bad, tmp_path / "q"))
+        _assert_refused(code, err, tmp_path / "q")
+        assert "NaN or inf" in err
+
+
+def test_console_script_exits_2_without_traceback(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "accuquant", "quantize", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "q")],
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"accuquant: error: {tmp_path / 'nope'}: no such file or directory"]

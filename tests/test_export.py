@@ -1,0 +1,78 @@
+import os
+
+import diffusers
+import pytest
+import torch
+
+import accuquant as aq
+from accuquant.export import WEIGHTS_FILE, pack_codes, unpack_codes
+from conftest import class_pipeline, text_conditions, tiny_cond_unet, tiny_unet
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_pack_unpack_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (7, 5, 3), generator=torch.Generator().manual_seed(bits), dtype=torch.int64)
+    packed = pack_codes(codes.to(torch.uint8), bits)
+    per_byte = 4 if bits <= 2 else 2 if bits <= 4 else 1
+    assert packed.numel() == -(-codes.numel() // per_byte)
+    assert torch.equal(unpack_codes(packed, bits, codes.shape), codes.to(torch.uint8))
+
+
+def test_saved_model_is_bit_identical(tmp_path):
+    fp = class_pipeline()
+    q = aq.quantize(fp, aq.QuantConfig(weight_bits=4, act_bits=8), steps=5, calib_samples=8, progress=False)
+    q.save(tmp_path / "q")
+    back = aq.load(tmp_path / "q")
+    assert back.quant["config"]["weight_bits"] == 4 and back.defaults.guidance_scale == 2.0
+    a = q.sample(6, seed=4, steps=5, progress=False)
+    b = back.sample(6, seed=4, steps=5, progress=False)
+    assert torch.equal(a, b)
+    x = torch.randn(3, 1, 16, 16)
+    cond = aq.Conditions(labels=torch.tensor([1, 5, 9]))
+    with torch.no_grad():
+        assert torch.equal(q.denoiser()(x, 123, cond), back.denoiser()(x, 123, cond))
+
+
+def test_text_model_saves_and_loads_bit_identically(tmp_path):
+    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
+    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 3), 2,
+                                    cond=text_conditions(2), progress=False)
+    q = aq.quantize(fp, aq.QuantConfig(weight_bits=3, act_bits=6), calib=calib, steps=3, progress=False)
+    q.save(tmp_path / "q")
+    back = aq.load(tmp_path / "q")
+    x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
+    with torch.no_grad():
+        assert torch.equal(q.denoiser()(x, 700, cond), back.denoiser()(x, 700, cond))
+
+
+def _fp32_size(model, tmp_path) -> int:
+    model.save_pretrained(str(tmp_path / "fp"), safe_serialization=True)
+    return os.path.getsize(tmp_path / "fp" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize("bits, limit", [(4, 0.2), (8, 0.3)])
+def test_saved_size_ratio(tmp_path, bits, limit):
+    model = tiny_unet(channels=(64, 128))
+    fp_size = _fp32_size(model, tmp_path)
+    pipe = aq.Pipeline(model, dict(diffusers.DDIMScheduler().config), defaults=aq.SamplingDefaults(1.0, 10, 10))
+    q = aq.quantize(pipe, aq.QuantConfig(weight_bits=bits, act_bits=8), steps=2, calib_samples=2, progress=False)
+    q.save(tmp_path / "q")
+    ratio = os.path.getsize(tmp_path / "q" / "unet" / WEIGHTS_FILE) / fp_size
+    print(f"W{bits} saved size ratio: {ratio:.3f}")
+    assert ratio <= limit
+
+
+def test_only_safetensors_and_json_are_written(tmp_path):
+    q = aq.quantize(class_pipeline(), steps=2, calib_samples=2, progress=False)
+    q.save(tmp_path / "q")
+    files = [p for p in (tmp_path / "q").rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".json", ".safetensors") for p in files)
+    with pytest.raises(aq.AccuQuantError, match="not empty"):
+        q.save(tmp_path / "q")
+    q.save(tmp_path / "q", overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q.")]  # no temporaries left
+
+
+def test_unquantized_pipeline_cannot_be_saved_as_quantized(tmp_path):
+    with pytest.raises(aq.AccuQuantError, match="quantized"):
+        class_pipeline().save(tmp_path / "x")
