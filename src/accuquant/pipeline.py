@@ -183,7 +183,10 @@ def _load_component(path: Path, library: str, class_name: str):
         cls = getattr(importlib.import_module(library), class_name)
     except (ImportError, AttributeError):
         raise AccuQuantError(f"{path}: needs {library}.{class_name}, which is not installed") from None
-    kwargs = {"low_cpu_mem_usage": False} if library == "diffusers" and hasattr(cls, "_from_config") else {}
+    import diffusers
+
+    # Without `accelerate`, diffusers warns at every load unless told not to try.
+    kwargs = {"low_cpu_mem_usage": False} if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) else {}
     try:
         return cls.from_pretrained(str(path), **kwargs)
     except AccuQuantError:
