@@ -25,6 +25,7 @@ from .errors import AccuQuantError
 from .layers import freeze_model, wrap_model
 from .methods import CalibrationContext, get_method
 from .pipeline import Pipeline, as_pipeline
+from .safety import check_finite
 from .sampling import make_solver
 
 
@@ -126,6 +127,7 @@ def quantize(
     pipe = as_pipeline(source, copy_model=not inplace)
     if pipe.quant is not None:
         raise AccuQuantError("the model is already quantized")
+    check_finite(pipe.model, type(pipe.model).__name__)
     pipe.to(device)
     solver = make_solver(scheduler, pipe.scheduler_config, steps)
     den = pipe.denoiser(guidance_scale)

@@ -10,6 +10,7 @@ quantized after it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 import math
@@ -169,7 +170,9 @@ class Pipeline:
         save_quantized(self, out, overwrite=overwrite)
 
     def copy(self) -> "Pipeline":
-        return copy.deepcopy(self)
+        """A pipeline with its own copy of the denoiser (other components are shared)."""
+        return dataclasses.replace(self, model=copy.deepcopy(self.model), defaults=copy.copy(self.defaults),
+                                   quant=copy.deepcopy(self.quant))
 
 
 # ---------------------------------------------------------------- loading

@@ -31,6 +31,15 @@ def _act_quantizers(model) -> dict:
     return {n: q for n, q in all_quantizers(model).items() if id(q) not in weight_ids}
 
 
+def _per_step(ctx: CalibrationContext, max_pairs: int | None) -> int:
+    n, s = ctx.calib.num_samples, ctx.calib.num_steps
+    return n if max_pairs is None else max(1, min(n, max_pairs // s))
+
+
+def num_calibration_batches(ctx: CalibrationContext, max_pairs: int | None = None) -> int:
+    return ctx.calib.num_steps * -(-_per_step(ctx, max_pairs) // ctx.batch_size)
+
+
 def calibration_batches(ctx: CalibrationContext, max_pairs: int | None = None, seed: int = 0):
     """Yield ``(x_t, t, cond)`` batches of FP trajectory points over all steps.
 
@@ -40,7 +49,7 @@ def calibration_batches(ctx: CalibrationContext, max_pairs: int | None = None, s
     calib = ctx.calib
     n, s = calib.num_samples, calib.num_steps
     g = torch.Generator().manual_seed(seed)
-    per_step = n if max_pairs is None else max(1, min(n, max_pairs // s))
+    per_step = _per_step(ctx, max_pairs)
     for i in range(s):
         idx = torch.randperm(n, generator=g)[:per_step].sort().values
         for start in range(0, len(idx), ctx.batch_size):
@@ -60,9 +69,9 @@ def init_act_ranges(ctx: CalibrationContext) -> None:
     for k, (name, q) in enumerate(quants.items()):
         q.observer = observers[name] = RangeObserver(seed=ctx.seed + k)
     try:
-        batches = list(calibration_batches(ctx, max_pairs, ctx.seed))
-        with progress_bar(len(batches), "activation ranges", disable=not ctx.progress) as bar:
-            for x, t, cond in batches:
+        total = num_calibration_batches(ctx, max_pairs)
+        with progress_bar(total, "activation ranges", disable=not ctx.progress) as bar:
+            for x, t, cond in calibration_batches(ctx, max_pairs, ctx.seed):
                 ctx.denoiser(x, t, cond)
                 bar.update(1)
     finally:
