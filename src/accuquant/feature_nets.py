@@ -17,17 +17,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
+def _conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
 class DigitClassifier(nn.Module):
-    """Two conv stages (28 -> 14 -> 7) and a 128-unit hidden layer; inputs in [-1, 1]."""
+    """Two conv stages with batch norm (28 -> 14 -> 7) and a 128-unit hidden layer; inputs in [-1, 1]."""
 
     def __init__(self, width: int = 32, hidden: int = 128, num_classes: int = 10):
         super().__init__()
         self.config = {"width": width, "hidden": hidden, "num_classes": num_classes}
         w = width
-        self.stage1 = nn.Sequential(nn.Conv2d(1, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
-                                    nn.MaxPool2d(2))
-        self.stage2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
-                                    nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.stage1 = nn.Sequential(_conv(1, w), _conv(w, w), nn.MaxPool2d(2))
+        self.stage2 = nn.Sequential(_conv(w, 2 * w), _conv(2 * w, 2 * w), nn.MaxPool2d(2))
         self.fc = nn.Linear(2 * w * 7 * 7, hidden)
         self.dropout = nn.Dropout(0.3)
         self.head = nn.Linear(hidden, num_classes)
