@@ -25,6 +25,23 @@ def tiny_unet(num_class_embeds: int | None = 11, channels=(32, 64), in_channels:
     ).eval()
 
 
+def tiny_digit_unet(seed: int = 0):
+    """A 1x28x28 class-conditional UNet (10 classes + null class), untrained."""
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(
+        sample_size=28,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        num_class_embeds=11,
+    ).eval()
+
+
 def tiny_cond_unet(seed: int = 0):
     torch.manual_seed(seed)
     return diffusers.UNet2DConditionModel(
@@ -81,4 +98,17 @@ def tiny_pipeline_dir(tmp_path):
     unet = tiny_unet(num_class_embeds=None, in_channels=3, channels=(16, 32))
     path = tmp_path / "tiny-pipeline"
     diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture
+def digit_pipeline_dir(tmp_path):
+    """A tiny class-conditional 28x28 pipeline on disk, with sampling defaults (guidance 2)."""
+    import json
+
+    path = tmp_path / "digits"
+    sched = diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    diffusers.DDIMPipeline(unet=tiny_digit_unet(), scheduler=sched).save_pretrained(str(path))
+    (path / "accuquant_sampling.json").write_text(json.dumps({"guidance_scale": 2.0, "num_classes": 10,
+                                                              "null_class": 10}))
     return path

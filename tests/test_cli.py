@@ -142,3 +142,31 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"accuquant: error: {tmp_path / 'nope'}: no such file or directory"]
+
+
+def test_attention_bits_none_and_bad_devices(tiny_pipeline_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "q"
+    code, _, err = run(capsys, *_quantize_args(tiny_pipeline_dir, out, "--attn-bits", "none", "--softmax-bits", "6"))
+    assert code == 0, err
+    cfg = json.loads((out / "accuquant.json").read_text())["config"]
+    assert cfg["attn_bits"] is None and cfg["softmax_bits"] == 6
+    for device in ("cudax", "cuda:7", "tpu"):
+        code, _, err = run(capsys, *_quantize_args(tiny_pipeline_dir, tmp_path / "q2", "--device", device))
+        _assert_refused(code, err, tmp_path / "q2")
+
+
+def test_malformed_quantized_directory_is_refused(tiny_pipeline_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "q"
+    assert run(capsys, *_quantize_args(tiny_pipeline_dir, out))[0] == 0
+    meta = json.loads((out / "accuquant.json").read_text())
+    del meta["config"]
+    (out / "accuquant.json").write_text(json.dumps(meta))
+    code, _, err = run(capsys, "sample", "--model", out, "--out", tmp_path / "g.png")
+    _assert_refused(code, err, tmp_path / "g.png")
+    (out / "accuquant.json").write_text("{not json")
+    code, _, err = run(capsys, "sample", "--model", out, "--out", tmp_path / "g.png")
+    _assert_refused(code, err, tmp_path / "g.png")

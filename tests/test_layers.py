@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -124,3 +125,22 @@ def test_text_unet_quantizes_with_prompt_embeddings():
     with torch.no_grad():
         ref, out = fp.denoiser()(x, 500, cond), q.denoiser()(x, 500, cond)
     assert ((out - ref).norm() / ref.norm()).item() < 0.1
+
+
+def test_custom_attention_processors_are_left_alone():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class MyProcessor(AttnProcessor):
+        pass
+
+    model = tiny_unet()
+    model.mid_block.attentions[0].set_processor(MyProcessor())
+    report = wrap_model(model, aq.QuantConfig())
+    assert report.attention_fp == ["mid_block.attentions.0"]
+    assert isinstance(model.mid_block.attentions[0].processor, MyProcessor)
+    assert "mid_block.attentions.0" not in report.attention and report.attention
+
+
+def test_half_precision_models_are_refused():
+    with pytest.raises(aq.AccuQuantError, match="fp32"):
+        aq.quantize(tiny_unet().half(), steps=2, calib_samples=2, progress=False)

@@ -99,3 +99,12 @@ def test_adaround_starts_at_nearest_rounding_and_learns():
     loss = ((q(w) - w) ** 2).sum() + 0.01 * q.rounding_regularizer(20.0)
     loss.backward()
     assert q.alpha.grad is not None and q.alpha.grad.abs().sum() > 0
+
+
+def test_observer_sample_represents_early_and_late_updates_alike():
+    obs = RangeObserver(max_values=4000, per_update=1000, seed=0)
+    for k in range(40):  # 40 updates, e.g. 40 sampling steps in order
+        obs.update(torch.full((5000,), float(k)))
+    counts = torch.bincount(obs.values().long(), minlength=40).float()
+    assert obs.count == 4000
+    assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.5 * counts.mean()

@@ -40,6 +40,17 @@ def seeded_noise(shape: tuple[int, ...], seed: int, indices, stream: str) -> tor
     return torch.stack(out)
 
 
+def settings_key(fingerprint: str, solver_desc: dict, num: int, seed: int, guidance: float, cond: Conditions) -> str:
+    """A short hash naming a cached set of samples: model, solver, counts, seed, guidance, conditions."""
+    h = hashlib.sha256(fingerprint.encode())
+    h.update(json.dumps({"solver": solver_desc, "num": num, "seed": seed, "g": guidance},
+                        sort_keys=True, default=str).encode())
+    for k, v in cond.items():
+        h.update(k.encode())
+        h.update(v.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
 @dataclass
 class Trajectories:
     """Stored FP trajectories (see the module docstring)."""

@@ -1,6 +1,7 @@
-"""The ``accuquant`` command line: ``quantize`` and ``sample``.
+"""The ``accuquant`` command line: ``quantize``, ``sample``, ``evaluate`` and ``analyze``.
 
-Every problem with the input ends with one line on stderr and exit status 2.
+Every problem with the input ends with one line on stderr and exit status 2; a failure
+of the machine (a full disk, a permission) with one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         print(f"accuquant: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+def _bits_or_act(text: str) -> int | str | None:
+    return "act" if text == "act" else _bits(text)
 
 
 def _bits(text: str) -> int | None:
@@ -52,20 +57,29 @@ def _positive(text: str) -> int:
 def _check_device(device: str) -> None:
     import torch
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise AccuQuantError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise AccuQuantError("--device cuda: no CUDA device is available")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise AccuQuantError(f"--device: expected cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise AccuQuantError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) -> None:
     p.add_argument("--steps", type=_positive, default=None, help="sampling steps (default 20, or those a quantized "
                    "model was calibrated for)")
     p.add_argument("--scheduler", default=None, help="ddim, ddpm, pndm (plms) or dpm++ (default ddim, or the one "
                    "a quantized model was calibrated for)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the model's)")
-    p.add_argument("--labels", type=_labels, default=None, help="class labels, comma-separated (default: balanced)")
-    p.add_argument("--prompt", action="append", default=None, help="prompt for text-conditioned models (repeatable)")
+    if conditioning:  # evaluation always uses the model's own guidance and balanced labels
+        p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the "
+                       "model's)")
+        p.add_argument("--labels", type=_labels, default=None, help="class labels, comma-separated (default: balanced)")
+        p.add_argument("--prompt", action="append", default=None, help="prompt for text-conditioned models "
+                       "(repeatable)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=_positive, default=32, help="samples per forward pass (default 32)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -78,12 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a diffusers model and save it")
-    q.add_argument("--model", required=True, help="diffusers pipeline or model directory, or hub id")
+    q.add_argument("--model", default=None, help="diffusers pipeline or model directory, or hub id "
+                   "(default: the bundled MNIST model)")
     q.add_argument("--method", default="naive", help="calibration method (default naive)")
     q.add_argument("--weight-bits", type=_bits, default=8, help="2..8, or none (default 8)")
     q.add_argument("--act-bits", type=_bits, default=8, help="2..8, or none (default 8)")
-    q.add_argument("--attn-bits", type=_bits, default=None, help="bits of attention matmul inputs (default: act bits)")
-    q.add_argument("--softmax-bits", type=_bits, default=None, help="bits of the softmax output (default: act bits)")
+    q.add_argument("--attn-bits", type=_bits_or_act, default="act", help="bits of attention matmul inputs, 2..8 or "
+                   "none (default: act, the activation bits)")
+    q.add_argument("--softmax-bits", type=_bits_or_act, default="act", help="bits of the softmax output, 2..8 or none "
+                   "(default: act, the activation bits)")
     q.add_argument("--weight-symmetric", action="store_true", help="symmetric weight grid (default affine)")
     q.add_argument("--keep-fp", action="append", default=None, help="module-name pattern kept in full precision "
                    "(repeatable; replaces the default conv_in/conv_out)")
@@ -96,13 +113,83 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(q)
 
     s = sub.add_parser("sample", help="sample a grid of images from a (quantized) model")
-    s.add_argument("--model", required=True, help="accuquant output directory, or a diffusers model")
+    s.add_argument("--model", default=None, help="accuquant output directory, or a diffusers model "
+                   "(default: the bundled MNIST model)")
     s.add_argument("--num", type=_positive, default=16, help="number of samples (default 16)")
     s.add_argument("--nrow", type=_positive, default=None, help="images per grid row")
     s.add_argument("--out", required=True, help="output PNG file")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_sampling_args(s)
+    e = sub.add_parser("evaluate", help="paired metrics of a quantized model against its FP base")
+    e.add_argument("--model", default=None, help="accuquant output directory, or an FP model (default: bundled)")
+    e.add_argument("--base", default=None, help="the FP base model (default: the one recorded at quantization)")
+    e.add_argument("--num", type=_positive, default=1000, help="paired samples (default 1000)")
+    e.add_argument("--features", default="auto", help="feature network: auto, digits or inception")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--no-cache", action="store_true", help="do not reuse or cache FP samples")
+    _add_sampling_args(e, conditioning=False)
+
+    a = sub.add_parser("analyze", help="error accumulation per sampling step (CSV and plot)")
+    a.add_argument("--model", required=True, help="accuquant output directory")
+    a.add_argument("--base", default=None, help="the FP base model (default: the one recorded at quantization)")
+    a.add_argument("--num", type=_positive, default=500, help="paired trajectories (default 500)")
+    a.add_argument("--features", default="auto", help="feature network for FID2FP of x0: auto, digits or inception")
+    a.add_argument("--out", required=True, help="output prefix: writes PREFIX.csv and PREFIX.png")
+    a.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_sampling_args(a, conditioning=False)
     return parser
+
+
+def _model_arg(args) -> str:
+    from .bundled import DEFAULT_MODEL
+
+    return args.model if args.model is not None else str(DEFAULT_MODEL)
+
+
+def _check_scheduler(name: str | None) -> None:
+    from .sampling import SOLVERS
+
+    if name is not None and name.lower() not in SOLVERS:
+        raise AccuQuantError(f"unknown scheduler {name!r}; choose one of: {', '.join(SOLVERS)}")
+
+
+def _evaluate(args) -> None:
+    import json
+
+    from .evaluation import evaluate, format_table, to_json_safe
+    from .pipeline import load_pipeline
+
+    _check_device(args.device)
+    _check_scheduler(args.scheduler)
+    model = load_pipeline(_model_arg(args), device=args.device)
+    r = evaluate(model, args.base, num=args.num, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
+                 features=args.features, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                 use_cache=not args.no_cache)
+    print(json.dumps(to_json_safe(r)) if args.json else format_table(r))
+
+
+def _analyze(args) -> None:
+    from .analysis import error_accumulation, plot, write_csv
+    from .pipeline import load_pipeline
+
+    _check_device(args.device)
+    _check_scheduler(args.scheduler)
+    csv_path, png_path = Path(args.out + ".csv"), Path(args.out + ".png")
+    for p in (csv_path, png_path):
+        if p.exists() and not args.overwrite:
+            raise AccuQuantError(f"{p}: exists (pass --overwrite to replace it)")
+    model = load_pipeline(args.model, device=args.device)
+    rows = error_accumulation(model, args.base, num=args.num, steps=args.steps, seed=args.seed,
+                              scheduler=args.scheduler, features=args.features, batch_size=args.batch_size,
+                              device=args.device, progress=not args.quiet)
+    name = (model.quant or {}).get("method", "fp")
+    cfg = (model.quant or {}).get("config", {})
+    label = f"{name} W{cfg.get('weight_bits') or 'fp'}A{cfg.get('act_bits') or 'fp'}"
+    plot({label: rows}, png_path, title=f"{label}: {args.num} paired trajectories")
+    write_csv(rows, csv_path)
+    last = rows[-1]
+    print(f"wrote {csv_path} and {png_path}; last step: step error {last['step_error']:.4f}, "
+          f"accumulated error {last['accumulated_error']:.4f}")
 
 
 def _quantize(args) -> None:
@@ -120,22 +207,19 @@ def _quantize(args) -> None:
     cfg = QuantConfig(
         weight_bits=args.weight_bits,
         act_bits=args.act_bits,
-        attn_bits="act" if args.attn_bits is None else args.attn_bits,
-        softmax_bits="act" if args.softmax_bits is None else args.softmax_bits,
+        attn_bits=args.attn_bits,
+        softmax_bits=args.softmax_bits,
         weight_symmetric=args.weight_symmetric,
         split_shortcut=not args.no_split_shortcut,
         **kw,
     )
     get_method(args.method)
-    from .sampling import SOLVERS
-
-    if args.scheduler.lower() not in SOLVERS:
-        raise AccuQuantError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SOLVERS)}")
+    _check_scheduler(args.scheduler)
     out = Path(args.out)
     check_out_dir(out, args.overwrite)  # refuse before the long work, not after
     t0 = time.perf_counter()
     pipe = quantize(
-        args.model, cfg, args.method, args.calib, steps=args.steps, scheduler=args.scheduler,
+        _model_arg(args), cfg, args.method, args.calib, steps=args.steps, scheduler=args.scheduler,
         calib_samples=args.calib_samples, seed=args.seed, guidance_scale=args.guidance_scale, labels=args.labels,
         prompts=args.prompt, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
         inplace=True, use_cache=not args.no_cache,
@@ -152,17 +236,15 @@ def _quantize(args) -> None:
 def _sample(args) -> None:
     from .images import save_grid
     from .pipeline import load_pipeline
-    from .sampling import SOLVERS
 
     _check_device(args.device)
-    if args.scheduler is not None and args.scheduler.lower() not in SOLVERS:
-        raise AccuQuantError(f"unknown scheduler {args.scheduler!r}; choose one of: {', '.join(SOLVERS)}")
+    _check_scheduler(args.scheduler)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise AccuQuantError(f"{out}: exists (pass --overwrite to replace it)")
     if out.suffix.lower() != ".png":
         raise AccuQuantError(f"{out}: the grid is written as PNG; use a .png name")
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(_model_arg(args), device=args.device)
     calibrated = (pipe.quant or {}).get("calibration", {})
     args.steps = args.steps or calibrated.get("steps", 20)
     args.scheduler = args.scheduler or calibrated.get("solver", "ddim")
@@ -179,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
-        {"quantize": _quantize, "sample": _sample}[args.command](args)
+        {"quantize": _quantize, "sample": _sample, "evaluate": _evaluate, "analyze": _analyze}[args.command](args)
     except AccuQuantError as e:
         print(f"accuquant: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch
 
 from . import __version__
 from .adapters import Conditions, shortcut_splits
-from .calibration import Trajectories, collect_trajectories
+from .calibration import Trajectories, collect_trajectories, settings_key
 from .config import QuantConfig
 from .errors import AccuQuantError
 from .layers import freeze_model, wrap_model
@@ -39,18 +37,7 @@ def cache_dir() -> Path:
 
 def _calib_key(pipe: Pipeline, solver, num: int, seed: int, guidance: float, cond: Conditions) -> str:
     """Identify a calibration set by the model's weights, the solver and the settings."""
-    h = hashlib.sha256()
-    for name, t in sorted(pipe.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().reshape(-1)[:1024].cpu().float().numpy().tobytes())
-        h.update(str(tuple(t.shape)).encode())
-    desc = solver.describe()
-    h.update(json.dumps({"solver": desc["solver"], "steps": desc["steps"], "sched": desc["scheduler_config"],
-                         "num": num, "seed": seed, "g": guidance}, sort_keys=True, default=str).encode())
-    for k, v in cond.items():
-        h.update(k.encode())
-        h.update(v.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
+    return settings_key(pipe.fingerprint(), solver.describe(), num, seed, guidance, cond)
 
 
 def calibration_data(
@@ -128,6 +115,10 @@ def quantize(
     if pipe.quant is not None:
         raise AccuQuantError("the model is already quantized")
     check_finite(pipe.model, type(pipe.model).__name__)
+    dtypes = {t.dtype for t in pipe.model.parameters()}
+    if dtypes != {torch.float32}:
+        raise AccuQuantError(f"the denoiser is {', '.join(sorted(map(str, dtypes)))}: quantize an fp32 model "
+                             "(load it without torch_dtype)")
     pipe.to(device)
     solver = make_solver(scheduler, pipe.scheduler_config, steps)
     den = pipe.denoiser(guidance_scale)
@@ -141,6 +132,11 @@ def quantize(
         raise AccuQuantError(
             f"calibration data: its {calib.num_steps} steps do not match the {scheduler} solver's {solver.num_steps}"
         )
+    if tuple(calib.xs.shape[2:]) != den.sample_shape:
+        raise AccuQuantError(f"calibration data: samples of shape {tuple(calib.xs.shape[2:])} do not fit this model "
+                             f"({den.sample_shape})")
+    if den.conditioning == "class" and calib.cond.labels is None:
+        raise AccuQuantError("calibration data: this model is class-conditional, but the data has no labels")
     splits = shortcut_splits(pipe.model)
     report = wrap_model(pipe.model, config, splits)
     pipe.to(device)

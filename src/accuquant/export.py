@@ -128,7 +128,7 @@ def save_quantized(pipe, out: str | Path, overwrite: bool = False) -> None:
             "denoiser_class": type(pipe.model).__name__,
             "sampling": {"guidance_scale": pipe.defaults.guidance_scale, "num_classes": pipe.defaults.num_classes,
                          "null_class": pipe.defaults.null_class},
-            "source": pipe.source,
+            "base_model": pipe.source,
             **pipe.quant,
         }
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -136,12 +136,20 @@ def save_quantized(pipe, out: str | Path, overwrite: bool = False) -> None:
 
 def load_quantized(root: str | Path, device: str = "cpu"):
     """Load a directory written by :func:`save_quantized`."""
+    try:
+        return _load_quantized(Path(root), device)
+    except AccuQuantError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise AccuQuantError(f"{root}: not a valid accuquant model ({type(e).__name__}: {e})") from None
+
+
+def _load_quantized(root: Path, device: str):
     import diffusers
 
     from .adapters import ADAPTERS
     from .pipeline import Pipeline, SamplingDefaults, _load_component, _read_json
 
-    root = Path(root)
     meta = _read_json(root / QUANT_FILE)
     if meta.get("format") != FORMAT:
         raise AccuQuantError(f"{root / QUANT_FILE}: unknown format {meta.get('format')!r}")
@@ -169,6 +177,9 @@ def load_quantized(root: str | Path, device: str = "cpu"):
         if key not in shapes:
             continue
         info = shapes[key]
+        expected = tuple(layer.module.weight.shape)
+        if tuple(info["shape"]) != expected or info["bits"] != max(q.bits for q in layer.weight_quant):
+            raise AccuQuantError(f"{wfile}: codes of {lname} do not match the model ({info} vs {expected})")
         tensors[key] = unpack_codes(tensors[key], info["bits"], tuple(info["shape"]))
         layer.weight_codes = torch.empty(tuple(info["shape"]), dtype=torch.uint8)
         del layer.module.weight
@@ -184,7 +195,7 @@ def load_quantized(root: str | Path, device: str = "cpu"):
         if (root / comp).is_dir():
             components[comp] = _load_component(root / comp, spec[0], spec[1])
     sched = dict(_read_json(root / "scheduler" / "scheduler_config.json"))
-    quant = {k: v for k, v in meta.items() if k not in ("format", "denoiser", "denoiser_class", "sampling", "source")}
+    quant = {k: v for k, v in meta.items() if k not in ("format", "denoiser", "denoiser_class", "sampling")}
     pipe = Pipeline(model.eval(), sched, components, name, SamplingDefaults.from_dict(meta.get("sampling", {})),
                     index, quant=quant, source=str(root))
     return pipe.to(device)

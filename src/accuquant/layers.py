@@ -28,6 +28,7 @@ from .config import QuantConfig
 from .quantizers import UniformQuantizer
 
 WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+STANDARD_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor")
 
 
 def _weight_quantizer(weight: torch.Tensor, cfg: QuantConfig) -> UniformQuantizer:
@@ -135,6 +136,7 @@ class WrapReport:
     kept_fp: list[str] = field(default_factory=list)
     split: dict[str, int] = field(default_factory=dict)
     attention: list[str] = field(default_factory=list)
+    attention_fp: list[str] = field(default_factory=list)
     other_fp: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -143,13 +145,14 @@ class WrapReport:
             "kept_fp": self.kept_fp,
             "split": self.split,
             "attention": self.attention,
+            "attention_fp": self.attention_fp,
             "other_fp": self.other_fp,
         }
 
     def summary(self) -> str:
         lines = [
             f"quantized layers: {len(self.quantized)} (shortcut-split: {len(self.split)})",
-            f"attention processors quantized: {len(self.attention)}",
+            f"attention processors quantized: {len(self.attention)} (left as they were: {len(self.attention_fp)})",
             f"layers kept in full precision: {', '.join(self.kept_fp) or 'none'}",
             f"other modules with float parameters (norms, embeddings): {len(self.other_fp)}",
         ]
@@ -196,9 +199,15 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
     attn_bits, sm_bits = cfg.resolved_attn_bits, cfg.resolved_softmax_bits
     if attn_bits is not None or sm_bits is not None:
         for name, mod in model.named_modules():
-            if hasattr(mod, "set_processor") and hasattr(mod, "to_q") and hasattr(mod, "head_to_batch_dim"):
+            if not (hasattr(mod, "set_processor") and hasattr(mod, "to_q") and hasattr(mod, "head_to_batch_dim")):
+                continue
+            # Only diffusers' plain attention is re-implemented; other processors carry their
+            # own logic and keep it (their matmul inputs stay in floating point).
+            if type(mod.processor).__name__ in STANDARD_PROCESSORS:
                 mod.set_processor(QuantAttnProcessor(attn_bits, sm_bits, cfg.act_symmetric))
                 report.attention.append(name)
+            else:
+                report.attention_fp.append(name)
     return report
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import importlib
 import json
 import math
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import ADAPTERS, Conditions, Denoiser, make_denoiser
+from .bundled import model_ref, resolve_ref
 from .calibration import seeded_noise
 from .errors import AccuQuantError
 from .progress import progress_bar
@@ -169,6 +171,16 @@ class Pipeline:
 
         save_quantized(self, out, overwrite=overwrite)
 
+    def fingerprint(self) -> str:
+        """A hash of the denoiser (class, config, every tensor) and the sampling defaults, for caches."""
+        h = hashlib.sha256(type(self.model).__name__.encode())
+        h.update(json.dumps(dict(getattr(self.model, "config", {})), sort_keys=True, default=str).encode())
+        h.update(json.dumps(dataclasses.asdict(self.defaults), sort_keys=True).encode())
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def copy(self) -> "Pipeline":
         """A pipeline with its own copy of the denoiser (other components are shared)."""
         return dataclasses.replace(self, model=copy.deepcopy(self.model), defaults=copy.copy(self.defaults),
@@ -227,7 +239,7 @@ def load_pipeline(path: str | Path, device: str = "cpu") -> Pipeline:
     Raises:
         AccuQuantError: the path is not a diffusers model, or a file in it is corrupt.
     """
-    root = Path(path)
+    root = Path(resolve_ref(str(path)))
     if not root.exists():
         if _HUB_ID.match(str(path)):
             try:
@@ -263,7 +275,8 @@ def load_pipeline(path: str | Path, device: str = "cpu") -> Pipeline:
                 continue
             components[comp] = _load_component(root / comp, spec[0], spec[1])
         model = components.pop(name)
-        pipe = Pipeline(model, sched or _default_scheduler_config(), components, name, _defaults(root), index, source=str(path))
+        pipe = Pipeline(model, sched or _default_scheduler_config(), components, name, _defaults(root), index,
+                        source=model_ref(root))
     elif (root / "config.json").is_file():
         cfg = _read_json(root / "config.json")
         cls = cfg.get("_class_name")
@@ -272,7 +285,8 @@ def load_pipeline(path: str | Path, device: str = "cpu") -> Pipeline:
         model = _load_component(root, "diffusers", cls)
         sched_file = root / "scheduler_config.json"
         sched = dict(_read_json(sched_file)) if sched_file.is_file() else _default_scheduler_config()
-        pipe = Pipeline(model, sched, {}, "transformer" if "Transformer" in cls else "unet", _defaults(root), source=str(path))
+        pipe = Pipeline(model, sched, {}, "transformer" if "Transformer" in cls else "unet", _defaults(root),
+                        source=model_ref(root))
     else:
         raise AccuQuantError(f"{path}: not a diffusers model directory (no model_index.json or config.json)")
     check_finite(pipe.model, str(path))

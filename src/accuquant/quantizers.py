@@ -131,6 +131,9 @@ class UniformQuantizer(nn.Module):
         elif method == "percentile":
             flat = x if self.axis is None else x.movedim(self.axis, 0)
             flat = flat.reshape(-1) if self.axis is None else flat.reshape(flat.shape[0], -1)
+            if flat.shape[-1] > 1 << 20:  # torch.quantile's size limit; a random subset is plenty
+                g = torch.Generator(device=flat.device).manual_seed(0)
+                flat = flat[..., torch.randint(0, flat.shape[-1], (1 << 20,), generator=g, device=flat.device)]
             q = percentile / 100.0
             lo = torch.quantile(flat, 1 - q, dim=-1) if self.axis is not None else torch.quantile(flat, 1 - q)
             hi = torch.quantile(flat, q, dim=-1) if self.axis is not None else torch.quantile(flat, q)
@@ -141,25 +144,31 @@ class UniformQuantizer(nn.Module):
             raise ValueError(f"unknown range method {method!r}")
 
     @torch.no_grad()
-    def _search_lp(self, x, xmin, xmax, dims, p: float, grid: int = 100) -> None:
-        """Shrink ``[xmin, xmax]`` by factors in (0, 1] and keep, per channel, the lowest Lp error."""
-        best_err = torch.full(self.scale.shape, float("inf"))
-        best_lo, best_hi = xmin.clone(), xmax.clone()
-        saved = self.alpha
-        self.alpha = None
-        enabled, self.enabled = self.enabled, True
-        for i in range(grid):
-            frac = 1.0 - i / (grid + 1) * 0.95
-            lo, hi = xmin * frac, xmax * frac
-            self.set_range(lo, hi)
-            err = (self.forward(x) - x).abs().pow(p)
-            err = err.mean(dim=dims).reshape(self.scale.shape) if dims else err.reshape(self.scale.shape)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo = torch.where(better, lo, best_lo)
-            best_hi = torch.where(better, hi, best_hi)
-        self.set_range(best_lo, best_hi)
-        self.alpha, self.enabled = saved, enabled
+    def _search_lp(self, x, xmin, xmax, dims, p: float, grid: int = 25) -> None:
+        """Shrink ``[xmin, xmax]`` by a factor in [0.05, 1] and keep, per channel, the one with
+        the lowest Lp error: a coarse grid of ``grid`` factors, then ``grid`` finer ones
+        around the best."""
+        best_err = torch.full(self.scale.shape, float("inf"), device=x.device)
+        best_frac = torch.ones(self.scale.shape, device=x.device)
+        step = 0.95 / (grid - 1)
+        coarse = [1.0 - k * step for k in range(grid)]
+        for frac in coarse:
+            best_err, best_frac = self._try_fracs(x, xmin, xmax, dims, p, torch.full_like(best_frac, frac),
+                                                  best_err, best_frac)
+        center = best_frac.clone()
+        for k in range(grid):
+            frac = (center + (k / (grid - 1) * 2 - 1) * step).clamp(0.01, 1.0)
+            best_err, best_frac = self._try_fracs(x, xmin, xmax, dims, p, frac, best_err, best_frac)
+        self.set_range(xmin * best_frac, xmax * best_frac)
+
+    def _try_fracs(self, x, xmin, xmax, dims, p, frac, best_err, best_frac):
+        self.set_range(xmin * frac, xmax * frac)
+        s, z = self.scale, self.zero_point
+        x_hat = (torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax) - z) * s
+        err = (x_hat - x).abs().pow(p)
+        err = err.mean(dim=dims).reshape(self.scale.shape) if dims else err.reshape(self.scale.shape)
+        better = err < best_err
+        return torch.where(better, err, best_err), torch.where(better, frac, best_frac)
 
     # ------------------------------------------------------------------ AdaRound
     def _rounding_offset(self) -> torch.Tensor:
@@ -188,47 +197,51 @@ class UniformQuantizer(nn.Module):
 class RangeObserver:
     """Collects the range of a stream of activations, and a bounded random sample of its values.
 
-    The exact min/max over everything seen is kept; the sample (at most ``max_values``
-    floats) feeds percentile and MSE range searches without storing every activation.
+    The exact min/max over everything seen is kept. The sample is a reservoir: each
+    update contributes up to ``per_update`` values, each value gets a random key, and the
+    ``max_values`` values with the smallest keys are kept, so early and late updates (early
+    and late sampling steps) are represented alike. It feeds percentile and MSE range
+    searches without storing every activation.
     """
 
-    def __init__(self, max_values: int = 1 << 18, per_update: int = 1 << 14, seed: int = 0):
+    def __init__(self, max_values: int = 1 << 15, per_update: int = 1 << 13, seed: int = 0):
         self.min = math.inf
         self.max = -math.inf
         self.max_values = max_values
         self.per_update = per_update
-        self.samples: list[torch.Tensor] = []
+        self.samples = torch.zeros(0)
+        self.keys = torch.zeros(0)
         self.count = 0
         self.gen = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float().reshape(-1).cpu()
+        x = x.detach().float().reshape(-1)
         if x.numel() == 0:
             return
         self.min = min(self.min, x.min().item())
         self.max = max(self.max, x.max().item())
+        x = x.cpu()
         if x.numel() > self.per_update:
-            idx = torch.randint(0, x.numel(), (self.per_update,), generator=self.gen)
-            x = x[idx]
-        self.samples.append(x)
-        self.count += x.numel()
-        if self.count > 2 * self.max_values:
-            allv = torch.cat(self.samples)
-            idx = torch.randperm(allv.numel(), generator=self.gen)[: self.max_values]
-            self.samples = [allv[idx]]
-            self.count = self.max_values
+            x = x[torch.randint(0, x.numel(), (self.per_update,), generator=self.gen)]
+        self.samples = torch.cat([self.samples, x])
+        self.keys = torch.cat([self.keys, torch.rand(x.numel(), generator=self.gen)])
+        if self.samples.numel() > self.max_values:
+            keep = torch.topk(self.keys, self.max_values, largest=False).indices
+            self.samples, self.keys = self.samples[keep], self.keys[keep]
+        self.count = self.samples.numel()
 
     def values(self) -> torch.Tensor:
-        return torch.cat(self.samples) if self.samples else torch.zeros(1)
+        return self.samples if self.count else torch.zeros(1)
 
     @torch.no_grad()
     def apply(self, quantizer: UniformQuantizer, method: str, percentile: float = 99.99) -> None:
         """Set ``quantizer``'s range from what was observed."""
         if self.count == 0:
             return
-        lo, hi = torch.tensor(self.min), torch.tensor(self.max)
-        v = self.values()
+        dev = quantizer.scale.device
+        lo, hi = torch.tensor(self.min, device=dev), torch.tensor(self.max, device=dev)
+        v = self.values().to(dev)
         if method == "minmax":
             quantizer.set_range(lo, hi)
         elif method == "percentile":

@@ -1,0 +1,94 @@
+"""Quality of quantized bundled models: every (method, bit width) pair against FP.
+
+Each quantization runs as its own `accuquant quantize` process (its calibration wall
+time and peak resident memory are measured per process); then `evaluate` scores 1,000
+paired samples (DDIM 20 steps) against the FP model, whose samples are cached once.
+
+    python benchmarks/quality.py --methods naive --bits w8a8,w4a8
+    # writes benchmarks/results/quality.json and quality.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import accuquant as aq
+from accuquant import bundled
+from accuquant.evaluation import evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
+COLS = ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "class_accuracy")
+
+
+def run_quantize(method: str, w: int, a: int, out: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "accuquant", "quantize", "--method", method, "--weight-bits", str(w),
+           "--act-bits", str(a), "--steps", str(args.steps), "--calib-samples", str(args.calib_samples),
+           "--seed", str(args.seed), "--out", str(out), "--quiet"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"quantize failed: {' '.join(cmd)}\n{err}")
+    meta = json.loads((out / "accuquant.json").read_text())
+    return {"quantize_wall_s": round(wall, 1), "calibration_s": round(sum(meta["timing_s"].values()), 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def fmt(v):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return "inf" if v == float("inf") else f"{v:.3f}"
+    return str(v)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--methods", default="naive")
+    p.add_argument("--bits", default="w8a8,w4a8")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/quality"))
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    fp = aq.load(bundled.DEFAULT_MODEL)
+    rows = [{"method": "fp", "bits": "fp32", **evaluate(fp, num=args.num, steps=args.steps, progress=False)}]
+    print(json.dumps(rows[-1]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in args.bits.split(","):
+            w, a = (int(v) for v in bits.lower().lstrip("w").split("a"))
+            for method in args.methods.split(","):
+                out = Path(tmp) / f"{method}-{bits}"
+                cost = run_quantize(method, w, a, out, args)
+                r = evaluate(aq.load(out), base=fp, num=args.num, steps=args.steps, progress=False)
+                rows.append({"method": method, "bits": bits, **r, **cost})
+                print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps({"rows": rows, "settings": vars(args),
+                                                    "torch": torch.__version__}, indent=2))
+    head = "| method | bits | " + " | ".join(COLS) + " | eval s | calibration s | peak RSS MB |"
+    lines = [head, "|" + " --- |" * (len(COLS) + 5)]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['bits']} | " + " | ".join(fmt(r[c]) for c in COLS)
+                     + f" | {r['seconds']:.0f} | {fmt(r.get('calibration_s'))} | {fmt(r.get('peak_rss_mb'))} |")
+    Path(args.out + ".md").write_text(
+        f"{args.num} paired samples, DDIM {args.steps} steps, calibration on {args.calib_samples} trajectories "
+        f"(seed {args.seed}); written by benchmarks/quality.py.\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The bundled domain ships inside the package: model, classifier, held-out digits."""
+
+import json
+from pathlib import Path
+
+import torch
+
+import accuquant as aq
+from accuquant import bundled
+from accuquant.cli import main
+from accuquant.evaluation import DigitFeatures
+
+
+def test_heldout_split_is_balanced():
+    images, labels = bundled.heldout()
+    assert images.shape == (1000, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
+    assert torch.bincount(labels, minlength=10).tolist() == [100] * 10
+
+
+def test_classifier_is_accurate_on_heldout_digits():
+    images, labels = bundled.heldout()
+    logits = DigitFeatures()(images)["logits"]
+    assert (logits.argmax(1) == labels).float().mean().item() >= 0.98
+
+
+def test_default_model_is_a_guided_class_conditional_unet_with_attention():
+    pipe = aq.load(bundled.DEFAULT_MODEL)
+    n = sum(p.numel() for p in pipe.model.parameters())
+    assert 0.5e6 <= n <= 2e6
+    assert type(pipe.model).__name__ == "UNet2DModel" and pipe.model.config.num_class_embeds == 11
+    assert any("attentions" in name for name, _ in pipe.model.named_modules())
+    assert pipe.defaults.null_class == 10 and pipe.defaults.num_classes == 10 and pipe.defaults.guidance_scale > 1
+    assert pipe.source == "bundled:mnist-ddpm"
+    x = pipe.sample(2, steps=2, labels=[3, 7], progress=False)
+    assert x.shape == (2, 1, 28, 28) and torch.isfinite(x).all()
+
+
+def test_shipped_weights_stay_small_and_the_package_reads_nothing_outside():
+    total = sum(p.stat().st_size for p in bundled.ASSETS.rglob("*") if p.is_file())
+    assert total < 10 * 2**20
+    src = Path(aq.__file__).parent
+    for f in src.rglob("*.py"):
+        assert "../shared" not in f.read_text() and "mnist10k" not in f.read_text(), f
+
+
+def test_commands_default_to_the_bundled_model(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--weight-bits", "8", "--act-bits", "8", "--steps", "2", "--calib-samples", "4",
+                 "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "accuquant.json").read_text())
+    assert meta["base_model"] == "bundled:mnist-ddpm"
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out), "--num", "20", "--json", "--quiet"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["weight_bits"] == 8 and r["class_accuracy"] is not None

@@ -1,0 +1,83 @@
+import json
+import math
+
+import pytest
+import torch
+
+import accuquant as aq
+from accuquant import evaluation
+from accuquant.analysis import COLUMNS, error_accumulation, read_csv
+from accuquant.cli import main
+
+
+def test_fp_model_against_itself(digit_pipeline_dir):
+    fp = aq.load(digit_pipeline_dir)
+    r = evaluation.evaluate(fp, num=20, steps=3, progress=False)
+    assert r["fid2fp"] < 1e-6 and math.isinf(r["psnr"]) and r["ssim"] == pytest.approx(1.0)
+    assert r["method"] == "fp" and r["features"] == "digits"
+    assert r["fid"] > 0 and r["sfid"] > 0 and 1.0 <= r["is"] <= 10.0 and 0.0 <= r["class_accuracy"] <= 1.0
+    safe = evaluation.to_json_safe(r)
+    assert safe["psnr"] is None and safe["identical"] is True
+    json.dumps(safe, allow_nan=False)
+    assert "psnr" in evaluation.format_table(r) and "inf" in evaluation.format_table(r)
+
+
+def test_degraded_model_scores_worse_and_fp_samples_are_cached(digit_pipeline_dir, tmp_path, monkeypatch):
+    fp = aq.load(digit_pipeline_dir)
+    results = {}
+    for name, cfg in {"w8a8": aq.QuantConfig(8, 8), "w2a4": aq.QuantConfig(2, 4)}.items():
+        q = aq.quantize(fp, cfg, steps=3, calib_samples=8, progress=False)
+        q.save(tmp_path / name)
+        results[name] = evaluation.evaluate(aq.load(tmp_path / name), num=40, steps=3, progress=False)
+    w8, w2 = results["w8a8"], results["w2a4"]
+    assert w8["weight_bits"] == 8 and w2["act_bits"] == 4 and w8["method"] == "naive"
+    assert w8["fid2fp"] < w2["fid2fp"]
+    assert w8["psnr"] > w2["psnr"] and w8["ssim"] > w2["ssim"]
+    assert w8["psnr"] > 18  # an untrained model, guided: the W8A8 samples still follow the FP ones
+    # the FP samples of the base model came from the cache the second time
+    calls = []
+    real = aq.Pipeline.sample
+    monkeypatch.setattr(aq.Pipeline, "sample", lambda self, *a, **k: calls.append(self.quant) or real(self, *a, **k))
+    again = evaluation.evaluate(aq.load(tmp_path / "w8a8"), num=40, steps=3, progress=False)
+    assert len(calls) == 1 and calls[0] is not None  # only the quantized model sampled
+    assert again["fid2fp"] == pytest.approx(w8["fid2fp"]) and again["psnr"] == pytest.approx(w8["psnr"])
+
+
+def test_cli_evaluate_json_and_analyze(digit_pipeline_dir, tmp_path, capsys):
+    assert main(["quantize", "--model", str(digit_pipeline_dir), "--weight-bits", "4", "--act-bits", "8",
+                 "--steps", "3", "--calib-samples", "4", "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tmp_path / "q"), "--num", "20", "--json", "--quiet"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "class_accuracy", "num", "steps", "weight_bits",
+                "act_bits"):
+        assert key in r
+    assert r["num"] == 20 and r["steps"] == 3 and r["weight_bits"] == 4 and r["act_bits"] == 8
+    assert main(["evaluate", "--model", str(digit_pipeline_dir), "--num", "10", "--steps", "2", "--quiet"]) == 0
+    assert "fid2fp" in capsys.readouterr().out
+    out = tmp_path / "err"
+    assert main(["analyze", "--model", str(tmp_path / "q"), "--num", "16", "--out", str(out), "--quiet"]) == 0
+    rows = read_csv(str(out) + ".csv")
+    assert [list(r) for r in rows[:1]] == [list(COLUMNS)] and len(rows) == 3
+    assert (tmp_path / "err.png").stat().st_size > 1000
+    code = main(["analyze", "--model", str(tmp_path / "q"), "--num", "16", "--out", str(out), "--quiet"])
+    assert code == 2  # outputs exist
+
+
+def test_error_accumulation_on_known_models(digit_pipeline_dir):
+    fp = aq.load(digit_pipeline_dir)
+    rows = error_accumulation(fp, num=8, steps=4, progress=False, x0_points=2)
+    assert all(r["step_error"] == 0 and r["accumulated_error"] == 0 for r in rows)
+    q = aq.quantize(fp, aq.QuantConfig(3, 6), steps=4, calib_samples=4, progress=False)
+    rows = error_accumulation(q, base=fp, num=8, steps=4, progress=False, x0_points=2)
+    assert all(r["step_error"] > 0 for r in rows)
+    assert rows[-1]["accumulated_error"] > 0
+    assert [r["fid2fp_x0"] is not None for r in rows] == [True, False, False, True]
+
+
+def test_missing_inception_weights_are_reported(monkeypatch):
+    monkeypatch.delenv("ACCUQUANT_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(aq.AccuQuantError, match="(torch-fidelity|weights are not available)"):
+        evaluation.feature_extractor("auto", (3, 32, 32))
+    with pytest.raises(aq.AccuQuantError, match="unknown feature network"):
+        evaluation.feature_extractor("vgg", (1, 28, 28))
