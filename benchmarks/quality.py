@@ -23,7 +23,7 @@ import torch
 
 import accuquant as aq
 from accuquant import bundled
-from accuquant.evaluation import evaluate
+from accuquant.evaluation import evaluate, to_json_safe
 
 ROOT = Path(__file__).resolve().parent.parent
 COLS = ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "class_accuracy")
@@ -77,7 +77,7 @@ def main() -> None:
                 rows.append({"method": method, "bits": bits, **r, **cost})
                 print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"rows": rows, "settings": vars(args),
+    Path(args.out + ".json").write_text(json.dumps({"rows": [to_json_safe(r) for r in rows], "settings": vars(args),
                                                     "torch": torch.__version__}, indent=2))
     head = "| method | bits | " + " | ".join(COLS) + " | eval s | calibration s | peak RSS MB |"
     lines = [head, "|" + " --- |" * (len(COLS) + 5)]

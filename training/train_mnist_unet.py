@@ -5,8 +5,15 @@ per block, self-attention at 7x7 (last down block, mid block, first up block); 1
 embeddings, the 11th (label 10) being the unconditional class for classifier-free
 guidance, used for 10% of training labels. Cosine noise schedule (1,000 steps), noise
 prediction, MSE loss, AdamW (lr 1e-3, 200 warm-up iterations, cosine decay), batch 128,
-EMA of the weights (decay 0.999) is what is saved. Sampling: DDIM, trailing timestep
-spacing. Training split: the 9,000 images not held out (see mnist_data.py).
+EMA of the weights (decay 0.999) is what is saved. Training split: the 9,000 images not
+held out (see mnist_data.py).
+
+Sampling: DDIM with "leading" timestep spacing (first step at t = 951 for 20 steps) and
+no x0 clipping. With the cosine schedule the last training timestep has almost no
+signal left (alpha_bar ~ 1e-9), so a first step at t = 999 ("trailing") divides the
+noise-prediction error by ~3e-5 and sampling diverges; clipping x0 hides that but ruins
+guided samples (measured: 20 steps, guidance 2, 200 digits: trailing+clip 75% correct
+classes, leading without clip 98%).
 
     python training/train_mnist_unet.py --data path/to/mnist10k.npz --out src/accuquant/assets/mnist-ddpm
 
@@ -57,7 +64,8 @@ def noise_schedule() -> diffusers.DDPMScheduler:
 def save_pipeline(unet, out: str, guidance_scale: float, meta: dict) -> None:
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    sched = diffusers.DDIMScheduler.from_config(noise_schedule().config, timestep_spacing="trailing")
+    sched = diffusers.DDIMScheduler.from_config(noise_schedule().config, timestep_spacing="leading", steps_offset=1,
+                                                clip_sample=False)
     diffusers.DDIMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp)
     with open(os.path.join(tmp, "accuquant_sampling.json"), "w") as f:
         json.dump({"guidance_scale": guidance_scale, "num_classes": 10, "null_class": NULL_CLASS}, f, indent=2)

@@ -162,7 +162,7 @@ def evaluate(
     seed: int = 0,
     scheduler: str | None = None,
     features: str = "auto",
-    batch_size: int = 100,
+    batch_size: int = 50,
     device: str = "cpu",
     progress: bool = True,
     use_cache: bool = True,

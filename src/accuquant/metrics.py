@@ -30,6 +30,8 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     eigenvalues of ``S1^(1/2) S2 S1^(1/2)``, which is symmetric positive semi-definite.
     """
     mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
+    if not all(torch.isfinite(t).all() for t in (mu1, s1, mu2, s2)):
+        return math.nan  # NaN or inf features: a diverged model
     w, v = torch.linalg.eigh(s1)
     root1 = (v * w.clamp(min=0).sqrt()) @ v.T
     m = root1 @ s2 @ root1
