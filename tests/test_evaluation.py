@@ -81,3 +81,18 @@ def test_missing_inception_weights_are_reported(monkeypatch):
         evaluation.feature_extractor("auto", (3, 32, 32))
     with pytest.raises(aq.AccuQuantError, match="unknown feature network"):
         evaluation.feature_extractor("vgg", (1, 28, 28))
+
+
+def test_lpips_without_its_package_or_weights_is_a_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_lpips(name, *a, **k):
+        if name == "lpips":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_lpips)
+    with pytest.raises(aq.AccuQuantError, match="LPIPS"):
+        evaluation.lpips_distance(torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28))

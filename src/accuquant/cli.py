@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num", type=_positive, default=1000, help="paired samples (default 1000)")
     e.add_argument("--features", default="auto", help="feature network: auto, digits or inception")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package and its weights)")
     e.add_argument("--no-cache", action="store_true", help="do not reuse or cache FP samples")
     _add_sampling_args(e, conditioning=False)
 
@@ -164,7 +165,7 @@ def _evaluate(args) -> None:
     model = load_pipeline(_model_arg(args), device=args.device)
     r = evaluate(model, args.base, num=args.num, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
                  features=args.features, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
-                 use_cache=not args.no_cache)
+                 use_cache=not args.no_cache, lpips=args.lpips)
     print(json.dumps(to_json_safe(r)) if args.json else format_table(r))
 
 

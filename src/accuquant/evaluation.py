@@ -98,6 +98,27 @@ def feature_extractor(kind: str, image_shape: tuple[int, ...]) -> FeatureExtract
     raise AccuQuantError(f"unknown feature network {kind!r}; choose digits, inception or auto")
 
 
+def lpips_distance(a: torch.Tensor, b: torch.Tensor, batch_size: int = 100) -> float:
+    """Mean LPIPS (AlexNet) between paired images in [0, 1], through the ``lpips`` package;
+    needs that package and its backbone weights on the machine."""
+    try:
+        import lpips
+    except ImportError:
+        raise AccuQuantError("LPIPS needs the lpips package (pip install lpips) and its AlexNet weights") from None
+    try:
+        net = lpips.LPIPS(net="alex", verbose=False).eval()
+    except Exception as e:  # the backbone weights are fetched on first use
+        raise AccuQuantError(f"LPIPS weights are not available on this machine ({type(e).__name__})") from None
+    out = []
+    with torch.no_grad():
+        for k in range(0, len(a), batch_size):
+            x, y = (t[k : k + batch_size].float() * 2 - 1 for t in (a, b))
+            if x.shape[1] == 1:
+                x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+            out.append(net(x, y).flatten())
+    return torch.cat(out).mean().item()
+
+
 def _image_shape(pipe: Pipeline) -> tuple[int, ...]:
     """Shape of a decoded image (a VAE's output for latent models)."""
     c, h, w = pipe.denoiser(1.0).sample_shape
@@ -166,8 +187,10 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
     use_cache: bool = True,
+    lpips: bool = False,
 ) -> dict:
-    """Paired evaluation of ``model`` against its FP base (see the module docstring).
+    """Paired evaluation of ``model`` against its FP base (see the module docstring); with
+    ``lpips=True`` also the mean LPIPS between paired samples.
 
     Returns a dict of metrics; ``psnr`` is ``inf`` when every pair is identical (the FP
     model evaluated against itself).
@@ -195,6 +218,8 @@ def evaluate(
         "ssim": ssim(img_q, img_fp).mean().item(),
         "class_accuracy": None,
     }
+    if lpips:
+        result["lpips"] = lpips_distance(img_q, img_fp)
     if extractor.name == "digits":
         real, _ = bundled.heldout()
         f_real = extractor(real)
@@ -233,7 +258,8 @@ def format_table(r: dict) -> str:
     bits = f"W{r['weight_bits'] or 'fp'}A{r['act_bits'] or 'fp'}" if r["method"] != "fp" else "FP"
     rows = [("model", f"{r['method']} {bits}"), ("samples", f"{r['num']} ({r['steps']} {r['scheduler']} steps, "
                                                              f"guidance {r['guidance_scale']})")]
-    rows += [(k, fmt(r[k])) for k in ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "class_accuracy")]
+    rows += [(k, fmt(r[k])) for k in ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "lpips", "class_accuracy")
+             if k in r]
     rows.append(("time", f"{r['seconds']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
