@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import base_of, feature_extractor, sampling_settings
+from .calibration import noise_batches
+from .evaluation import base_of, feature_extractor
 from .metrics import fid_from_features
 from .pipeline import Pipeline
 from .progress import progress_bar
@@ -54,9 +55,7 @@ def error_accumulation(
     progress: bool = True,
 ) -> list[dict]:
     """Per-step rows of :data:`COLUMNS` for ``model`` against its FP base."""
-    from .calibration import seeded_noise
-
-    steps, scheduler = sampling_settings(model, steps, scheduler)
+    steps, scheduler = model.sampling_settings(steps, scheduler)
     fp = base_of(model, base).to(device)
     solver = make_solver(scheduler, fp.scheduler_config, steps)
     den_q, den_fp = model.denoiser(), fp.denoiser()
@@ -67,12 +66,10 @@ def error_accumulation(
     acc_err = torch.zeros(n_steps)
     x0_q = {i: [] for i in x0_at}
     x0_fp = {i: [] for i in x0_at}
-    batches = range(0, num, batch_size)
-    with progress_bar(len(batches) * n_steps * 2, "error accumulation", disable=not progress) as bar:
-        for start in batches:
-            idx = list(range(start, min(num, start + batch_size)))
-            noise = seeded_noise(den_fp.sample_shape, seed, idx, "sample").to(device)
-            c = cond.index(torch.tensor(idx)).to(device) if len(cond) else cond
+    n_batches = -(-num // batch_size)
+    with progress_bar(n_batches * n_steps * 2, "error accumulation", disable=not progress) as bar:
+        for idx, noise, c in noise_batches(den_fp.sample_shape, cond, num, batch_size, seed, "sample", device):
+            start = idx[0]
             cb = lambda i: bar.update(1)  # noqa: E731
             # the same generator state for both runs: a stochastic sampler adds the same noise
             g_fp, g_q = (torch.Generator(device=noise.device).manual_seed(seed + start) for _ in range(2))

@@ -40,6 +40,17 @@ def seeded_noise(shape: tuple[int, ...], seed: int, indices, stream: str) -> tor
     return torch.stack(out)
 
 
+def noise_batches(shape: tuple[int, ...], cond: Conditions, num: int, batch_size: int, seed: int, stream: str,
+                  device="cpu"):
+    """Yield ``(indices, noise, conditions)`` for samples ``0..num-1`` in batches: sample ``k``
+    gets the ``k``-th noise of ``(seed, stream)`` and the ``k``-th condition."""
+    for start in range(0, num, batch_size):
+        idx = list(range(start, min(num, start + batch_size)))
+        noise = seeded_noise(shape, seed, idx, stream).to(device)
+        c = cond.index(torch.tensor(idx)).to(device) if len(cond) else cond
+        yield idx, noise, c
+
+
 def settings_key(fingerprint: str, solver_desc: dict, num: int, seed: int, guidance: float, cond: Conditions) -> str:
     """A short hash naming a cached set of samples: model, solver, counts, seed, guidance, conditions."""
     h = hashlib.sha256(fingerprint.encode())
@@ -133,14 +144,10 @@ def collect_trajectories(
     cond = cond if cond is not None else Conditions()
     if len(cond) not in (0, num):
         raise AccuQuantError(f"calibration: {len(cond)} conditions for {num} samples")
-    shape = denoiser.sample_shape
     xs, outs = [], []
     n_batches = math.ceil(num / batch_size)
     with progress_bar(total=n_batches * solver.num_steps, desc="FP trajectories", disable=not progress) as bar:
-        for b in range(n_batches):
-            idx = list(range(b * batch_size, min(num, (b + 1) * batch_size)))
-            noise = seeded_noise(shape, seed, idx, stream).to(device)
-            c = cond.index(torch.tensor(idx)).to(device) if len(cond) else cond
+        for _, noise, c in noise_batches(denoiser.sample_shape, cond, num, batch_size, seed, stream, device):
             _, x, o = run_trajectory(denoiser, solver, noise, c, keep=True, callback=lambda i: bar.update(1))
             xs.append(x.cpu())
             outs.append(o.cpu())

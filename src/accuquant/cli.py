@@ -246,9 +246,7 @@ def _sample(args) -> None:
     if out.suffix.lower() != ".png":
         raise AccuQuantError(f"{out}: the grid is written as PNG; use a .png name")
     pipe = load_pipeline(_model_arg(args), device=args.device)
-    calibrated = (pipe.quant or {}).get("calibration", {})
-    args.steps = args.steps or calibrated.get("steps", 20)
-    args.scheduler = args.scheduler or calibrated.get("solver", "ddim")
+    args.steps, args.scheduler = pipe.sampling_settings(args.steps, args.scheduler)
     x = pipe.sample(args.num, seed=args.seed, steps=args.steps, scheduler=args.scheduler, labels=args.labels,
                     prompts=args.prompt, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
                     device=args.device, progress=not args.quiet)

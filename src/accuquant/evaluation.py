@@ -143,12 +143,6 @@ def base_of(model: Pipeline, base: str | Path | Pipeline | None = None) -> Pipel
     return load_pipeline(bundled.resolve_ref(ref))
 
 
-def sampling_settings(model: Pipeline, steps: int | None, scheduler: str | None) -> tuple[int, str]:
-    """Steps and scheduler: as given, else those the model was calibrated for, else 20 DDIM steps."""
-    cal = (model.quant or {}).get("calibration", {})
-    return steps or cal.get("steps", 20), scheduler or cal.get("solver", "ddim")
-
-
 def fp_samples(base: Pipeline, num: int, seed: int, steps: int, scheduler: str, labels=None, batch_size: int = 100,
                device: str = "cpu", progress: bool = True, use_cache: bool = True) -> torch.Tensor:
     """FP samples, cached by (model weights, sampler, seeds, guidance, labels)."""
@@ -196,7 +190,7 @@ def evaluate(
     model evaluated against itself).
     """
     t0 = time.perf_counter()
-    steps, scheduler = sampling_settings(model, steps, scheduler)
+    steps, scheduler = model.sampling_settings(steps, scheduler)
     fp = base_of(model, base).to(device)
     extractor = feature_extractor(features, _image_shape(fp))  # fail before the long sampling
     x_fp = fp_samples(fp, num, seed, steps, scheduler, batch_size=batch_size, device=device, progress=progress,

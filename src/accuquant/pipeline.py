@@ -24,7 +24,7 @@ from torch import nn
 
 from .adapters import ADAPTERS, Conditions, Denoiser, make_denoiser
 from .bundled import model_ref, resolve_ref
-from .calibration import seeded_noise
+from .calibration import noise_batches
 from .errors import AccuQuantError
 from .progress import progress_bar
 from .safety import check_finite, check_safetensors
@@ -157,10 +157,7 @@ class Pipeline:
         n_batches = math.ceil(num / batch_size)
         gen = torch.Generator().manual_seed(seed)
         with progress_bar(n_batches * solver.num_steps, "sampling", disable=not progress) as bar:
-            for b in range(n_batches):
-                idx = list(range(b * batch_size, min(num, (b + 1) * batch_size)))
-                noise = seeded_noise(den.sample_shape, seed, idx, stream).to(device)
-                c = cond.index(torch.tensor(idx)).to(device) if len(cond) else cond
+            for _, noise, c in noise_batches(den.sample_shape, cond, num, batch_size, seed, stream, device):
                 x = run_trajectory(den, solver, noise, c, generator=gen, callback=lambda i: bar.update(1))
                 out.append(x.cpu())
         return torch.cat(out)
@@ -170,6 +167,11 @@ class Pipeline:
         from .export import save_quantized
 
         save_quantized(self, out, overwrite=overwrite)
+
+    def sampling_settings(self, steps: int | None = None, scheduler: str | None = None) -> tuple[int, str]:
+        """Steps and scheduler: as given, else those a quantized model was calibrated for, else 20 DDIM steps."""
+        cal = (self.quant or {}).get("calibration", {})
+        return steps or cal.get("steps", 20), scheduler or cal.get("solver", "ddim")
 
     def fingerprint(self) -> str:
         """A hash of the denoiser (class, config, every tensor) and the sampling defaults, for caches."""
