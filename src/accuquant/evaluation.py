@@ -249,8 +249,9 @@ def format_table(r: dict) -> str:
             return "inf" if math.isinf(v) else f"{v:.4f}"
         return str(v)
 
-    bits = f"W{r['weight_bits'] or 'fp'}A{r['act_bits'] or 'fp'}" if r["method"] != "fp" else "FP"
-    rows = [("model", f"{r['method']} {bits}"), ("samples", f"{r['num']} ({r['steps']} {r['scheduler']} steps, "
+    name = (f"{r['method']} W{r['weight_bits'] or 'fp'}A{r['act_bits'] or 'fp'}" if r["method"] != "fp"
+            else "full precision")
+    rows = [("model", name), ("samples", f"{r['num']} ({r['steps']} {r['scheduler']} steps, "
                                                              f"guidance {r['guidance_scale']})")]
     rows += [(k, fmt(r[k])) for k in ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "lpips", "class_accuracy")
              if k in r]
