@@ -108,3 +108,11 @@ def test_observer_sample_represents_early_and_late_updates_alike():
     counts = torch.bincount(obs.values().long(), minlength=40).float()
     assert obs.count == 4000
     assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.5 * counts.mean()
+
+
+def test_percentile_range_on_a_tensor_larger_than_quantiles_limit():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((1 << 24) + 10, generator=g) * 2 - 1  # torch.quantile refuses more than 2^24 values
+    q = UniformQuantizer(8, symmetric=True)
+    q.init_range(x, "percentile", percentile=99.0)
+    assert abs(q.scale.item() * 127 - 0.98) < 0.01
