@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import AccuQuantError
+from .safety import check_device
 
 EXIT_USAGE = 2
 
@@ -52,21 +53,6 @@ def _positive(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return v
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise AccuQuantError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AccuQuantError("--device cuda: no CUDA device is available")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise AccuQuantError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) -> None:
@@ -148,10 +134,10 @@ def _model_arg(args) -> str:
 
 
 def _check_scheduler(name: str | None) -> None:
-    from .sampling import SOLVERS
+    from .sampling import solver_class
 
-    if name is not None and name.lower() not in SOLVERS:
-        raise AccuQuantError(f"unknown scheduler {name!r}; choose one of: {', '.join(SOLVERS)}")
+    if name is not None:
+        solver_class(name)
 
 
 def _evaluate(args) -> None:
@@ -160,7 +146,7 @@ def _evaluate(args) -> None:
     from .evaluation import evaluate, format_table, to_json_safe
     from .pipeline import load_pipeline
 
-    _check_device(args.device)
+    check_device(args.device)
     _check_scheduler(args.scheduler)
     model = load_pipeline(_model_arg(args), device=args.device)
     r = evaluate(model, args.base, num=args.num, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
@@ -173,7 +159,7 @@ def _analyze(args) -> None:
     from .analysis import error_accumulation, plot, write_csv
     from .pipeline import load_pipeline
 
-    _check_device(args.device)
+    check_device(args.device)
     _check_scheduler(args.scheduler)
     csv_path, png_path = Path(args.out + ".csv"), Path(args.out + ".png")
     for p in (csv_path, png_path):
@@ -199,7 +185,7 @@ def _quantize(args) -> None:
     from .methods import get_method
     from .safety import check_out_dir
 
-    _check_device(args.device)
+    check_device(args.device)
     args.steps = args.steps or 20
     args.scheduler = args.scheduler or "ddim"
     kw = {}
@@ -238,7 +224,7 @@ def _sample(args) -> None:
     from .images import save_grid
     from .pipeline import load_pipeline
 
-    _check_device(args.device)
+    check_device(args.device)
     _check_scheduler(args.scheduler)
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -23,7 +23,7 @@ from .errors import AccuQuantError
 from .layers import freeze_model, wrap_model
 from .methods import CalibrationContext, get_method
 from .pipeline import Pipeline, as_pipeline
-from .safety import check_finite
+from .safety import check_device, check_finite
 from .sampling import make_solver
 
 
@@ -33,11 +33,6 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "accuquant"
     )
     return Path(root)
-
-
-def _calib_key(pipe: Pipeline, solver, num: int, seed: int, guidance: float, cond: Conditions) -> str:
-    """Identify a calibration set by the model's weights, the solver and the settings."""
-    return settings_key(pipe.fingerprint(), solver.describe(), num, seed, guidance, cond)
 
 
 def calibration_data(
@@ -54,7 +49,8 @@ def calibration_data(
 ) -> Trajectories:
     """FP trajectories for calibration, from the cache when the same set was collected before."""
     den = pipe.denoiser(guidance_scale)
-    path = cache_dir() / "calib" / f"{_calib_key(pipe, solver, num, seed, den.guidance_scale, cond)}.safetensors"
+    key = settings_key(pipe.fingerprint(), solver.describe(), num, seed, den.guidance_scale, cond)
+    path = cache_dir() / "calib" / f"{key}.safetensors"
     if use_cache and path.is_file():
         try:
             return Trajectories.load(path)
@@ -109,8 +105,7 @@ def quantize(
     """
     config = config if config is not None else QuantConfig()
     calibrate = get_method(method)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AccuQuantError("device: cuda was requested but is not available")
+    check_device(device)
     pipe = as_pipeline(source, copy_model=not inplace)
     if pipe.quant is not None:
         raise AccuQuantError("the model is already quantized")

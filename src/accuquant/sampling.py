@@ -215,12 +215,16 @@ SOLVERS: dict[str, type[Solver]] = {
 }
 
 
+def solver_class(name: str) -> type[Solver]:
+    """The solver registered as ``name``; an unknown name is refused with the choices."""
+    if name.lower() not in SOLVERS:
+        raise AccuQuantError(f"unknown scheduler {name!r}; choose one of: {', '.join(SOLVERS)}")
+    return SOLVERS[name.lower()]
+
+
 def make_solver(name: str, scheduler_config: dict, num_steps: int) -> Solver:
     """A solver for the scheduler ``name`` built from a diffusers scheduler config."""
-    key = name.lower()
-    if key not in SOLVERS:
-        raise AccuQuantError(f"unknown scheduler {name!r}; choose one of: {', '.join(SOLVERS)}")
-    return SOLVERS[key](scheduler_config, num_steps)
+    return solver_class(name)(scheduler_config, num_steps)
 
 
 def run_trajectory(
