@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -62,6 +64,17 @@ def calibration_data(
     return traj
 
 
+def run_key(fingerprint: str, config: QuantConfig, method: str, options: dict, calib: Trajectories, seed: int,
+            batch_size: int, guidance_scale: float) -> str:
+    """A hash of everything a calibration run's result depends on (names its checkpoint)."""
+    h = hashlib.sha256(fingerprint.encode())
+    h.update(json.dumps({"config": config.to_dict(), "method": method, "options": options, "seed": seed,
+                         "batch_size": batch_size, "g": guidance_scale}, sort_keys=True, default=str).encode())
+    for t in (calib.xs, calib.outs, calib.timesteps, *(v for _, v in calib.cond.items())):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
 def quantize(
     source,
     config: QuantConfig | None = None,
@@ -80,6 +93,7 @@ def quantize(
     progress: bool = True,
     inplace: bool = False,
     use_cache: bool = True,
+    resume: bool = False,
     **method_options,
 ) -> Pipeline:
     """Quantize a diffusion model.
@@ -98,7 +112,10 @@ def quantize(
         device: ``"cpu"`` or ``"cuda"``.
         inplace: quantize ``source``'s own model instead of a copy.
         use_cache: reuse calibration trajectories cached from an earlier run.
-        method_options: passed to the method.
+        resume: continue an interrupted calibration with the same settings from its last
+            checkpoint (methods that learn save one after each unit of work, under
+            ``cache_dir()/runs``; it is removed when the run finishes).
+        method_options: passed to the method (e.g. ``iters=``, ``lr=``; see the method's module).
 
     Returns:
         the quantized :class:`Pipeline` (weights frozen as integer codes).
@@ -135,9 +152,13 @@ def quantize(
     splits = shortcut_splits(pipe.model)
     report = wrap_model(pipe.model, config, splits)
     pipe.to(device)
-    ctx = CalibrationContext(den, solver, calib, config, batch_size, device, progress, seed, method_options)
+    key = run_key(pipe.fingerprint(), config, method, method_options, calib, seed, batch_size, den.guidance_scale)
+    checkpoint = cache_dir() / "runs" / f"{key}.safetensors"
+    ctx = CalibrationContext(den, solver, calib, config, batch_size, device, progress, seed, method_options,
+                             checkpoint=checkpoint, resume=resume, run_key=key)
     t1 = time.perf_counter()
     calibrate(ctx)
+    checkpoint.unlink(missing_ok=True)
     freeze_model(pipe.model)
     pipe.model.eval()
     pipe.quant = {
@@ -148,6 +169,7 @@ def quantize(
         "method_options": {k: v for k, v in method_options.items() if isinstance(v, (int, float, str, bool, type(None)))},
         "calibration": {"samples": calib.num_samples, "seed": calib.meta.get("seed"), "solver": solver.name,
                         "steps": steps, "guidance_scale": den.guidance_scale},
+        "method_log": ctx.log,
         "timing_s": {"calibration_data": round(t1 - t0, 3), "method": round(time.perf_counter() - t1, 3)},
         "accuquant_version": __version__,
     }

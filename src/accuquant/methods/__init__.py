@@ -9,6 +9,7 @@ quantizers by its own objective. A method is a function ``calibrate(ctx)`` takin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,6 +34,22 @@ class CalibrationContext:
     progress: bool = True
     seed: int = 0
     options: dict = field(default_factory=dict)
+    #: where a resumable method saves its progress (``None``: not saved), and whether to
+    #: continue from what is there
+    checkpoint: Path | None = None
+    resume: bool = False
+    #: settings hash a checkpoint must carry to be resumed
+    run_key: str = ""
+    #: what the method reports (per-block losses...), kept with the quantized model
+    log: dict = field(default_factory=dict)
+
+
+def method_options(ctx: CalibrationContext, defaults: dict) -> dict:
+    """The method's options: ``defaults`` updated by ``ctx.options``; unknown names are refused."""
+    unknown = sorted(set(ctx.options) - set(defaults))
+    if unknown:
+        raise AccuQuantError(f"unknown option(s) {', '.join(unknown)}; this method takes: {', '.join(sorted(defaults))}")
+    return {**defaults, **{k: v for k, v in ctx.options.items() if v is not None}}
 
 
 METHODS: dict[str, Callable[[CalibrationContext], None]] = {}
@@ -52,4 +69,4 @@ def get_method(name: str) -> Callable[[CalibrationContext], None]:
     return METHODS[name]
 
 
-from . import naive  # noqa: E402,F401  (registers the built-in methods)
+from . import naive, per_step  # noqa: E402,F401  (registers the built-in methods)

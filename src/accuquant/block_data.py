@@ -1,0 +1,185 @@
+"""Inputs and FP outputs of one block, captured from the running denoiser, in bounded chunks.
+
+Block reconstruction needs, for one block at a time, what the block receives in the
+quantized network (its positional and keyword arguments: the hidden states, the time
+embedding, the text embeddings...) and what it returns in the full-precision network.
+Both are captured with forward hooks that stop the forward pass as soon as the block is
+reached, so nothing after it is computed. Only the current block's data is held; it is
+stored in chunks, in RAM up to a budget and in safetensors files beyond it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .quantizers import UniformQuantizer
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end the forward pass at the block."""
+
+
+@contextmanager
+def quantization_disabled(model: nn.Module):
+    """Run ``model`` in full precision: every quantizer passes its input through."""
+    quants = [m for m in model.modules() if isinstance(m, UniformQuantizer)]
+    before = [q.enabled for q in quants]
+    for q in quants:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, e in zip(quants, before):
+            q.enabled = e
+
+
+def capture(module: nn.Module, run_forward, what: str):
+    """Run ``run_forward()`` until ``module`` is first called and return its ``(args, kwargs)``
+    (``what="input"``) or its output (``what="output"``)."""
+    box = {}
+
+    def pre(mod, args, kwargs):
+        box["value"] = (args, kwargs)
+        raise _Stop
+
+    def post(mod, args, kwargs, out):
+        box["value"] = out[0] if isinstance(out, (tuple, list)) else out
+        raise _Stop
+
+    if what == "input":
+        h = module.register_forward_pre_hook(pre, with_kwargs=True)
+    else:
+        h = module.register_forward_hook(post, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run_forward()
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if "value" not in box:
+        raise RuntimeError(f"{type(module).__name__} was not called by the forward pass")
+    return box["value"]
+
+
+class BlockData:
+    """Captured ``(inputs, target)`` rows of one block.
+
+    Tensor arguments whose first dimension is the batch are stored row-wise; every other
+    argument (flags, ``None``, shared tensors) is kept once. Rows are grouped in chunks of
+    about ``chunk_rows``; chunks beyond ``max_ram_mb`` go to safetensors files in a
+    temporary folder (under ``spill_dir`` if given) that is removed by :meth:`close`.
+    """
+
+    def __init__(self, chunk_rows: int = 256, max_ram_mb: float = 2048, spill_dir: str | Path | None = None):
+        self.chunk_rows = chunk_rows
+        self.max_ram_bytes = max_ram_mb * 2**20
+        self.spill_dir = spill_dir
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.chunks: list[dict[str, torch.Tensor] | Path] = []
+        self.ram_bytes = 0
+        self.rows = 0
+        self.spec: tuple | None = None  # (arg slots, kwarg slots, constants)
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self._pending_rows = 0
+        self._loaded: tuple[int, dict] | None = None
+
+    # ------------------------------------------------------------------ filling
+    def add(self, args: tuple, kwargs: dict, target: torch.Tensor) -> None:
+        rows = target.shape[0]
+        tensors = {"target": target.detach().cpu()}
+        if self.spec is None:
+            arg_slots, kw_slots, consts = [], {}, {}
+            for i, a in enumerate(args):
+                batched = torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == rows
+                arg_slots.append(f"a{i}" if batched else None)
+                if not batched:
+                    consts[f"a{i}"] = a
+            for k, v in kwargs.items():
+                batched = torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == rows
+                kw_slots[k] = f"k.{k}" if batched else None
+                if not batched:
+                    consts[f"k.{k}"] = v
+            self.spec = (arg_slots, kw_slots, consts)
+        arg_slots, kw_slots, _ = self.spec
+        for slot, a in zip(arg_slots, args):
+            if slot is not None:
+                tensors[slot] = a.detach().cpu()
+        for k, slot in kw_slots.items():
+            if slot is not None:
+                tensors[slot] = kwargs[k].detach().cpu()
+        self._pending.append(tensors)
+        self._pending_rows += rows
+        self.rows += rows
+        if self._pending_rows >= self.chunk_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        chunk = {k: torch.cat([p[k] for p in self._pending]).contiguous() for k in self._pending[0]}
+        self._pending, self._pending_rows = [], 0
+        size = sum(t.numel() * t.element_size() for t in chunk.values())
+        if self.ram_bytes + size <= self.max_ram_bytes:
+            self.chunks.append(chunk)
+            self.ram_bytes += size
+            return
+        if self._tmp is None:
+            if self.spill_dir is not None:
+                Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix="accuquant-blockdata-", dir=self.spill_dir)
+        path = Path(self._tmp.name) / f"chunk{len(self.chunks):05d}.safetensors"
+        save_file(chunk, str(path))
+        self.chunks.append(path)
+
+    def finish(self) -> "BlockData":
+        self._flush()
+        return self
+
+    @property
+    def on_disk(self) -> int:
+        return sum(isinstance(c, Path) for c in self.chunks)
+
+    def close(self) -> None:
+        self.chunks, self._loaded = [], None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # ------------------------------------------------------------------ reading
+    def _chunk(self, i: int) -> dict[str, torch.Tensor]:
+        c = self.chunks[i]
+        if not isinstance(c, Path):
+            return c
+        if self._loaded is None or self._loaded[0] != i:
+            self._loaded = (i, load_file(str(c)))
+        return self._loaded[1]
+
+    def batch(self, generator: torch.Generator, size: int, device="cpu"):
+        """A random batch: a random chunk, then ``size`` random rows of it.
+        Returns ``(args, kwargs, target)`` on ``device``."""
+        i = int(torch.randint(len(self.chunks), (1,), generator=generator))
+        chunk = self._chunk(i)
+        n = chunk["target"].shape[0]
+        idx = torch.randperm(n, generator=generator)[: min(size, n)]
+        return self._rows(chunk, idx, device)
+
+    def iter_batches(self, size: int, device="cpu"):
+        """Every row once, in order."""
+        for i in range(len(self.chunks)):
+            chunk = self._chunk(i)
+            n = chunk["target"].shape[0]
+            for s in range(0, n, size):
+                yield self._rows(chunk, torch.arange(s, min(n, s + size)), device)
+
+    def _rows(self, chunk, idx, device):
+        arg_slots, kw_slots, consts = self.spec
+        args = [chunk[s][idx].to(device) if s is not None else consts[f"a{i}"] for i, s in enumerate(arg_slots)]
+        kwargs = {k: chunk[s][idx].to(device) if s is not None else consts[f"k.{k}"] for k, s in kw_slots.items()}
+        return args, kwargs, chunk["target"][idx].to(device)

@@ -1,0 +1,68 @@
+"""Resumable calibration: the state of every quantizer, saved after each finished unit of work.
+
+A checkpoint is one safetensors file: for each quantizer its step size, zero point and,
+when learned rounding is on, its rounding variables; the metadata says how far the
+method got (``done``) and under which settings (``key``). Writing is atomic, so an
+interruption leaves the previous checkpoint intact. A method that resumes loads the
+quantizers and skips the finished units; with per-unit seeds the result is the same as
+an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import AccuQuantError
+from .layers import all_quantizers
+from .safety import atomic_path
+
+FORMAT = "accuquant.checkpoint/1"
+
+
+def save_checkpoint(path: Path, model: nn.Module, key: str, done: int, extra: dict | None = None) -> None:
+    """Save every quantizer of ``model`` and the progress marker ``done``."""
+    tensors = {}
+    for name, q in all_quantizers(model).items():
+        tensors[f"{name}.scale"] = q.scale.detach().cpu().contiguous()
+        tensors[f"{name}.zero_point"] = q.zero_point.detach().cpu().contiguous()
+        if q.alpha is not None:
+            tensors[f"{name}.alpha"] = q.alpha.detach().cpu().contiguous()
+    meta = {"format": FORMAT, "key": key, "done": str(done), "extra": json.dumps(extra or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_checkpoint(path: Path, key: str) -> tuple[int, dict, dict] | None:
+    """``(done, tensors, extra)`` of the checkpoint at ``path`` if it was written under ``key``."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT or meta.get("key") != key:
+            return None
+        return int(meta["done"]), load_file(str(path)), json.loads(meta.get("extra", "{}"))
+    except Exception as e:  # a damaged file: say so rather than resume from garbage
+        raise AccuQuantError(f"{path}: unreadable checkpoint ({e}); delete it to start over") from None
+
+
+@torch.no_grad()
+def load_quantizers(model: nn.Module, tensors: dict) -> None:
+    """Set every quantizer of ``model`` from checkpoint tensors; learned rounding is restored
+    as hard rounding (it is only saved for finished units)."""
+    for name, q in all_quantizers(model).items():
+        q.scale.data.copy_(tensors[f"{name}.scale"].to(q.scale.device))
+        q.zero_point.copy_(tensors[f"{name}.zero_point"].to(q.zero_point.device))
+        alpha = tensors.get(f"{name}.alpha")
+        if alpha is not None:
+            q.alpha = nn.Parameter(alpha.to(q.scale.device), requires_grad=False)
+            q.soft_rounding = False
+        else:
+            q.alpha = None
