@@ -4,8 +4,9 @@ Each quantization runs as its own `accuquant quantize` process (its calibration 
 time and peak resident memory are measured per process); then `evaluate` scores 1,000
 paired samples (DDIM 20 steps) against the FP model, whose samples are cached once.
 
-    python benchmarks/quality.py --methods naive --bits w8a8,w4a8
+    python benchmarks/quality.py --methods naive,per-step --bits w8a8,w4a8,w3a8,w4a6
     # writes benchmarks/results/quality.json and quality.md
+    # options of learning methods pass through: --learn-args "--iters 500 --lr 0.01"
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def run_quantize(method: str, w: int, a: int, out: Path, args) -> dict:
     cmd = [sys.executable, "-m", "accuquant", "quantize", "--method", method, "--weight-bits", str(w),
            "--act-bits", str(a), "--steps", str(args.steps), "--calib-samples", str(args.calib_samples),
            "--seed", str(args.seed), "--out", str(out), "--quiet"]
+    if method != "naive" and args.learn_args:
+        cmd += args.learn_args.split()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -61,6 +64,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learn-args", default="", help="extra quantize flags for learning methods")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/quality"))
     args = p.parse_args()
     torch.set_num_threads(2)

@@ -170,3 +170,63 @@ def test_malformed_quantized_directory_is_refused(tiny_pipeline_dir, tmp_path, c
     (out / "accuquant.json").write_text("{not json")
     code, _, err = run(capsys, "sample", "--model", out, "--out", tmp_path / "g.png")
     _assert_refused(code, err, tmp_path / "g.png")
+
+
+def test_learning_flags_are_refused_for_naive(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, *_quantize_args(tiny_pipeline_dir, out, "--iters", "10"))
+    _assert_refused(code, err, out)
+    assert "--iters: the naive method learns nothing" in err
+    code, _, err = run(capsys, *_quantize_args(tiny_pipeline_dir, out, "--lr", "-1"))
+    _assert_refused(code, err, out)
+
+
+def _per_step_cmd(model, out, cache):
+    return [sys.executable, "-m", "accuquant", "quantize", "--model", str(model), "--method", "per-step",
+            "--weight-bits", "4", "--act-bits", "8", "--steps", "3", "--calib-samples", "4", "--batch-size", "8",
+            "--iters", "60", "--act-iters", "10", "--samples-per-step", "2", "--out", str(out), "--quiet"]
+
+
+def test_per_step_killed_with_ctrl_c_resumes_to_the_same_model(digit_pipeline_dir, tmp_path):
+    """A real interruption: SIGINT to the process once two blocks are done, then --resume."""
+    import signal
+    import time
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore", ACCUQUANT_CACHE=str(tmp_path / "cache"))
+    full = subprocess.run(_per_step_cmd(digit_pipeline_dir, tmp_path / "full", tmp_path), capture_output=True,
+                          text=True, env=env)
+    assert full.returncode == 0, full.stderr
+    runs = tmp_path / "cache" / "runs"
+    proc = subprocess.Popen(_per_step_cmd(digit_pipeline_dir, tmp_path / "resumed", tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        for f in runs.glob("*.safetensors"):
+            try:
+                with safe_open(str(f), "pt") as fh:
+                    done = int(fh.metadata()["done"])
+            except Exception:  # being replaced at this very moment
+                pass
+        if done >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=60)
+    assert done >= 2 and proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert not (tmp_path / "resumed").exists()
+    resumed = subprocess.run(_per_step_cmd(digit_pipeline_dir, tmp_path / "resumed", tmp_path) + ["--resume"],
+                             capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(tmp_path / "full" / "unet" / "accuquant_weights.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "unet" / "accuquant_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    import json
+
+    log = json.loads((tmp_path / "resumed" / "accuquant.json").read_text())["method_log"]
+    assert log["resumed_at_block"] >= 2
+    assert not list(runs.glob("*.safetensors"))  # the checkpoint is gone once the run finished

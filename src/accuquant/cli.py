@@ -55,6 +55,29 @@ def _positive(text: str) -> int:
     return v
 
 
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+METHOD_FLAGS = ("iters", "lr", "act_iters", "act_lr", "samples_per_step")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) -> None:
     p.add_argument("--steps", type=_positive, default=None, help="sampling steps (default 20, or those a quantized "
                    "model was calibrated for)")
@@ -96,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-cache", action="store_true", help="do not reuse or cache calibration trajectories")
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    learn = q.add_argument_group("learning methods (per-step)")
+    learn.add_argument("--iters", type=_non_negative, default=None, help="per-step: AdaRound iterations per block "
+                       "(default 300)")
+    learn.add_argument("--lr", type=_positive_float, default=None, help="per-step: learning rate of the rounding "
+                       "variables (default 1e-2)")
+    learn.add_argument("--act-iters", type=_non_negative, default=None, help="per-step: activation step-size "
+                       "iterations per block (default 100)")
+    learn.add_argument("--act-lr", type=_positive_float, default=None, help="per-step: learning rate of activation "
+                       "step sizes, relative to each step size (default 1e-3)")
+    learn.add_argument("--samples-per-step", type=_positive, default=None, help="per-step: calibration points per "
+                       "sampling step (default 32)")
+    learn.add_argument("--resume", action="store_true", help="continue an interrupted calibration with the same "
+                       "settings from its last checkpoint")
     _add_sampling_args(q)
 
     s = sub.add_parser("sample", help="sample a grid of images from a (quantized) model")
@@ -202,6 +238,10 @@ def _quantize(args) -> None:
     )
     get_method(args.method)
     _check_scheduler(args.scheduler)
+    options = {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k) is not None}
+    if options and args.method == "naive":
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise AccuQuantError(f"{flags}: the naive method learns nothing; use --method per-step")
     out = Path(args.out)
     check_out_dir(out, args.overwrite)  # refuse before the long work, not after
     t0 = time.perf_counter()
@@ -209,7 +249,7 @@ def _quantize(args) -> None:
         _model_arg(args), cfg, args.method, args.calib, steps=args.steps, scheduler=args.scheduler,
         calib_samples=args.calib_samples, seed=args.seed, guidance_scale=args.guidance_scale, labels=args.labels,
         prompts=args.prompt, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
-        inplace=True, use_cache=not args.no_cache,
+        inplace=True, use_cache=not args.no_cache, resume=args.resume, **options,
     )
     pipe.save(out, overwrite=args.overwrite)
     report = pipe.quant["report"]
@@ -251,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"accuquant: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("accuquant: interrupted; nothing was written", file=sys.stderr)
+        hint = ""
+        if args.command == "quantize" and args.method != "naive":
+            hint = " (rerun the same command with --resume to continue from the last finished block)"
+        print(f"accuquant: interrupted; nothing was written{hint}", file=sys.stderr)
         return 130
     except OSError as e:
         print(f"accuquant: error: {e}", file=sys.stderr)

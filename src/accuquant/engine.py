@@ -23,7 +23,7 @@ from .calibration import Trajectories, collect_trajectories, settings_key
 from .config import QuantConfig
 from .errors import AccuQuantError
 from .layers import freeze_model, wrap_model
-from .methods import CalibrationContext, get_method
+from .methods import CalibrationContext, check_method_options, get_method
 from .pipeline import Pipeline, as_pipeline
 from .safety import check_device, check_finite
 from .sampling import make_solver
@@ -122,6 +122,7 @@ def quantize(
     """
     config = config if config is not None else QuantConfig()
     calibrate = get_method(method)
+    check_method_options(method, method_options)
     check_device(device)
     pipe = as_pipeline(source, copy_model=not inplace)
     if pipe.quant is not None:

@@ -44,23 +44,38 @@ class CalibrationContext:
     log: dict = field(default_factory=dict)
 
 
-def method_options(ctx: CalibrationContext, defaults: dict) -> dict:
-    """The method's options: ``defaults`` updated by ``ctx.options``; unknown names are refused."""
-    unknown = sorted(set(ctx.options) - set(defaults))
+def _check_options(name: str, options: dict, defaults: dict) -> None:
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise AccuQuantError(f"unknown option(s) {', '.join(unknown)}; this method takes: {', '.join(sorted(defaults))}")
+        raise AccuQuantError(f"method {name!r}: unknown option(s) {', '.join(unknown)}; it takes: "
+                             f"{', '.join(sorted(defaults)) or 'none'}")
+
+
+def method_options(ctx: CalibrationContext, defaults: dict, name: str = "") -> dict:
+    """The method's options: ``defaults`` updated by ``ctx.options``; unknown names are refused."""
+    _check_options(name, ctx.options, defaults)
     return {**defaults, **{k: v for k, v in ctx.options.items() if v is not None}}
 
 
 METHODS: dict[str, Callable[[CalibrationContext], None]] = {}
+METHOD_OPTIONS: dict[str, dict] = {}
 
 
-def register_method(name: str):
+def register_method(name: str, options: dict | None = None):
+    """Register ``calibrate(ctx)`` as method ``name``; ``options`` are its option defaults."""
+
     def deco(fn):
         METHODS[name] = fn
+        METHOD_OPTIONS[name] = dict(options or {})
         return fn
 
     return deco
+
+
+def check_method_options(name: str, options: dict) -> None:
+    """Refuse options that method ``name`` does not take (before any long work)."""
+    get_method(name)
+    _check_options(name, options, METHOD_OPTIONS[name])
 
 
 def get_method(name: str) -> Callable[[CalibrationContext], None]:

@@ -14,7 +14,7 @@ import torch
 from ..layers import all_quantizers, quant_layers
 from ..progress import progress_bar
 from ..quantizers import RangeObserver
-from . import CalibrationContext, register_method
+from . import CalibrationContext, method_options, register_method
 
 
 @torch.no_grad()
@@ -81,8 +81,9 @@ def init_act_ranges(ctx: CalibrationContext) -> None:
         observers[name].apply(q, ctx.config.act_init, ctx.config.percentile)
 
 
-@register_method("naive")
+@register_method("naive", {"act_calib_pairs": None})
 def naive(ctx: CalibrationContext) -> None:
     """Naive PTQ: MSE-searched per-channel weight ranges, activation ranges from calibration data."""
+    method_options(ctx, {"act_calib_pairs": None}, "naive")
     init_weight_ranges(ctx)
     init_act_ranges(ctx)

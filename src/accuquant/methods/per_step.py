@@ -173,10 +173,10 @@ def _act_phase(ctx, block: Block, data: BlockData, opts, gen) -> None:
             q.scale.requires_grad_(False)
 
 
-@register_method("per-step")
+@register_method("per-step", DEFAULTS)
 def per_step(ctx: CalibrationContext) -> None:
     """Q-Diffusion-style block reconstruction (see the module docstring)."""
-    opts = method_options(ctx, DEFAULTS)
+    opts = method_options(ctx, DEFAULTS, "per-step")
     model = ctx.denoiser.model
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in flags:
