@@ -116,7 +116,12 @@ def _eval_loss(block: Block, batch) -> float:
     return _rec_loss(_forward(block, args, kwargs), target).item()
 
 
-def _adaround_phase(ctx, block: Block, data: BlockData, opts, gen) -> None:
+def _show(bar, it: int, loss: torch.Tensor, phase: str) -> None:
+    if bar is not None and it % 25 == 0:
+        bar.set_postfix_str(f"{phase} {it}: loss {loss.item():.4g}", refresh=True)
+
+
+def _adaround_phase(ctx, block: Block, data: BlockData, opts, gen, bar=None) -> None:
     quants, alphas = [], []
     for layer in block.layers:
         # Every part of a split layer learns its rounding (Q-Diffusion's code left the second half out).
@@ -141,12 +146,13 @@ def _adaround_phase(ctx, block: Block, data: BlockData, opts, gen) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        _show(bar, it, rec, "rounding")
     for q in quants:
         q.soft_rounding = False
         q.alpha.requires_grad_(False)
 
 
-def _act_phase(ctx, block: Block, data: BlockData, opts, gen) -> None:
+def _act_phase(ctx, block: Block, data: BlockData, opts, gen, bar=None) -> None:
     quants = [q for q in block.act_quant if q.enabled]
     iters = int(opts["act_iters"])
     if not quants or iters <= 0:
@@ -159,12 +165,13 @@ def _act_phase(ctx, block: Block, data: BlockData, opts, gen) -> None:
         q.scale.requires_grad_(True)
     opt = torch.optim.Adam(groups)
     try:
-        for _ in range(iters):
+        for it in range(iters):
             args, kwargs, target = data.batch(gen, ctx.batch_size, ctx.device)
             loss = _rec_loss(_forward(block, args, kwargs), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            _show(bar, it, loss, "act steps")
             with torch.no_grad():
                 for q in quants:
                     q.scale.clamp_(min=1e-8)
@@ -219,8 +226,9 @@ def _run(ctx: CalibrationContext, opts: dict) -> None:
                                    4 * ctx.batch_size, ctx.device)
                 before = _eval_loss(block, probe)
                 with torch.enable_grad():
-                    _adaround_phase(ctx, block, data, opts, gen)
-                    _act_phase(ctx, block, data, opts, gen)
+                    shown = bar if ctx.progress else None
+                    _adaround_phase(ctx, block, data, opts, gen, shown)
+                    _act_phase(ctx, block, data, opts, gen, shown)
                 after = _eval_loss(block, probe)
                 log[block.name] = {"loss_naive": before, "loss": after, "rows": data.rows,
                                    "chunks_on_disk": data.on_disk, "seconds": round(time.perf_counter() - t0, 2)}
@@ -228,5 +236,5 @@ def _run(ctx: CalibrationContext, opts: dict) -> None:
                 data.close()
             if ctx.checkpoint is not None:
                 save_checkpoint(ctx.checkpoint, model, ctx.run_key, b + 1)
-            bar.set_postfix(loss=f"{before:.3g}->{after:.3g}")
+            bar.set_postfix_str(f"block loss {before:.3g} -> {after:.3g}")
             bar.update(1)
