@@ -25,9 +25,11 @@ from .safety import atomic_path
 FORMAT = "accuquant.checkpoint/1"
 
 
-def save_checkpoint(path: Path, model: nn.Module, key: str, done: int, extra: dict | None = None) -> None:
-    """Save every quantizer of ``model`` and the progress marker ``done``."""
-    tensors = {}
+def save_checkpoint(path: Path, model: nn.Module, key: str, done: int, extra: dict | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Save every quantizer of ``model``, the progress marker ``done``, JSON ``extra`` and
+    the method's own ``tensors`` (optimiser state...)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
     for name, q in all_quantizers(model).items():
         tensors[f"{name}.scale"] = q.scale.detach().cpu().contiguous()
         tensors[f"{name}.zero_point"] = q.zero_point.detach().cpu().contiguous()

@@ -84,4 +84,4 @@ def get_method(name: str) -> Callable[[CalibrationContext], None]:
     return METHODS[name]
 
 
-from . import naive, per_step  # noqa: E402,F401  (registers the built-in methods)
+from . import accuquant, naive, per_step  # noqa: E402,F401  (registers the built-in methods)

@@ -1,0 +1,190 @@
+"""AccuQuant: calibrate by simulating groups of consecutive denoising steps.
+
+The sampling trajectory (the inference solver and steps) is cut into consecutive groups
+of ``group_size`` steps. An iteration picks a group (``schedule``: uniformly at random,
+or in turn), a batch of stored FP trajectories, runs the group's steps with the quantized
+model from the FP samples at its start (guided steps: both branches), and pulls the
+result towards the stored FP samples at its end (:mod:`accuquant.multistep`, with the
+``grad`` mode chosen). The FP model is never re-run.
+
+What is learned: the step sizes of every quantizer of the denoiser jointly, per output
+channel for weights and per tensor for activations (LSQ gradients), starting from the
+``init`` method's result (``"per-step"``: its learned rounding is kept; ``"naive"``).
+Updates are Adam directions scaled by each step size's initial value (``lr`` is a
+relative rate), so one rate fits step sizes of any magnitude.
+
+Resumable like ``per-step``: the quantizers and the optimiser state are saved every
+``save_every`` iterations; every iteration draws its batch from a generator seeded by
+(seed, iteration), so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+
+import torch
+
+from ..checkpoint import load_quantizers, read_checkpoint, save_checkpoint
+from ..layers import all_quantizers
+from ..multistep import GRAD_MODES, multistep_backward
+from ..errors import AccuQuantError
+from ..progress import progress_bar
+from . import CalibrationContext, get_method, method_options, register_method
+
+DEFAULTS = {
+    "group_size": 4,  # M: denoising steps simulated per group
+    "grad": "checkpoint",  # exact | checkpoint | approx
+    "init": "per-step",  # per-step | naive
+    "iters": 200,  # optimisation steps
+    "lr": 1e-3,  # Adam learning rate, relative to each step size
+    "traj_batch": 8,  # trajectories per optimisation step
+    "schedule": "uniform",  # uniform | cycle
+    "save_every": 25,  # checkpoint period in iterations
+}
+SCHEDULES = ("uniform", "cycle")
+
+
+def groups(num_steps: int, m: int) -> list[tuple[int, int]]:
+    """Consecutive, non-overlapping groups ``(start, length)`` covering every step."""
+    return [(s, min(m, num_steps - s)) for s in range(0, num_steps, m)]
+
+
+def _iter_seed(seed: int, it: int) -> int:
+    h = hashlib.sha256(f"accuquant:{seed}:{it}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class RelativeAdam:
+    """Adam whose step for each element is scaled by that element's initial value."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.ref = {k: p.detach().abs().clone().clamp_min(1e-8) for k, p in params.items()}
+        self.m = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        for k, p in self.params.items():
+            if p.grad is None:
+                continue
+            self.m[k].mul_(b1).add_(p.grad, alpha=1 - b1)
+            self.v[k].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            mhat = self.m[k] / (1 - b1**self.t)
+            vhat = self.v[k] / (1 - b2**self.t)
+            p.sub_(self.lr * self.ref[k] * mhat / (vhat.sqrt() + self.eps))
+            p.clamp_(min=1e-8)
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {"adam.t": torch.tensor(self.t)}
+        for k in self.params:
+            out[f"adam.ref.{k}"], out[f"adam.m.{k}"], out[f"adam.v.{k}"] = self.ref[k], self.m[k], self.v[k]
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.t = int(tensors["adam.t"])
+        for k in self.params:
+            self.ref[k] = tensors[f"adam.ref.{k}"].clone()
+            self.m[k] = tensors[f"adam.m.{k}"].clone()
+            self.v[k] = tensors[f"adam.v.{k}"].clone()
+
+
+def _initialise(ctx: CalibrationContext, init: str) -> None:
+    if init not in ("naive", "per-step"):
+        raise AccuQuantError(f"init: {init!r} is not one of naive, per-step")
+    sub_ckpt = None if ctx.checkpoint is None else ctx.checkpoint.with_name(ctx.checkpoint.stem + ".init.safetensors")
+    sub = dataclasses.replace(ctx, options={}, checkpoint=sub_ckpt, log={})
+    get_method(init)(sub)
+    ctx.log["init"] = {"method": init, **sub.log}
+    if sub_ckpt is not None:
+        sub_ckpt.unlink(missing_ok=True)
+
+
+@register_method("accuquant", DEFAULTS)
+def accuquant(ctx: CalibrationContext) -> None:
+    """AccuQuant (see the module docstring)."""
+    opts = method_options(ctx, DEFAULTS, "accuquant")
+    if opts["grad"] not in GRAD_MODES:
+        raise AccuQuantError(f"grad: {opts['grad']!r} is not one of {', '.join(GRAD_MODES)}")
+    if opts["schedule"] not in SCHEDULES:
+        raise AccuQuantError(f"schedule: {opts['schedule']!r} is not one of {', '.join(SCHEDULES)}")
+    model = ctx.denoiser.model
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        _run(ctx, opts)
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+
+
+def _run(ctx: CalibrationContext, opts: dict) -> None:
+    model, den, solver, calib = ctx.denoiser.model, ctx.denoiser, ctx.solver, ctx.calib
+    key = ctx.run_key
+    state = read_checkpoint(ctx.checkpoint, key) if (ctx.resume and ctx.checkpoint) else None
+    if state is None:
+        _initialise(ctx, opts["init"])
+    params = {f"{n}.scale": q.scale for n, q in all_quantizers(model).items() if q.enabled}
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = RelativeAdam(params, opts["lr"])
+    start_it = 0
+    if state is not None:
+        start_it, tensors, extra = state
+        load_quantizers(model, tensors)
+        opt.load(tensors)
+        ctx.log.update(extra.get("log", {}))
+        ctx.log["resumed_at_iteration"] = start_it
+    elif ctx.checkpoint is not None:
+        save_checkpoint(ctx.checkpoint, model, key, 0, extra={"log": ctx.log}, tensors=opt.state())
+    m, iters, nb = int(opts["group_size"]), int(opts["iters"]), int(opts["traj_batch"])
+    if m < 1:
+        raise AccuQuantError("group_size must be at least 1")
+    grp = groups(calib.num_steps, m)
+    rows = 2 if den.guided else 1
+    evals = ctx.log.setdefault("evaluations", {"forward": 0, "backward": 0})
+    curve = ctx.log.setdefault("loss_curve", [])
+    extra_fwd = 0 if opts["grad"] == "exact" else 1
+    t0 = time.perf_counter()
+    losses = []
+    with progress_bar(iters, f"accuquant M={m} {opts['grad']}", disable=not ctx.progress) as bar:
+        bar.update(start_it)
+        for it in range(start_it, iters):
+            g = torch.Generator().manual_seed(_iter_seed(ctx.seed, it))
+            gi = int(torch.randint(len(grp), (1,), generator=g)) if opts["schedule"] == "uniform" else it % len(grp)
+            s, length = grp[gi]
+            idx = torch.randperm(calib.num_samples, generator=g)[: min(nb, calib.num_samples)]
+            xs, outs = calib.xs[idx], calib.outs[idx]
+            x = xs[:, s].to(ctx.device)
+            st = solver.state_at(s, xs.to(ctx.device), outs.to(ctx.device))
+            cond = calib.cond.index(idx).to(ctx.device) if len(calib.cond) else calib.cond
+            target = xs[:, s + length].to(ctx.device)
+            with torch.enable_grad():
+                loss = multistep_backward(den, solver, x, st, s, length, cond, target, opts["grad"])
+            opt.step()
+            opt.zero_grad()
+            n = len(idx) * rows * length
+            evals["forward"] += n * (1 + extra_fwd)
+            evals["backward"] += n
+            losses.append(loss)
+            if len(losses) == 10:
+                curve.append(sum(losses) / len(losses))
+                losses = []
+            bar.set_postfix_str(f"group {s}-{s + length}: loss {loss:.4g}")
+            bar.update(1)
+            if ctx.checkpoint is not None and ((it + 1) % int(opts["save_every"]) == 0) and it + 1 < iters:
+                save_checkpoint(ctx.checkpoint, model, key, it + 1, extra={"log": ctx.log}, tensors=opt.state())
+    for p in params.values():
+        p.requires_grad_(False)
+    ctx.log["seconds"] = round(time.perf_counter() - t0, 2)
+    ctx.log["groups"] = grp
