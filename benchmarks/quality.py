@@ -7,6 +7,8 @@ paired samples (DDIM 20 steps) against the FP model, whose samples are cached on
     python benchmarks/quality.py --methods naive,per-step --bits w8a8,w4a8,w3a8,w4a6
     # writes benchmarks/results/quality.json and quality.md
     # options of learning methods pass through: --learn-args "--iters 500 --lr 0.01"
+    # rows of (method, bits) pairs not run again are kept from the existing results file;
+    # the file is rewritten after every row, so an interrupted run loses only the current one
 """
 
 from __future__ import annotations
@@ -69,8 +71,14 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     fp = aq.load(bundled.DEFAULT_MODEL)
-    rows = [{"method": "fp", "bits": "fp32", **evaluate(fp, num=args.num, steps=args.steps, progress=False)}]
-    print(json.dumps(rows[-1]), flush=True)
+    old = Path(args.out + ".json")
+    kept = json.loads(old.read_text())["rows"] if old.exists() else []
+    if any(r.get("num") != args.num or r.get("steps") != args.steps for r in kept):
+        kept = []  # other settings: start afresh
+    rows = {("fp", "fp32"): {"method": "fp", "bits": "fp32", "num": args.num, "steps": args.steps,
+                             **evaluate(fp, num=args.num, steps=args.steps, progress=False)}}
+    rows.update({(r["method"], r["bits"]): r for r in kept if r["method"] != "fp"})
+    print(json.dumps(rows["fp", "fp32"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits.split(","):
             w, a = (int(v) for v in bits.lower().lstrip("w").split("a"))
@@ -78,8 +86,19 @@ def main() -> None:
                 out = Path(tmp) / f"{method}-{bits}"
                 cost = run_quantize(method, w, a, out, args)
                 r = evaluate(aq.load(out), base=fp, num=args.num, steps=args.steps, progress=False)
-                rows.append({"method": method, "bits": bits, **r, **cost})
-                print(json.dumps(rows[-1]), flush=True)
+                rows[method, bits] = {"method": method, "bits": bits, "num": args.num, "steps": args.steps,
+                                      "learn_args": args.learn_args if method != "naive" else "", **r, **cost}
+                print(json.dumps(rows[method, bits]), flush=True)
+                write(rows, args)
+
+
+def _order(r):
+    bits_order = {"fp32": 0, "w8a8": 1, "w4a8": 2, "w3a8": 3, "w4a6": 4}
+    return (bits_order.get(r["bits"], 9), r["bits"], r["method"] != "naive", r["method"])
+
+
+def write(rows: dict, args) -> None:
+    rows = sorted(rows.values(), key=_order)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"rows": [to_json_safe(r) for r in rows], "settings": vars(args),
                                                     "torch": torch.__version__}, indent=2))
@@ -88,10 +107,11 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['method']} | {r['bits']} | " + " | ".join(fmt(r[c]) for c in COLS)
                      + f" | {r['seconds']:.0f} | {fmt(r.get('calibration_s'))} | {fmt(r.get('peak_rss_mb'))} |")
+    notes = sorted({f"- {r['method']}: `{r['learn_args']}`" for r in rows if r.get("learn_args")})
     Path(args.out + ".md").write_text(
         f"{args.num} paired samples, DDIM {args.steps} steps, calibration on {args.calib_samples} trajectories "
-        f"(seed {args.seed}); written by benchmarks/quality.py.\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f"(seed {args.seed}); written by benchmarks/quality.py. Learning methods run with their defaults "
+        "unless listed here:\n" + ("\n".join(notes) or "- (all defaults)") + "\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

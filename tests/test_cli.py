@@ -176,9 +176,38 @@ def test_learning_flags_are_refused_for_naive(tiny_pipeline_dir, tmp_path, capsy
     out = tmp_path / "q"
     code, _, err = run(capsys, *_quantize_args(tiny_pipeline_dir, out, "--iters", "10"))
     _assert_refused(code, err, out)
-    assert "--iters: the naive method learns nothing" in err
+    assert "--iters: not an option of the naive method; it learns nothing" in err
     code, _, err = run(capsys, *_quantize_args(tiny_pipeline_dir, out, "--lr", "-1"))
     _assert_refused(code, err, out)
+
+
+def test_each_method_takes_only_its_own_flags(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    args = _quantize_args(tiny_pipeline_dir, out, "--group-size", "2")
+    args[args.index("naive")] = "per-step"
+    code, _, err = run(capsys, *args)
+    _assert_refused(code, err, out)
+    assert "--group-size: not an option of the per-step method" in err
+    args = _quantize_args(tiny_pipeline_dir, out, "--grad", "magic")
+    args[args.index("naive")] = "accuquant"
+    code, _, err = run(capsys, *args)
+    _assert_refused(code, err, out)
+    assert "grad: 'magic' is not one of exact, checkpoint, approx" in err
+
+
+def test_accuquant_from_the_command_line(digit_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    code, stdout, err = run(capsys, "quantize", "--model", digit_pipeline_dir, "--steps", "4", "--calib-samples", "4",
+                            "--init", "naive", "--iters", "6", "--group-size", "2", "--grad", "approx",
+                            "--batch-size", "2", "--out", out, "--quiet", "--summary", "8")
+    assert code == 0, err
+    assert "with accuquant at W4A8" in stdout  # the defaults: AccuQuant, 4-bit weights, 8-bit activations
+    assert "quality against FP on 8 paired samples" in stdout and "naive:" in stdout
+    import json
+
+    meta = json.loads((out / "accuquant.json").read_text())
+    assert meta["method"] == "accuquant"
+    assert meta["method_log"]["evaluations"]["backward"] == 6 * 2 * 2 * 2  # iters x batch x branches x M
 
 
 def _per_step_cmd(model, out, cache):

@@ -75,7 +75,11 @@ def _positive_float(text: str) -> float:
     return v
 
 
-METHOD_FLAGS = ("iters", "lr", "act_iters", "act_lr", "samples_per_step")
+#: the learning flags each method takes (``--batch-size`` is also every method's pass size)
+METHOD_FLAGS = {
+    "per-step": ("iters", "lr", "act_iters", "act_lr", "samples_per_step"),
+    "accuquant": ("iters", "lr", "group_size", "grad", "init", "schedule", "traj_batch"),
+}
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) -> None:
@@ -90,7 +94,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) ->
         p.add_argument("--prompt", action="append", default=None, help="prompt for text-conditioned models "
                        "(repeatable)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--batch-size", type=_positive, default=32, help="samples per forward pass (default 32)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="samples per forward pass (default 32); "
+                   "accuquant: trajectories per optimisation step (default 8)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -103,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a diffusers model and save it")
     q.add_argument("--model", default=None, help="diffusers pipeline or model directory, or hub id "
                    "(default: the bundled MNIST model)")
-    q.add_argument("--method", default="naive", help="calibration method (default naive)")
-    q.add_argument("--weight-bits", type=_bits, default=8, help="2..8, or none (default 8)")
+    q.add_argument("--method", default="accuquant", help="calibration method: naive, per-step or accuquant "
+                   "(default accuquant)")
+    q.add_argument("--weight-bits", type=_bits, default=4, help="2..8, or none (default 4)")
     q.add_argument("--act-bits", type=_bits, default=8, help="2..8, or none (default 8)")
     q.add_argument("--attn-bits", type=_bits_or_act, default="act", help="bits of attention matmul inputs, 2..8 or "
                    "none (default: act, the activation bits)")
@@ -117,13 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=_positive, default=64, help="calibration trajectories (default 64)")
     q.add_argument("--calib", default=None, help="saved calibration trajectories (safetensors) to reuse")
     q.add_argument("--no-cache", action="store_true", help="do not reuse or cache calibration trajectories")
-    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--out", default=None, help="output directory (default runs/<model>-<method>-w<W>a<A>)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    learn = q.add_argument_group("learning methods (per-step)")
+    q.add_argument("--summary", type=_non_negative, default=None, help="after saving, compare with FP and with the "
+                   "naive method on this many paired samples (default 300 for the bundled model, else 0: off)")
+    learn = q.add_argument_group("learning methods (per-step, accuquant)")
     learn.add_argument("--iters", type=_non_negative, default=None, help="per-step: AdaRound iterations per block "
-                       "(default 300)")
+                       "(default 300); accuquant: optimisation steps (default 200)")
     learn.add_argument("--lr", type=_positive_float, default=None, help="per-step: learning rate of the rounding "
-                       "variables (default 1e-2)")
+                       "variables (default 1e-2); accuquant: learning rate relative to each step size (default 1e-3)")
+    learn.add_argument("--group-size", type=_positive, default=None, help="accuquant: denoising steps simulated "
+                       "per group, M (default 4)")
+    learn.add_argument("--grad", default=None, help="accuquant: gradient through a group, exact, checkpoint or "
+                       "approx (default checkpoint)")
+    learn.add_argument("--init", default=None, help="accuquant: starting point, per-step or naive "
+                       "(default per-step)")
+    learn.add_argument("--schedule", default=None, help="accuquant: order of groups, uniform (random) or cycle "
+                       "(default uniform)")
     learn.add_argument("--act-iters", type=_non_negative, default=None, help="per-step: activation step-size "
                        "iterations per block (default 100)")
     learn.add_argument("--act-lr", type=_positive_float, default=None, help="per-step: learning rate of activation "
@@ -218,7 +234,7 @@ def _analyze(args) -> None:
 def _quantize(args) -> None:
     from .config import QuantConfig
     from .engine import quantize
-    from .methods import get_method
+    from .methods import check_method_options, get_method
     from .safety import check_out_dir
 
     check_device(args.device)
@@ -238,19 +254,28 @@ def _quantize(args) -> None:
     )
     get_method(args.method)
     _check_scheduler(args.scheduler)
-    options = {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k) is not None}
-    if options and args.method == "naive":
-        flags = ", ".join("--" + k.replace("_", "-") for k in options)
-        raise AccuQuantError(f"{flags}: the naive method learns nothing; use --method per-step")
-    out = Path(args.out)
+    takes = METHOD_FLAGS.get(args.method, ())
+    given = {k: v for k, v in vars(args).items() if k in _ALL_FLAGS and v is not None}
+    wrong = sorted(k for k in given if k not in takes)
+    if wrong:
+        raise AccuQuantError(f"{_flag_list(wrong)}: not an option of the {args.method} method"
+                             + ("; it learns nothing" if not takes else f" (it takes {_flag_list(takes)})"))
+    options = dict(given)
+    if "traj_batch" in takes and args.batch_size_given is not None:
+        options["traj_batch"] = args.batch_size_given  # accuquant: --batch-size is its optimisation batch
+    check_method_options(args.method, options)
+    model_path = _model_arg(args)
+    bundled = args.model is None
+    bits = f"w{cfg.weight_bits or 'fp'}a{cfg.act_bits or 'fp'}"
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(model_path).name}-{args.method}-{bits}"
+    summary = args.summary if args.summary is not None else (300 if bundled else 0)
     check_out_dir(out, args.overwrite)  # refuse before the long work, not after
     t0 = time.perf_counter()
-    pipe = quantize(
-        _model_arg(args), cfg, args.method, args.calib, steps=args.steps, scheduler=args.scheduler,
-        calib_samples=args.calib_samples, seed=args.seed, guidance_scale=args.guidance_scale, labels=args.labels,
-        prompts=args.prompt, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
-        inplace=True, use_cache=not args.no_cache, resume=args.resume, **options,
-    )
+    common = dict(steps=args.steps, scheduler=args.scheduler, calib_samples=args.calib_samples, seed=args.seed,
+                  guidance_scale=args.guidance_scale, labels=args.labels, prompts=args.prompt,
+                  batch_size=args.batch_size, device=args.device, progress=not args.quiet,
+                  use_cache=not args.no_cache)
+    pipe = quantize(model_path, cfg, args.method, args.calib, inplace=True, resume=args.resume, **common, **options)
     pipe.save(out, overwrite=args.overwrite)
     report = pipe.quant["report"]
     wfile = out / pipe.denoiser_name / "accuquant_weights.safetensors"
@@ -258,6 +283,33 @@ def _quantize(args) -> None:
           f"{len(report['quantized'])} layers ({len(report['split'])} shortcut-split), "
           f"{len(report['attention'])} attention blocks; kept in full precision: {', '.join(report['kept_fp']) or 'none'}")
     print(f"saved {out} (weights {os.path.getsize(wfile) / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s")
+    if summary:
+        _summary(pipe, model_path, cfg, args, common, summary)
+
+
+def _flag_list(names) -> str:
+    return ", ".join("--" + k.replace("_", "-") for k in names)
+
+
+_ALL_FLAGS = sorted({k for v in METHOD_FLAGS.values() for k in v})
+
+
+def _summary(pipe, model_path: str, cfg, args, common: dict, num: int) -> None:
+    """Paired quality against FP, next to the naive method's at the same bits."""
+    from .engine import quantize
+    from .evaluation import evaluate
+    from .pipeline import load_pipeline
+
+    fp = load_pipeline(model_path, device=args.device)
+    ev = dict(num=num, steps=args.steps, seed=args.seed, scheduler=args.scheduler, batch_size=args.batch_size,
+              device=args.device, progress=not args.quiet)
+    rows = {args.method: evaluate(pipe, fp, **ev)}
+    if args.method != "naive":
+        naive = quantize(fp, cfg, "naive", args.calib, **{**common, "progress": False})
+        rows["naive"] = evaluate(naive, fp, **ev)
+    print(f"quality against FP on {num} paired samples ({args.steps} {args.scheduler} steps, seed {args.seed}):")
+    for name, r in rows.items():
+        print(f"  {name:>10}: fid2fp {r['fid2fp']:8.3f}  psnr {r['psnr']:6.2f} dB  ssim {r['ssim']:.4f}")
 
 
 def _sample(args) -> None:
@@ -285,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    args.batch_size_given, args.batch_size = args.batch_size, args.batch_size or 32
     try:
         {"quantize": _quantize, "sample": _sample, "evaluate": _evaluate, "analyze": _analyze}[args.command](args)
     except AccuQuantError as e:
@@ -293,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = ""
         if args.command == "quantize" and args.method != "naive":
-            hint = " (rerun the same command with --resume to continue from the last finished block)"
+            hint = " (rerun the same command with --resume to continue from the last checkpoint)"
         print(f"accuquant: interrupted; nothing was written{hint}", file=sys.stderr)
         return 130
     except OSError as e:

@@ -155,8 +155,10 @@ def quantize(
     pipe.to(device)
     key = run_key(pipe.fingerprint(), config, method, method_options, calib, seed, batch_size, den.guidance_scale)
     checkpoint = cache_dir() / "runs" / f"{key}.safetensors"
+    base = run_key(pipe.fingerprint(), config, "", {}, calib, seed, batch_size, den.guidance_scale)
     ctx = CalibrationContext(den, solver, calib, config, batch_size, device, progress, seed, method_options,
-                             checkpoint=checkpoint, resume=resume, run_key=key)
+                             checkpoint=checkpoint, resume=resume, run_key=key, base_key=base,
+                             result_cache=cache_dir() / "results" if use_cache else None)
     t1 = time.perf_counter()
     calibrate(ctx)
     checkpoint.unlink(missing_ok=True)

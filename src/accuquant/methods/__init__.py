@@ -42,6 +42,10 @@ class CalibrationContext:
     run_key: str = ""
     #: what the method reports (per-block losses...), kept with the quantized model
     log: dict = field(default_factory=dict)
+    #: hash of the model, config, calibration data, seed and batch size (no method), and a
+    #: folder where a method may keep results worth reusing under it (``None``: keep none)
+    base_key: str = ""
+    result_cache: Path | None = None
 
 
 def _check_options(name: str, options: dict, defaults: dict) -> None:

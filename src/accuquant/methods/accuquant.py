@@ -9,7 +9,8 @@ result towards the stored FP samples at its end (:mod:`accuquant.multistep`, wit
 
 What is learned: the step sizes of every quantizer of the denoiser jointly, per output
 channel for weights and per tensor for activations (LSQ gradients), starting from the
-``init`` method's result (``"per-step"``: its learned rounding is kept; ``"naive"``).
+``init`` method's result (``"per-step"``: its learned rounding is kept; ``"naive"``), which
+is cached and shared by runs that differ only in AccuQuant's own options.
 Updates are Adam directions scaled by each step size's initial value (``lr`` is a
 relative rate), so one rate fits step sizes of any magnitude.
 
@@ -99,14 +100,27 @@ class RelativeAdam:
 
 
 def _initialise(ctx: CalibrationContext, init: str) -> None:
+    """Run the ``init`` method (default options), or load its result from the result cache:
+    the same model, config, data and seed give the same starting point, so runs that differ
+    only in AccuQuant's own options share it."""
     if init not in ("naive", "per-step"):
         raise AccuQuantError(f"init: {init!r} is not one of naive, per-step")
+    key = hashlib.sha256(f"{ctx.base_key}:{init}".encode()).hexdigest()[:24]
+    cached = None if ctx.result_cache is None or not ctx.base_key else ctx.result_cache / f"{key}.safetensors"
+    state = read_checkpoint(cached, key) if cached is not None else None
+    if state is not None:
+        load_quantizers(ctx.denoiser.model, state[1])
+        ctx.log["init"] = {**state[2], "cached": True}
+        return
     sub_ckpt = None if ctx.checkpoint is None else ctx.checkpoint.with_name(ctx.checkpoint.stem + ".init.safetensors")
     sub = dataclasses.replace(ctx, options={}, checkpoint=sub_ckpt, log={})
+    t0 = time.perf_counter()
     get_method(init)(sub)
-    ctx.log["init"] = {"method": init, **sub.log}
+    ctx.log["init"] = {"method": init, "seconds": round(time.perf_counter() - t0, 2), **sub.log}
     if sub_ckpt is not None:
         sub_ckpt.unlink(missing_ok=True)
+    if cached is not None:
+        save_checkpoint(cached, ctx.denoiser.model, key, 1, extra=ctx.log["init"])
 
 
 @register_method("accuquant", DEFAULTS)

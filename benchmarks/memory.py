@@ -1,0 +1,125 @@
+"""Peak memory of one AccuQuant optimisation step against the group size M, per gradient mode.
+
+Each (mode, M) runs in a fresh process: the bundled model at W4A8 with naive ranges, a
+fixed batch of FP trajectories, one call of ``multistep_backward`` from step 0 over M
+steps. Reported: the process's peak resident memory (``ru_maxrss``), the resident memory
+just before the step, and their difference (what the step itself needed); on CUDA also
+torch's peak allocated memory during the step.
+
+    python benchmarks/memory.py --ms 1,2,4,8,20 --modes exact,checkpoint,approx --batch 16 --repeats 3
+    # writes benchmarks/results/memory.json and memory.md
+
+The medians over ``--repeats`` fresh processes are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def child(mode: str, m: int, batch: int, device: str) -> dict:
+    import torch
+
+    import accuquant as aq
+    from accuquant import bundled
+    from accuquant.adapters import shortcut_splits
+    from accuquant.layers import all_quantizers, wrap_model
+    from accuquant.methods import CalibrationContext, get_method
+    from accuquant.multistep import multistep_backward
+
+    torch.set_num_threads(2)
+    pipe = aq.load(bundled.DEFAULT_MODEL)
+    solver = aq.make_solver("ddim", pipe.scheduler_config, 20)
+    den = pipe.denoiser()
+    calib = aq.collect_trajectories(den, solver, batch, cond=pipe.conditions(batch), progress=False)
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
+    wrap_model(pipe.model, cfg, shortcut_splits(pipe.model))
+    get_method("naive")(CalibrationContext(den, solver, calib, cfg, progress=False, options={"act_calib_pairs": 64}))
+    pipe.to(device)
+    for p in pipe.model.parameters():
+        p.requires_grad_(False)
+    for q in all_quantizers(pipe.model).values():
+        q.scale.requires_grad_(True)
+    x = calib.xs[:, 0].to(device)
+    target = calib.xs[:, m].to(device)
+    cond = calib.cond.to(device)
+    state = solver.state_at(0, calib.xs.to(device), calib.outs.to(device))
+    before = _rss_mb()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        multistep_backward(den, solver, x, state, 0, m, cond, target, mode)
+    out = {"mode": mode, "m": m, "batch": batch, "seconds": time.perf_counter() - t0, "rss_before_mb": before,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out["step_mb"] = out["peak_rss_mb"] - before
+    if device == "cuda":
+        torch.cuda.synchronize()
+        out["cuda_step_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ms", default="1,2,4,8,20")
+    p.add_argument("--modes", default="exact,checkpoint,approx")
+    p.add_argument("--batch", type=int, default=16, help="trajectories per step (x2 rows with guidance)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/memory"))
+    p.add_argument("--child", nargs=2, metavar=("MODE", "M"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.batch, args.device)))
+        return
+    rows = []
+    for mode in args.modes.split(","):
+        for m in (int(v) for v in args.ms.split(",")):
+            reps = []
+            for _ in range(args.repeats):
+                cmd = [sys.executable, __file__, "--child", mode, str(m), "--batch", str(args.batch),
+                       "--device", args.device]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr}")
+                reps.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            keys = [k for k in reps[0] if k.endswith("_mb") or k == "seconds"]
+            rows.append({"mode": mode, "m": m, "batch": args.batch,
+                         **{k: round(statistics.median(r[k] for r in reps), 1 if k != "seconds" else 2) for k in keys}})
+            print(json.dumps(rows[-1]), flush=True)
+    base = {r["mode"]: r["step_mb"] for r in rows if r["m"] == 1}
+    for r in rows:
+        r["step_vs_m1"] = round(r["step_mb"] / base[r["mode"]], 2) if base.get(r["mode"]) else None
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps({"rows": rows, "settings": vars(args)}, indent=2))
+    ms = sorted({r["m"] for r in rows})
+    lines = ["| mode | " + " | ".join(f"M={m}" for m in ms) + " |", "|" + " --- |" * (len(ms) + 1)]
+    for mode in args.modes.split(","):
+        cells = {r["m"]: r for r in rows if r["mode"] == mode}
+        lines.append(f"| {mode} | " + " | ".join(
+            f"{cells[m]['step_mb']:.0f} MB ({cells[m]['step_vs_m1']}x), {cells[m]['seconds']:.1f} s" for m in ms) + " |")
+    Path(args.out + ".md").write_text(
+        f"Memory of one AccuQuant optimisation step on the bundled model (W4A8, {args.batch} trajectories, "
+        f"guided: {2 * args.batch} rows; {args.device}): peak resident memory during the step minus the resident "
+        f"memory before it, its ratio to M = 1, and the step's wall time; medians of {args.repeats} fresh "
+        "processes. Written by benchmarks/memory.py.\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
