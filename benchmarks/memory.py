@@ -1,12 +1,12 @@
 """Peak memory of one AccuQuant optimisation step against the group size M, per gradient mode.
 
-Each (mode, M) runs in a fresh process: the bundled model at W4A8 with naive ranges, a
-fixed batch of FP trajectories, one call of ``multistep_backward`` from step 0 over M
+Each (mode, M) runs in a fresh process: the bundled model at W4A8 with naive ranges and a
+fixed batch of FP trajectories (both computed once and loaded from files), one call of ``multistep_backward`` from step 0 over M
 steps. Reported: the process's peak resident memory (``ru_maxrss``), the resident memory
 just before the step, and their difference (what the step itself needed); on CUDA also
 torch's peak allocated memory during the step.
 
-    python benchmarks/memory.py --ms 1,2,4,8,20 --modes exact,checkpoint,approx --batch 16 --repeats 3
+    python benchmarks/memory.py --ms 1,2,4,8,20 --modes exact,checkpoint,approx --batch 8 --repeats 3
     # writes benchmarks/results/memory.json and memory.md
 
 The medians over ``--repeats`` fresh processes are reported.
@@ -20,6 +20,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,24 +32,49 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def child(mode: str, m: int, batch: int, device: str) -> dict:
-    import torch
-
+def _wrapped(batch: int):
     import accuquant as aq
     from accuquant import bundled
     from accuquant.adapters import shortcut_splits
-    from accuquant.layers import all_quantizers, wrap_model
-    from accuquant.methods import CalibrationContext, get_method
-    from accuquant.multistep import multistep_backward
+    from accuquant.layers import wrap_model
 
-    torch.set_num_threads(2)
     pipe = aq.load(bundled.DEFAULT_MODEL)
     solver = aq.make_solver("ddim", pipe.scheduler_config, 20)
+    wrap_model(pipe.model, aq.QuantConfig(weight_bits=4, act_bits=8), shortcut_splits(pipe.model))
+    return pipe, solver
+
+
+def setup(batch: int, folder: Path) -> None:
+    """Once: FP trajectories and naive W4A8 quantizers, saved for the measuring processes."""
+    from accuquant.block_data import quantization_disabled
+    from accuquant.checkpoint import save_checkpoint
+    from accuquant.methods import CalibrationContext, get_method
+
+    import accuquant as aq
+
+    pipe, solver = _wrapped(batch)
     den = pipe.denoiser()
-    calib = aq.collect_trajectories(den, solver, batch, cond=pipe.conditions(batch), progress=False)
-    cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
-    wrap_model(pipe.model, cfg, shortcut_splits(pipe.model))
-    get_method("naive")(CalibrationContext(den, solver, calib, cfg, progress=False, options={"act_calib_pairs": 64}))
+    with quantization_disabled(pipe.model):  # FP trajectories
+        calib = aq.collect_trajectories(den, solver, batch, cond=pipe.conditions(batch), progress=False)
+    get_method("naive")(CalibrationContext(den, solver, calib, aq.QuantConfig(weight_bits=4, act_bits=8),
+                                           progress=False))
+    calib.save(folder / "calib.safetensors")
+    save_checkpoint(folder / "quantizers.safetensors", pipe.model, "memory", 0)
+
+
+def child(mode: str, m: int, batch: int, device: str, folder: Path) -> dict:
+    import torch
+
+    import accuquant as aq
+    from accuquant.checkpoint import load_quantizers, read_checkpoint
+    from accuquant.layers import all_quantizers
+    from accuquant.multistep import multistep_backward
+
+
+    pipe, solver = _wrapped(batch)
+    load_quantizers(pipe.model, read_checkpoint(folder / "quantizers.safetensors", "memory")[1])
+    calib = aq.Trajectories.load(folder / "calib.safetensors")
+    den = pipe.denoiser()
     pipe.to(device)
     for p in pipe.model.parameters():
         p.requires_grad_(False)
@@ -79,21 +105,24 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,2,4,8,20")
     p.add_argument("--modes", default="exact,checkpoint,approx")
-    p.add_argument("--batch", type=int, default=16, help="trajectories per step (x2 rows with guidance)")
+    p.add_argument("--batch", type=int, default=8, help="trajectories per step (x2 rows with guidance)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/memory"))
-    p.add_argument("--child", nargs=2, metavar=("MODE", "M"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, metavar=("MODE", "M", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.batch, args.device)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.batch, args.device, Path(args.child[2]))))
         return
+    tmp = tempfile.TemporaryDirectory()
+    folder = Path(tmp.name)
+    setup(args.batch, folder)
     rows = []
     for mode in args.modes.split(","):
         for m in (int(v) for v in args.ms.split(",")):
             reps = []
             for _ in range(args.repeats):
-                cmd = [sys.executable, __file__, "--child", mode, str(m), "--batch", str(args.batch),
+                cmd = [sys.executable, __file__, "--child", mode, str(m), str(folder), "--batch", str(args.batch),
                        "--device", args.device]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:

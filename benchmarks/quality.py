@@ -36,7 +36,8 @@ def run_quantize(method: str, w: int, a: int, out: Path, args) -> dict:
     cmd = [sys.executable, "-m", "accuquant", "quantize", "--method", method, "--weight-bits", str(w),
            "--act-bits", str(a), "--steps", str(args.steps), "--calib-samples", str(args.calib_samples),
            "--seed", str(args.seed), "--out", str(out), "--quiet"]
-    if method != "naive" and args.learn_args:
+    if method != "naive":
+        cmd += ["--resume"]  # an interrupted benchmark continues where its calibration stopped
         cmd += args.learn_args.split()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -69,7 +70,7 @@ def main() -> None:
     p.add_argument("--learn-args", default="", help="extra quantize flags for learning methods")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/quality"))
     args = p.parse_args()
-    torch.set_num_threads(2)
+
     fp = aq.load(bundled.DEFAULT_MODEL)
     old = Path(args.out + ".json")
     kept = json.loads(old.read_text())["rows"] if old.exists() else []

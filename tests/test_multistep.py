@@ -142,3 +142,35 @@ def test_accuquant_options_are_checked_first():
         _accuquant(grad="magic")
     with pytest.raises(aq.AccuQuantError, match="init"):
         _accuquant(init="accuquant")
+
+
+def test_accuquant_on_a_text_conditioned_unet_via_the_api():
+    """Guided text-conditioned steps (both branches, prompt embeddings) are simulated."""
+    from conftest import text_conditions, tiny_cond_unet
+
+    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler(clip_sample=False).config),
+                     defaults=aq.SamplingDefaults(3.0))
+    solver = aq.make_solver("ddim", fp.scheduler_config, 4)
+    calib = aq.collect_trajectories(fp.denoiser(), solver, 6, cond=text_conditions(6), progress=False)
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
+    q = aq.quantize(fp, cfg, "accuquant", calib=calib, steps=4, progress=False, init="naive", iters=40,
+                    group_size=2, traj_batch=6, lr=1e-2)
+    log = q.quant["method_log"]
+    assert [tuple(g) for g in log["groups"]] == [(0, 2), (2, 2)]
+    assert log["loss_curve"][-1] < log["loss_curve"][0], log["loss_curve"]
+
+
+def test_the_init_method_result_is_cached_and_shared():
+    """A method run with its default options leaves its result in the cache; AccuQuant's
+    initialisation with the same model, bits, data and seed starts from it."""
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
+    naive = aq.quantize(class_pipeline(), cfg, "naive", steps=4, calib_samples=6, progress=False)
+    q = aq.quantize(class_pipeline(), cfg, "accuquant", steps=4, calib_samples=6, progress=False, init="naive",
+                    iters=0)
+    assert q.quant["method_log"]["init"]["cached"] is True
+    a, b = _scales(naive), _scales(q)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = aq.quantize(class_pipeline(), cfg, "accuquant", steps=4, calib_samples=6, progress=False, init="naive",
+                        iters=0, use_cache=False)
+    assert "cached" not in fresh.quant["method_log"]["init"]
+    assert all(torch.equal(a[k], v) for k, v in _scales(fresh).items())

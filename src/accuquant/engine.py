@@ -23,7 +23,7 @@ from .calibration import Trajectories, collect_trajectories, settings_key
 from .config import QuantConfig
 from .errors import AccuQuantError
 from .layers import freeze_model, wrap_model
-from .methods import CalibrationContext, check_method_options, get_method
+from .methods import CalibrationContext, check_method_options, get_method, save_result
 from .pipeline import Pipeline, as_pipeline
 from .safety import check_device, check_finite
 from .sampling import make_solver
@@ -161,6 +161,8 @@ def quantize(
                              result_cache=cache_dir() / "results" if use_cache else None)
     t1 = time.perf_counter()
     calibrate(ctx)
+    if not method_options:  # the default result: a later run may start from it (accuquant's init)
+        save_result(ctx, method, {"method": method, "seconds": round(time.perf_counter() - t1, 2), **ctx.log})
     checkpoint.unlink(missing_ok=True)
     freeze_model(pipe.model)
     pipe.model.eval()

@@ -8,6 +8,7 @@ quantizers by its own objective. A method is a function ``calibrate(ctx)`` takin
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ import torch
 
 from ..adapters import Denoiser
 from ..calibration import Trajectories
+from ..checkpoint import load_quantizers, read_checkpoint, save_checkpoint
 from ..config import QuantConfig
 from ..errors import AccuQuantError
 from ..sampling import Solver
@@ -46,6 +48,31 @@ class CalibrationContext:
     #: folder where a method may keep results worth reusing under it (``None``: keep none)
     base_key: str = ""
     result_cache: Path | None = None
+
+
+def result_key(ctx: CalibrationContext, method: str) -> str:
+    """The cache key of ``method``'s result with its default options in this context."""
+    return hashlib.sha256(f"{ctx.base_key}:{method}".encode()).hexdigest()[:24]
+
+
+def load_cached_result(ctx: CalibrationContext, method: str) -> dict | None:
+    """Set the quantizers to ``method``'s cached result (default options, same model, config,
+    data and seed) and return its log, or return ``None`` when there is none."""
+    if ctx.result_cache is None or not ctx.base_key:
+        return None
+    key = result_key(ctx, method)
+    state = read_checkpoint(ctx.result_cache / f"{key}.safetensors", key)
+    if state is None:
+        return None
+    load_quantizers(ctx.denoiser.model, state[1])
+    return state[2]
+
+
+def save_result(ctx: CalibrationContext, method: str, log: dict) -> None:
+    """Keep the quantizers as ``method``'s result for :func:`load_cached_result`."""
+    if ctx.result_cache is not None and ctx.base_key:
+        key = result_key(ctx, method)
+        save_checkpoint(ctx.result_cache / f"{key}.safetensors", ctx.denoiser.model, key, 1, extra=log)
 
 
 def _check_options(name: str, options: dict, defaults: dict) -> None:

@@ -10,7 +10,7 @@ result towards the stored FP samples at its end (:mod:`accuquant.multistep`, wit
 What is learned: the step sizes of every quantizer of the denoiser jointly, per output
 channel for weights and per tensor for activations (LSQ gradients), starting from the
 ``init`` method's result (``"per-step"``: its learned rounding is kept; ``"naive"``), which
-is cached and shared by runs that differ only in AccuQuant's own options.
+is cached and shared with other runs on the same model, config, data and seed.
 Updates are Adam directions scaled by each step size's initial value (``lr`` is a
 relative rate), so one rate fits step sizes of any magnitude.
 
@@ -32,13 +32,13 @@ from ..layers import all_quantizers
 from ..multistep import GRAD_MODES, multistep_backward
 from ..errors import AccuQuantError
 from ..progress import progress_bar
-from . import CalibrationContext, get_method, method_options, register_method
+from . import CalibrationContext, get_method, load_cached_result, method_options, register_method, save_result
 
 DEFAULTS = {
     "group_size": 4,  # M: denoising steps simulated per group
-    "grad": "checkpoint",  # exact | checkpoint | approx
+    "grad": "approx",  # exact | checkpoint | approx
     "init": "per-step",  # per-step | naive
-    "iters": 200,  # optimisation steps
+    "iters": 100,  # optimisation steps
     "lr": 1e-3,  # Adam learning rate, relative to each step size
     "traj_batch": 8,  # trajectories per optimisation step
     "schedule": "uniform",  # uniform | cycle
@@ -100,17 +100,14 @@ class RelativeAdam:
 
 
 def _initialise(ctx: CalibrationContext, init: str) -> None:
-    """Run the ``init`` method (default options), or load its result from the result cache:
-    the same model, config, data and seed give the same starting point, so runs that differ
-    only in AccuQuant's own options share it."""
+    """Run the ``init`` method with its default options, or take its cached result (the
+    same model, config, data and seed give the same starting point, so runs that differ
+    only in AccuQuant's own options, and the ``init`` method run on its own, share it)."""
     if init not in ("naive", "per-step"):
         raise AccuQuantError(f"init: {init!r} is not one of naive, per-step")
-    key = hashlib.sha256(f"{ctx.base_key}:{init}".encode()).hexdigest()[:24]
-    cached = None if ctx.result_cache is None or not ctx.base_key else ctx.result_cache / f"{key}.safetensors"
-    state = read_checkpoint(cached, key) if cached is not None else None
-    if state is not None:
-        load_quantizers(ctx.denoiser.model, state[1])
-        ctx.log["init"] = {**state[2], "cached": True}
+    log = load_cached_result(ctx, init)
+    if log is not None:
+        ctx.log["init"] = {**log, "cached": True}
         return
     sub_ckpt = None if ctx.checkpoint is None else ctx.checkpoint.with_name(ctx.checkpoint.stem + ".init.safetensors")
     sub = dataclasses.replace(ctx, options={}, checkpoint=sub_ckpt, log={})
@@ -119,8 +116,7 @@ def _initialise(ctx: CalibrationContext, init: str) -> None:
     ctx.log["init"] = {"method": init, "seconds": round(time.perf_counter() - t0, 2), **sub.log}
     if sub_ckpt is not None:
         sub_ckpt.unlink(missing_ok=True)
-    if cached is not None:
-        save_checkpoint(cached, ctx.denoiser.model, key, 1, extra=ctx.log["init"])
+    save_result(ctx, init, ctx.log["init"])
 
 
 @register_method("accuquant", DEFAULTS)
