@@ -9,6 +9,7 @@ quantizers by its own objective. A method is a function ``calibrate(ctx)`` takin
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -48,6 +49,20 @@ class CalibrationContext:
     #: folder where a method may keep results worth reusing under it (``None``: keep none)
     base_key: str = ""
     result_cache: Path | None = None
+
+
+@contextmanager
+def weights_frozen(model: torch.nn.Module):
+    """The model's own parameters take no gradient inside (a learning method trains only
+    its quantizers' parameters); their flags are restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
 
 
 def result_key(ctx: CalibrationContext, method: str) -> str:

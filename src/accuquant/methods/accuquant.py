@@ -32,7 +32,8 @@ from ..layers import all_quantizers
 from ..multistep import GRAD_MODES, multistep_backward
 from ..errors import AccuQuantError
 from ..progress import progress_bar
-from . import CalibrationContext, get_method, load_cached_result, method_options, register_method, save_result
+from . import (CalibrationContext, get_method, load_cached_result, method_options, register_method, save_result,
+               weights_frozen)
 
 DEFAULTS = {
     "group_size": 4,  # M: denoising steps simulated per group
@@ -127,15 +128,8 @@ def accuquant(ctx: CalibrationContext) -> None:
         raise AccuQuantError(f"grad: {opts['grad']!r} is not one of {', '.join(GRAD_MODES)}")
     if opts["schedule"] not in SCHEDULES:
         raise AccuQuantError(f"schedule: {opts['schedule']!r} is not one of {', '.join(SCHEDULES)}")
-    model = ctx.denoiser.model
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in flags:
-        p.requires_grad_(False)
-    try:
+    with weights_frozen(ctx.denoiser.model):
         _run(ctx, opts)
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
 
 
 def _run(ctx: CalibrationContext, opts: dict) -> None:

@@ -35,7 +35,7 @@ from ..block_data import BlockData, capture, quantization_disabled
 from ..blocks import Block, find_blocks
 from ..checkpoint import load_quantizers, read_checkpoint, save_checkpoint
 from ..progress import progress_bar
-from . import CalibrationContext, method_options, register_method
+from . import CalibrationContext, method_options, register_method, weights_frozen
 from .naive import init_act_ranges, init_weight_ranges
 
 #: Options and their defaults.
@@ -184,15 +184,8 @@ def _act_phase(ctx, block: Block, data: BlockData, opts, gen, bar=None) -> None:
 def per_step(ctx: CalibrationContext) -> None:
     """Q-Diffusion-style block reconstruction (see the module docstring)."""
     opts = method_options(ctx, DEFAULTS, "per-step")
-    model = ctx.denoiser.model
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in flags:
-        p.requires_grad_(False)
-    try:
+    with weights_frozen(ctx.denoiser.model):
         _run(ctx, opts)
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
 
 
 def _run(ctx: CalibrationContext, opts: dict) -> None:
