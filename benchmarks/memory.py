@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -117,6 +118,11 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     folder = Path(tmp.name)
     setup(args.batch, folder)
+    # glibc raises its mmap threshold each time a large block is freed, so the graph of a
+    # finished step stays in the heap and the next step's graph is added beside it: peak
+    # RSS would count the allocator's retention. A fixed threshold returns freed tensors to
+    # the system, so the peak is what the step holds.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
     rows = []
     for mode in args.modes.split(","):
         for m in (int(v) for v in args.ms.split(",")):
@@ -124,7 +130,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 cmd = [sys.executable, __file__, "--child", mode, str(m), str(folder), "--batch", str(args.batch),
                        "--device", args.device]
-                res = subprocess.run(cmd, capture_output=True, text=True)
+                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if res.returncode != 0:
                     raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr}")
                 reps.append(json.loads(res.stdout.strip().splitlines()[-1]))
@@ -147,7 +153,8 @@ def main() -> None:
         f"Memory of one AccuQuant optimisation step on the bundled model (W4A8, {args.batch} trajectories, "
         f"guided: {2 * args.batch} rows; {args.device}): peak resident memory during the step minus the resident "
         f"memory before it, its ratio to M = 1, and the step's wall time; medians of {args.repeats} fresh "
-        "processes. Written by benchmarks/memory.py.\n\n" + "\n".join(lines) + "\n")
+        f"processes, run with MALLOC_MMAP_THRESHOLD_={env['MALLOC_MMAP_THRESHOLD_']} (glibc returns freed tensors "
+        "to the system instead of keeping them in the heap). Written by benchmarks/memory.py.\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

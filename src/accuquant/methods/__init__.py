@@ -84,10 +84,15 @@ def load_cached_result(ctx: CalibrationContext, method: str) -> dict | None:
 
 
 def save_result(ctx: CalibrationContext, method: str, log: dict) -> None:
-    """Keep the quantizers as ``method``'s result for :func:`load_cached_result`."""
+    """Keep the quantizers as ``method``'s result for :func:`load_cached_result`. An entry
+    that exists stays: the result is deterministic only up to float rounding (another
+    thread count can flip a learned rounding), and runs that share a starting point must
+    share exactly the same one."""
     if ctx.result_cache is not None and ctx.base_key:
         key = result_key(ctx, method)
-        save_checkpoint(ctx.result_cache / f"{key}.safetensors", ctx.denoiser.model, key, 1, extra=log)
+        path = ctx.result_cache / f"{key}.safetensors"
+        if not path.exists():
+            save_checkpoint(path, ctx.denoiser.model, key, 1, extra=log)
 
 
 def _check_options(name: str, options: dict, defaults: dict) -> None:
