@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -50,6 +51,11 @@ def denoiser_evals(q: aq.Pipeline) -> int:
     log = q.quant["method_log"]
     ev = log.get("evaluations", {})
     return int(ev.get("forward", 0) + ev.get("backward", 0))
+
+
+def settings(args) -> dict:
+    """The command's options, with the output path relative to the repository."""
+    return {**vars(args), "out": os.path.relpath(args.out, ROOT)}
 
 
 def main() -> None:
@@ -96,7 +102,7 @@ def main() -> None:
 def write(rows: dict, args) -> None:
     out = sorted(rows.values(), key=lambda r: (r["bits"], r["label"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"rows": [to_json_safe(r) for r in out], "settings": vars(args),
+    Path(args.out + ".json").write_text(json.dumps({"rows": [to_json_safe(r) for r in out], "settings": settings(args),
                                                     "torch": torch.__version__}, indent=2))
     lines = ["| bits | variant | " + " | ".join(COLS) + " | method s (median) | denoiser evals | seeds |",
              "|" + " --- |" * (len(COLS) + 5)]

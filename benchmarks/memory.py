@@ -102,6 +102,11 @@ def child(mode: str, m: int, batch: int, device: str, folder: Path) -> dict:
     return out
 
 
+def settings(args) -> dict:
+    """The command's options, with the output path relative to the repository."""
+    return {**vars(args), "out": os.path.relpath(args.out, ROOT)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,2,4,8,20")
@@ -142,7 +147,7 @@ def main() -> None:
     for r in rows:
         r["step_vs_m1"] = round(r["step_mb"] / base[r["mode"]], 2) if base.get(r["mode"]) else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"rows": rows, "settings": vars(args)}, indent=2))
+    Path(args.out + ".json").write_text(json.dumps({"rows": rows, "settings": settings(args)}, indent=2))
     ms = sorted({r["m"] for r in rows})
     lines = ["| mode | " + " | ".join(f"M={m}" for m in ms) + " |", "|" + " --- |" * (len(ms) + 1)]
     for mode in args.modes.split(","):

@@ -59,6 +59,11 @@ def fmt(v):
     return str(v)
 
 
+def settings(args) -> dict:
+    """The command's options, with the output path relative to the repository."""
+    return {**vars(args), "out": os.path.relpath(args.out, ROOT)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--methods", default="naive")
@@ -101,7 +106,7 @@ def _order(r):
 def write(rows: dict, args) -> None:
     rows = sorted(rows.values(), key=_order)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"rows": [to_json_safe(r) for r in rows], "settings": vars(args),
+    Path(args.out + ".json").write_text(json.dumps({"rows": [to_json_safe(r) for r in rows], "settings": settings(args),
                                                     "torch": torch.__version__}, indent=2))
     head = "| method | bits | " + " | ".join(COLS) + " | eval s | calibration s | peak RSS MB |"
     lines = [head, "|" + " --- |" * (len(COLS) + 5)]
