@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--iters", type=_non_negative, default=None, help="per-step: AdaRound iterations per block "
                        "(default 300); accuquant: optimisation steps (default 200)")
     learn.add_argument("--lr", type=_positive_float, default=None, help="per-step: learning rate of the rounding "
-                       "variables (default 1e-2); accuquant: learning rate relative to each step size (default 1e-3)")
+                       "variables (default 1e-2); accuquant: learning rate relative to each step size (default 3e-4)")
     learn.add_argument("--group-size", type=_positive, default=None, help="accuquant: denoising steps simulated "
                        "per group, M (default 4)")
     learn.add_argument("--grad", default=None, help="accuquant: gradient through a group, exact, checkpoint or "
