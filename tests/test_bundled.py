@@ -45,8 +45,8 @@ def test_shipped_weights_stay_small_and_the_package_reads_nothing_outside():
 
 def test_commands_default_to_the_bundled_model(tmp_path, capsys):
     out = tmp_path / "q"
-    assert main(["quantize", "--weight-bits", "8", "--act-bits", "8", "--steps", "2", "--calib-samples", "4",
-                 "--out", str(out), "--quiet"]) == 0
+    assert main(["quantize", "--method", "naive", "--weight-bits", "8", "--act-bits", "8", "--steps", "2",
+                 "--calib-samples", "4", "--out", str(out), "--quiet", "--summary", "0"]) == 0
     meta = json.loads((out / "accuquant.json").read_text())
     assert meta["base_model"] == "bundled:mnist-ddpm"
     capsys.readouterr()

@@ -44,8 +44,9 @@ def test_degraded_model_scores_worse_and_fp_samples_are_cached(digit_pipeline_di
 
 
 def test_cli_evaluate_json_and_analyze(digit_pipeline_dir, tmp_path, capsys):
-    assert main(["quantize", "--model", str(digit_pipeline_dir), "--weight-bits", "4", "--act-bits", "8",
-                 "--steps", "3", "--calib-samples", "4", "--out", str(tmp_path / "q"), "--quiet"]) == 0
+    assert main(["quantize", "--model", str(digit_pipeline_dir), "--method", "naive", "--weight-bits", "4",
+                 "--act-bits", "8", "--steps", "3", "--calib-samples", "4", "--out", str(tmp_path / "q"),
+                 "--quiet"]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--model", str(tmp_path / "q"), "--num", "20", "--json", "--quiet"]) == 0
     r = json.loads(capsys.readouterr().out)

@@ -82,7 +82,8 @@ def test_classifier_free_guidance():
     a = pipe.sample(4, seed=0, steps=4, progress=False)
     b = pipe.sample(4, seed=0, steps=4, progress=False, batch_size=3)
     c = pipe.sample(4, seed=0, steps=4, labels=[5], progress=False)
-    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-3)
+    # (batch size 3 vs 4 changes the order of float sums: about 1e-5 on samples of size 1)
+    assert torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, c, atol=1e-3)
 
 
 def test_guidance_without_an_unconditional_branch_is_refused():
