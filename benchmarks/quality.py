@@ -100,7 +100,8 @@ def main() -> None:
 
 def _order(r):
     bits_order = {"fp32": 0, "w8a8": 1, "w4a8": 2, "w3a8": 3, "w4a6": 4}
-    return (bits_order.get(r["bits"], 9), r["bits"], r["method"] != "naive", r["method"])
+    method_order = {"fp": 0, "naive": 1, "per-step": 2, "accuquant": 3}
+    return (bits_order.get(r["bits"], 9), r["bits"], method_order.get(r["method"], 9), r["method"])
 
 
 def write(rows: dict, args) -> None:
@@ -116,7 +117,9 @@ def write(rows: dict, args) -> None:
     notes = sorted({f"- {r['method']}: `{r['learn_args']}`" for r in rows if r.get("learn_args")})
     Path(args.out + ".md").write_text(
         f"{args.num} paired samples, DDIM {args.steps} steps, calibration on {args.calib_samples} trajectories "
-        f"(seed {args.seed}); written by benchmarks/quality.py. Learning methods run with their defaults "
+        f"(seed {args.seed}); written by benchmarks/quality.py. AccuQuant's calibration time is its own "
+        "optimisation: it starts from the per-step result of the same bits and seed, taken from the cache "
+        "(add the per-step row's time for a run from scratch). Learning methods run with their defaults "
         "unless listed here:\n" + ("\n".join(notes) or "- (all defaults)") + "\n\n" + "\n".join(lines) + "\n")
 
 
