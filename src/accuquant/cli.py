@@ -255,12 +255,11 @@ def _quantize(args) -> None:
     get_method(args.method)
     _check_scheduler(args.scheduler)
     takes = METHOD_FLAGS.get(args.method, ())
-    given = {k: v for k, v in vars(args).items() if k in _ALL_FLAGS and v is not None}
-    wrong = sorted(k for k in given if k not in takes)
+    options = {k: v for k, v in vars(args).items() if k in _ALL_FLAGS and v is not None}
+    wrong = sorted(k for k in options if k not in takes)
     if wrong:
         raise AccuQuantError(f"{_flag_list(wrong)}: not an option of the {args.method} method"
                              + ("; it learns nothing" if not takes else f" (it takes {_flag_list(takes)})"))
-    options = dict(given)
     if "traj_batch" in takes and args.batch_size_given is not None:
         options["traj_batch"] = args.batch_size_given  # accuquant: --batch-size is its optimisation batch
     check_method_options(args.method, options)
