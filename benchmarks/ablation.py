@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import accuquant as aq
 from accuquant import bundled
 from accuquant.evaluation import evaluate, to_json_safe
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
 
 
@@ -40,22 +39,13 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     if label in ("naive", "per-step") and not rest:
         # the initialisations alone: AccuQuant with no optimisation step is exactly its init
         return label, "accuquant", {"init": label, "iters": 0}
-    opts = {}
-    for kv in filter(None, rest.split(",")):
-        k, v = kv.split("=")
-        opts[k] = int(v) if v.isdigit() else float(v) if v.replace(".", "", 1).replace("e-", "", 1).isdigit() else v
-    return label, "accuquant", opts
+    return label, "accuquant", parse_options(rest)
 
 
 def denoiser_evals(q: aq.Pipeline) -> int:
     log = q.quant["method_log"]
     ev = log.get("evaluations", {})
     return int(ev.get("forward", 0) + ev.get("backward", 0))
-
-
-def settings(args) -> dict:
-    """The command's options, with the output path relative to the repository."""
-    return {**vars(args), "out": os.path.relpath(args.out, ROOT)}
 
 
 def main() -> None:

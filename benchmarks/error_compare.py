@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-from pathlib import Path
 
 import accuquant as aq
 from accuquant import bundled
 from accuquant.analysis import error_accumulation, plot
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, parse_options
 
 
 def main() -> None:
@@ -35,10 +34,7 @@ def main() -> None:
     args = p.parse_args()
     w, a = (int(v) for v in args.bits.lower().lstrip("w").split("a"))
     cfg = aq.QuantConfig(weight_bits=w, act_bits=a)
-    opts = {}
-    for kv in filter(None, args.accuquant_args.split(",")):
-        k, v = kv.split("=")
-        opts[k] = int(v) if v.isdigit() else v
+    opts = parse_options(args.accuquant_args)
     fp = aq.load(bundled.DEFAULT_MODEL)
     common = dict(steps=args.steps, calib_samples=args.calib_samples, seed=args.seed, progress=False)
     models = {

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, settings
 
 
 def _rss_mb() -> float:
@@ -100,11 +100,6 @@ def child(mode: str, m: int, batch: int, device: str, folder: Path) -> dict:
         torch.cuda.synchronize()
         out["cuda_step_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
     return out
-
-
-def settings(args) -> dict:
-    """The command's options, with the output path relative to the repository."""
-    return {**vars(args), "out": os.path.relpath(args.out, ROOT)}
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import accuquant as aq
 from accuquant import bundled
 from accuquant.evaluation import evaluate, to_json_safe
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "class_accuracy")
 
 
@@ -57,11 +57,6 @@ def fmt(v):
     if isinstance(v, float):
         return "inf" if v == float("inf") else f"{v:.3f}"
     return str(v)
-
-
-def settings(args) -> dict:
-    """The command's options, with the output path relative to the repository."""
-    return {**vars(args), "out": os.path.relpath(args.out, ROOT)}
 
 
 def main() -> None:
