@@ -19,6 +19,7 @@ shared through the result cache.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import time
@@ -59,9 +60,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/ablation"))
     args = p.parse_args()
     fp = aq.load(bundled.DEFAULT_MODEL)
-    old = Path(args.out + ".json")
-    rows = {(r["bits"], r["label"]): r for r in (json.loads(old.read_text())["rows"] if old.exists() else [])
-            if r.get("num") == args.num}
+    rows = {}  # this run's rows; write() merges them with the file's
     for bits in args.bits.split(","):
         w, a = (int(v) for v in bits.lower().lstrip("w").split("a"))
         cfg = aq.QuantConfig(weight_bits=w, act_bits=a)
@@ -90,10 +89,22 @@ def main() -> None:
 
 
 def write(rows: dict, args) -> None:
-    out = sorted(rows.values(), key=lambda r: (r["bits"], r["label"]))
+    """Merge ``rows`` into the results file (under a lock: several ablations may run at once)."""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"rows": [to_json_safe(r) for r in out], "settings": settings(args),
-                                                    "torch": torch.__version__}, indent=2))
+    with open(args.out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = Path(args.out + ".json")
+        merged = {(r["bits"], r["label"]): r for r in (json.loads(old.read_text())["rows"] if old.exists() else [])
+                  if r.get("num") == args.num}
+        merged.update({k: to_json_safe(r) for k, r in rows.items()})
+        out = sorted(merged.values(), key=lambda r: (r["bits"], r["label"]))
+        tmp = Path(args.out + ".json.tmp")
+        tmp.write_text(json.dumps({"rows": out, "settings": settings(args), "torch": torch.__version__}, indent=2))
+        tmp.replace(old)
+        _write_md(out, args)
+
+
+def _write_md(out: list, args) -> None:
     lines = ["| bits | variant | " + " | ".join(COLS) + " | method s (median) | denoiser evals | seeds |",
              "|" + " --- |" * (len(COLS) + 5)]
     for r in out:

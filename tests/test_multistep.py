@@ -115,10 +115,17 @@ def test_accuquant_lowers_its_loss_and_the_trajectory_error():
     assert err["accuquant"] < err["naive"], err
 
 
-def test_accuquant_resumes_to_the_same_result(monkeypatch):
+def _codes(q):
+    from accuquant.layers import quant_layers
+
+    return {n: l.weight_codes.clone() for n, l in quant_layers(q.model).items() if l.weight_codes is not None}
+
+
+@pytest.mark.parametrize("rounding", ["keep", "learn"])
+def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding):
     import accuquant.methods.accuquant as mod
 
-    full = _accuquant()
+    full = _accuquant(rounding=rounding)
     real, calls = mod.multistep_backward, []
 
     def interrupt(*a, **k):
@@ -129,12 +136,31 @@ def test_accuquant_resumes_to_the_same_result(monkeypatch):
 
     monkeypatch.setattr(mod, "multistep_backward", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        _accuquant()
+        _accuquant(rounding=rounding)
     monkeypatch.setattr(mod, "multistep_backward", real)
-    resumed = _accuquant(resume=True)
+    resumed = _accuquant(resume=True, rounding=rounding)
     assert resumed.quant["method_log"]["resumed_at_iteration"] == 5
     a, b = _scales(full), _scales(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = _codes(full), _codes(resumed)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accuquant_learns_the_rounding_jointly_when_asked():
+    """rounding="learn": AdaRound variables are learned with the step sizes (from the
+    naive init: from the weights' fractional parts), the loss goes down, and the saved
+    model rounds some weights differently from round-to-nearest."""
+    naive = aq.quantize(class_pipeline(), aq.QuantConfig(weight_bits=4, act_bits=8), steps=4, calib_samples=6,
+                        progress=False)
+    q = _accuquant(iters=40, traj_batch=4, rounding="learn", round_lr=5e-2)
+    curve = q.quant["method_log"]["loss_curve"]
+    assert curve[-1] < curve[0], curve
+    a, b = _codes(naive), _codes(q)
+    changed = sum(int((a[k] != b[k]).sum()) for k in a)
+    total = sum(a[k].numel() for k in a)
+    assert 0 < changed < total // 2, (changed, total)
+    # the scales moved too, so both kinds of parameter were learned
+    assert any(not torch.equal(x, y) for x, y in zip(_scales(naive).values(), _scales(q).values()))
 
 
 def test_accuquant_options_are_checked_first():
@@ -142,6 +168,8 @@ def test_accuquant_options_are_checked_first():
         _accuquant(grad="magic")
     with pytest.raises(aq.AccuQuantError, match="init"):
         _accuquant(init="accuquant")
+    with pytest.raises(aq.AccuQuantError, match="rounding"):
+        _accuquant(rounding="random")
 
 
 def test_accuquant_on_a_text_conditioned_unet_via_the_api():

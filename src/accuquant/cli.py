@@ -78,7 +78,7 @@ def _positive_float(text: str) -> float:
 #: the learning flags each method takes (``--batch-size`` is also every method's pass size)
 METHOD_FLAGS = {
     "per-step": ("iters", "lr", "act_iters", "act_lr", "samples_per_step"),
-    "accuquant": ("iters", "lr", "group_size", "grad", "init", "schedule", "traj_batch"),
+    "accuquant": ("iters", "lr", "group_size", "grad", "init", "schedule", "rounding", "traj_batch"),
 }
 
 
@@ -135,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--group-size", type=_positive, default=None, help="accuquant: denoising steps simulated "
                        "per group, M (default 4)")
     learn.add_argument("--grad", default=None, help="accuquant: gradient through a group, exact, checkpoint or "
-                       "approx (default checkpoint)")
+                       "approx (default approx)")
     learn.add_argument("--init", default=None, help="accuquant: starting point, per-step or naive "
                        "(default per-step)")
     learn.add_argument("--schedule", default=None, help="accuquant: order of groups, uniform (random) or cycle "
                        "(default uniform)")
+    learn.add_argument("--rounding", default=None, help="accuquant: weight rounding, keep (the initialisation's) "
+                       "or learn (AdaRound variables learned jointly with the step sizes; default keep)")
     learn.add_argument("--act-iters", type=_non_negative, default=None, help="per-step: activation step-size "
                        "iterations per block (default 100)")
     learn.add_argument("--act-lr", type=_positive_float, default=None, help="per-step: learning rate of activation "

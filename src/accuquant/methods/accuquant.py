@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 
 import torch
 
 from ..checkpoint import load_quantizers, read_checkpoint, save_checkpoint
-from ..layers import all_quantizers
+from ..layers import all_quantizers, quant_layers
 from ..multistep import GRAD_MODES, multistep_backward
 from ..errors import AccuQuantError
 from ..progress import progress_bar
@@ -44,7 +45,12 @@ DEFAULTS = {
     "traj_batch": 8,  # trajectories per optimisation step
     "schedule": "uniform",  # uniform | cycle
     "save_every": 25,  # checkpoint period in iterations
+    "rounding": "keep",  # keep (the init's rounding) | learn (AdaRound variables learned jointly too)
+    "round_lr": 1e-2,  # Adam learning rate of the rounding variables (rounding="learn")
+    "round_reg": 1e-2,  # weight of the rounding regulariser, per weight element, relative to the loss
+    "round_margin": 2.0,  # |alpha| given to a hard rounding decision when it is made learnable again
 }
+ROUNDING = ("keep", "learn")
 SCHEDULES = ("uniform", "cycle")
 
 
@@ -59,11 +65,14 @@ def _iter_seed(seed: int, it: int) -> int:
 
 
 class RelativeAdam:
-    """Adam whose step for each element is scaled by that element's initial value."""
+    """Adam whose step for each element is scaled by that element's initial value (step
+    sizes, kept positive), or plain Adam with ``relative=False`` (rounding variables)."""
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
-        self.ref = {k: p.detach().abs().clone().clamp_min(1e-8) for k, p in params.items()}
+    def __init__(self, params: dict[str, torch.nn.Parameter], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 relative: bool = True):
+        self.params, self.lr, self.betas, self.eps, self.relative = params, lr, betas, eps, relative
+        self.ref = {k: p.detach().abs().clone().clamp_min(1e-8) if relative else torch.ones_like(p)
+                    for k, p in params.items()}
         self.m = {k: torch.zeros_like(p) for k, p in params.items()}
         self.v = {k: torch.zeros_like(p) for k, p in params.items()}
         self.t = 0
@@ -80,24 +89,68 @@ class RelativeAdam:
             mhat = self.m[k] / (1 - b1**self.t)
             vhat = self.v[k] / (1 - b2**self.t)
             p.sub_(self.lr * self.ref[k] * mhat / (vhat.sqrt() + self.eps))
-            p.clamp_(min=1e-8)
+            if self.relative:
+                p.clamp_(min=1e-8)
 
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.grad = None
 
-    def state(self) -> dict[str, torch.Tensor]:
-        out = {"adam.t": torch.tensor(self.t)}
+    def state(self, prefix: str = "adam") -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.t": torch.tensor(self.t)}
         for k in self.params:
-            out[f"adam.ref.{k}"], out[f"adam.m.{k}"], out[f"adam.v.{k}"] = self.ref[k], self.m[k], self.v[k]
+            out[f"{prefix}.ref.{k}"], out[f"{prefix}.m.{k}"], out[f"{prefix}.v.{k}"] = self.ref[k], self.m[k], self.v[k]
         return out
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.t = int(tensors["adam.t"])
+    def load(self, tensors: dict[str, torch.Tensor], prefix: str = "adam") -> None:
+        self.t = int(tensors[f"{prefix}.t"])
         for k in self.params:
-            self.ref[k] = tensors[f"adam.ref.{k}"].clone()
-            self.m[k] = tensors[f"adam.m.{k}"].clone()
-            self.v[k] = tensors[f"adam.v.{k}"].clone()
+            self.ref[k] = tensors[f"{prefix}.ref.{k}"].clone()
+            self.m[k] = tensors[f"{prefix}.m.{k}"].clone()
+            self.v[k] = tensors[f"{prefix}.v.{k}"].clone()
+
+
+def learnable_rounding(model: torch.nn.Module, margin: float, resume: bool = False) -> dict[str, torch.nn.Parameter]:
+    """Make the rounding of every weight quantizer learnable (soft AdaRound) and return the
+    rounding variables. A hard decision from the initialisation (per-step) becomes
+    ``alpha = +-margin``, a soft value close to it; a quantizer that rounds to nearest
+    (naive) starts AdaRound from the weights' fractional parts. ``resume``: the variables
+    were restored from a checkpoint and are taken as they are."""
+    out = {}
+    for name, layer in quant_layers(model).items():
+        if layer.frozen:
+            continue
+        for j, (q, part) in enumerate(zip(layer.weight_quant, layer._parts(layer.module.weight, 1))):
+            if not q.enabled:
+                continue
+            if q.alpha is None:
+                q.enable_learned_rounding(part.detach())
+            elif not resume:
+                with torch.no_grad():
+                    q.alpha = torch.nn.Parameter(torch.where(q.alpha >= 0, margin, -margin).to(q.alpha))
+            q.soft_rounding = True
+            q.alpha.requires_grad_(True)
+            out[f"{name}.weight_quant.{j}.alpha"] = q.alpha
+    return out
+
+
+def harden_rounding(model: torch.nn.Module) -> None:
+    """Back to hard rounding decisions (``alpha >= 0``), which is what is saved."""
+    for q in all_quantizers(model).values():
+        if q.alpha is not None:
+            q.soft_rounding = False
+            q.alpha.requires_grad_(False)
+
+
+def rounding_penalty(model: torch.nn.Module, beta: float) -> torch.Tensor:
+    """AdaRound's regulariser averaged over every learnable weight element."""
+    total, count = None, 0
+    for q in all_quantizers(model).values():
+        if q.alpha is not None and q.alpha.requires_grad:
+            r = q.rounding_regularizer(beta)
+            total = r if total is None else total + r
+            count += q.alpha.numel()
+    return total / max(1, count) if total is not None else torch.zeros(())
 
 
 def _initialise(ctx: CalibrationContext, init: str) -> None:
@@ -126,6 +179,8 @@ def accuquant(ctx: CalibrationContext) -> None:
     opts = method_options(ctx, DEFAULTS, "accuquant")
     if opts["grad"] not in GRAD_MODES:
         raise AccuQuantError(f"grad: {opts['grad']!r} is not one of {', '.join(GRAD_MODES)}")
+    if opts["rounding"] not in ROUNDING:
+        raise AccuQuantError(f"rounding: {opts['rounding']!r} is not one of {', '.join(ROUNDING)}")
     if opts["schedule"] not in SCHEDULES:
         raise AccuQuantError(f"schedule: {opts['schedule']!r} is not one of {', '.join(SCHEDULES)}")
     with weights_frozen(ctx.denoiser.model):
@@ -142,15 +197,24 @@ def _run(ctx: CalibrationContext, opts: dict) -> None:
     for p in params.values():
         p.requires_grad_(True)
     opt = RelativeAdam(params, opts["lr"])
-    start_it = 0
+    start_it, tensors = 0, None
     if state is not None:
         start_it, tensors, extra = state
         load_quantizers(model, tensors)
         opt.load(tensors)
         ctx.log.update(extra.get("log", {}))
         ctx.log["resumed_at_iteration"] = start_it
-    elif ctx.checkpoint is not None:
-        save_checkpoint(ctx.checkpoint, model, key, 0, extra={"log": ctx.log}, tensors=opt.state())
+    learn_round = opts["rounding"] == "learn"
+    alphas = learnable_rounding(model, float(opts["round_margin"]), resume=state is not None) if learn_round else {}
+    ropt = RelativeAdam(alphas, float(opts["round_lr"]), relative=False)
+    if tensors is not None and alphas:
+        ropt.load(tensors, "round_adam")
+
+    def opt_state() -> dict[str, torch.Tensor]:
+        return {**opt.state(), **(ropt.state("round_adam") if alphas else {})}
+
+    if state is None and ctx.checkpoint is not None:
+        save_checkpoint(ctx.checkpoint, model, key, 0, extra={"log": ctx.log}, tensors=opt_state())
     m, iters, nb = int(opts["group_size"]), int(opts["iters"]), int(opts["traj_batch"])
     if m < 1:
         raise AccuQuantError("group_size must be at least 1")
@@ -159,6 +223,7 @@ def _run(ctx: CalibrationContext, opts: dict) -> None:
     evals = ctx.log.setdefault("evaluations", {"forward": 0, "backward": 0})
     curve = ctx.log.setdefault("loss_curve", [])
     extra_fwd = 0 if opts["grad"] == "exact" else 1
+    warm = int(0.2 * iters)  # rounding="learn": iterations before the regulariser starts
     t0 = time.perf_counter()
     losses = []
     with progress_bar(iters, f"accuquant M={m} {opts['grad']}", disable=not ctx.progress) as bar:
@@ -175,8 +240,16 @@ def _run(ctx: CalibrationContext, opts: dict) -> None:
             target = xs[:, s + length].to(ctx.device)
             with torch.enable_grad():
                 loss = multistep_backward(den, solver, x, st, s, length, cond, target, opts["grad"])
+                if alphas and it >= warm:
+                    # AdaRound's annealed regulariser (exponent from 20 down to 2), scaled by the loss
+                    frac = (it - warm) / max(1, iters - warm)
+                    beta = 2.0 + 9.0 * (1 + math.cos(frac * math.pi))
+                    (float(opts["round_reg"]) * loss * rounding_penalty(model, beta)).backward()
             opt.step()
             opt.zero_grad()
+            if alphas:
+                ropt.step()
+                ropt.zero_grad()
             n = len(idx) * rows * length
             evals["forward"] += n * (1 + extra_fwd)
             evals["backward"] += n
@@ -187,8 +260,10 @@ def _run(ctx: CalibrationContext, opts: dict) -> None:
             bar.set_postfix_str(f"group {s}-{s + length}: loss {loss:.4g}")
             bar.update(1)
             if ctx.checkpoint is not None and ((it + 1) % int(opts["save_every"]) == 0) and it + 1 < iters:
-                save_checkpoint(ctx.checkpoint, model, key, it + 1, extra={"log": ctx.log}, tensors=opt.state())
+                save_checkpoint(ctx.checkpoint, model, key, it + 1, extra={"log": ctx.log}, tensors=opt_state())
     for p in params.values():
         p.requires_grad_(False)
+    if alphas:
+        harden_rounding(model)
     ctx.log["seconds"] = round(time.perf_counter() - t0, 2)
     ctx.log["groups"] = grp
