@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "naive method on this many paired samples (default 300 for the bundled model, else 0: off)")
     learn = q.add_argument_group("learning methods (per-step, accuquant)")
     learn.add_argument("--iters", type=_non_negative, default=None, help="per-step: AdaRound iterations per block "
-                       "(default 300); accuquant: optimisation steps (default 200)")
+                       "(default 300); accuquant: optimisation steps (default 100)")
     learn.add_argument("--lr", type=_positive_float, default=None, help="per-step: learning rate of the rounding "
                        "variables (default 1e-2); accuquant: learning rate relative to each step size (default 3e-4)")
     learn.add_argument("--group-size", type=_positive, default=None, help="accuquant: denoising steps simulated "
@@ -178,7 +178,47 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output prefix: writes PREFIX.csv and PREFIX.png")
     a.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_sampling_args(a, conditioning=False)
+
+    c = sub.add_parser("compare", help="quantize with several methods and bit widths and write one report")
+    c.add_argument("--model", default=None, help="diffusers pipeline or model directory (default: the bundled "
+                   "MNIST model)")
+    c.add_argument("--methods", default="naive,per-step,accuquant", help="comma-separated methods (default "
+                   "naive,per-step,accuquant)")
+    c.add_argument("--bits", default="w8a8,w4a8,w3a8,w4a6", help="comma-separated bit widths w<W>a<A> (default "
+                   "w8a8,w4a8,w3a8,w4a6)")
+    c.add_argument("--num", type=_positive, default=1000, help="paired samples per evaluation (default 1000)")
+    c.add_argument("--analyze-num", type=_positive, default=256, help="paired samples for the error curves "
+                   "(default 256)")
+    c.add_argument("--grid", type=_positive, default=10, help="samples per row of the sample grids (default 10)")
+    c.add_argument("--steps", type=_positive, default=20, help="sampling steps (default 20)")
+    c.add_argument("--scheduler", default="ddim", help="ddim (default), ddpm, pndm (plms) or dpm++")
+    c.add_argument("--calib-samples", type=_positive, default=64, help="calibration trajectories (default 64)")
+    c.add_argument("--seed", type=int, default=0, help="calibration and noise seed (default 0)")
+    c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare); a rerun with "
+                   "the same settings skips the pairs already done")
+    c.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _compare(args) -> None:
+    from .bundled import model_ref
+    from .compare import CompareSettings, run_compare
+    from .safety import check_device
+
+    _check_scheduler(args.scheduler)
+    check_device(args.device)
+    settings = CompareSettings(
+        model=model_ref(_model_arg(args)) if Path(_model_arg(args)).exists() else _model_arg(args),
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        bits=[b.strip().lower() for b in args.bits.split(",") if b.strip()],
+        num=args.num, steps=args.steps, scheduler=args.scheduler, calib_samples=args.calib_samples, seed=args.seed,
+        analyze_num=args.analyze_num, grid=args.grid, device=args.device)
+    results = run_compare(settings, args.out, quiet=args.quiet)
+    from .report import markdown_table
+
+    print(markdown_table(results))
+    print(f"wrote {Path(args.out) / 'report.md'}, report.html and results.json ({results['wall_s']:.0f} s)")
 
 
 def _model_arg(args) -> str:
@@ -338,9 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already printed
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    args.batch_size_given, args.batch_size = args.batch_size, args.batch_size or 32
+    args.batch_size_given = getattr(args, "batch_size", None)
+    args.batch_size = args.batch_size_given or 32
     try:
-        {"quantize": _quantize, "sample": _sample, "evaluate": _evaluate, "analyze": _analyze}[args.command](args)
+        {"quantize": _quantize, "sample": _sample, "evaluate": _evaluate, "analyze": _analyze,
+         "compare": _compare}[args.command](args)
     except AccuQuantError as e:
         print(f"accuquant: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -348,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if args.command == "quantize" and args.method != "naive":
             hint = " (rerun the same command with --resume to continue from the last checkpoint)"
+        if args.command == "compare":
+            hint = " for the pair in progress (rerun the same command: finished pairs are kept, and an " \
+                   "interrupted calibration continues from its checkpoint)"
         print(f"accuquant: interrupted; nothing was written{hint}", file=sys.stderr)
         return 130
     except OSError as e:

@@ -1,0 +1,130 @@
+"""``accuquant compare``: the runs, the rerun that skips finished pairs, the report."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import diffusers
+import pytest
+
+from accuquant.cli import main
+from accuquant.report import markdown_table, table_rows
+from conftest import tiny_digit_unet
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["--methods", "naive", "--bits", "w8a8,w2a4", "--num", "16", "--analyze-num", "8", "--steps", "3",
+        "--grid", "4", "--calib-samples", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    """One comparison of a tiny 28x28 class-conditional model, shared by the tests here."""
+    root = tmp_path_factory.mktemp("compare")
+    model = root / "digits"
+    sched = diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    diffusers.DDIMPipeline(unet=tiny_digit_unet(), scheduler=sched).save_pretrained(str(model))
+    (model / "accuquant_sampling.json").write_text(json.dumps({"guidance_scale": 2.0, "num_classes": 10,
+                                                               "null_class": 10}))
+    old = os.environ.get("ACCUQUANT_CACHE")
+    os.environ["ACCUQUANT_CACHE"] = str(root / "cache")
+    try:
+        out = root / "report"
+        assert main(["compare", "--model", str(model), "--out", str(out), *ARGS]) == 0
+        yield model, out
+    finally:
+        if old is None:
+            os.environ.pop("ACCUQUANT_CACHE", None)
+        else:
+            os.environ["ACCUQUANT_CACHE"] = old
+
+
+def test_compare_scores_every_pair_and_writes_the_report(comparison):
+    model, out = comparison
+    res = json.loads((out / "results.json").read_text())
+    runs = {r["bits"]: r for r in res["runs"]}
+    assert set(runs) == {"w8a8", "w2a4"} and res["settings"]["num"] == 16
+    w8, w2 = runs["w8a8"]["metrics"], runs["w2a4"]["metrics"]
+    assert w8["fid2fp"] < w2["fid2fp"] and w8["psnr"] > w2["psnr"]
+    assert w8["weight_bits"] == 8 and w2["act_bits"] == 4
+    for r in res["runs"]:
+        cost = r["cost"]
+        assert cost["peak_rss_mb"] > 100 and cost["calibration_s"] > 0 and cost["weights_mb"] > 0
+        assert [e["step"] for e in r["errors"]] == [1, 2, 3]
+        assert all(e["fid2fp_x0"] is not None for e in r["errors"])  # x0 FID at every step
+        assert r["errors"][-1]["accumulated_error"] > 0
+    # the W2A4 model drifts further from FP than the W8A8 one by the last step
+    assert runs["w2a4"]["errors"][-1]["accumulated_error"] > runs["w8a8"]["errors"][-1]["accumulated_error"]
+    for name in ("report.md", "report.html", "grid-w8a8.png", "grid-w2a4.png", "errors-w8a8.png",
+                 "errors-w2a4.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "report.md").read_text()
+    assert "| naive | w2a4 |" in md and "![samples at w8a8](grid-w8a8.png)" in md
+    assert f"{w2['fid2fp']:.3f}" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and 'id="results-table"' in html
+    assert "src=\"grid" not in html  # self-contained: no file references
+
+
+def test_a_rerun_keeps_finished_pairs_and_other_settings_are_refused(comparison, capsys):
+    model, out = comparison
+    stamp = (out / "models" / "naive-w8a8" / "accuquant.json").stat().st_mtime_ns
+    before = json.loads((out / "results.json").read_text())
+    assert main(["compare", "--model", str(model), "--out", str(out), *ARGS]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert (out / "models" / "naive-w8a8" / "accuquant.json").stat().st_mtime_ns == stamp
+    assert after["run_now"] == [] and after["runs"] == before["runs"]
+    capsys.readouterr()
+    other = [a if a != "16" else "32" for a in ARGS]  # --num 32
+    assert main(["compare", "--model", str(model), "--out", str(out), *other]) == 2
+    assert "other settings (num)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "w9a8"], "bits"),
+    (["--bits", "w4"], "w<bits>a<bits>"),
+    (["--methods", "magic"], "unknown method"),
+    (["--num", "0"], "num"),
+])
+def test_bad_input_is_refused_in_one_line(tmp_path, capsys, args, message):
+    assert main(["compare", "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unrelated_directory_is_not_used(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["compare", "--out", str(mine), "--methods", "naive", "--bits", "w8a8"]) == 2
+    assert "holds no comparison" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_best_values_are_marked_per_bit_width():
+    def run(method, bits, fid2fp, psnr, secs):
+        return {"method": method, "bits": bits, "metrics": {"fid2fp": fid2fp, "psnr": psnr},
+                "cost": {"calibration_s": secs, "init_cached": method == "accuquant"}}
+
+    res = {"settings": {"bits": ["w4a8", "w8a8"]}, "fp": {"fid": 3.0},
+           "runs": [run("naive", "w4a8", 90.0, 20.0, 5.0), run("accuquant", "w4a8", 5.0, 25.0, 100.0),
+                    run("naive", "w8a8", 0.1, 40.0, 6.0), run("accuquant", "w8a8", 0.2, 41.0, 50.0)]}
+    rows = {(r["method"], r["bits"]): r for r in table_rows(res)}
+    assert rows["accuquant", "w4a8"]["best"] >= {"fid2fp", "psnr"}
+    assert "calibration_s" in rows["naive", "w4a8"]["best"] and "fid2fp" in rows["naive", "w8a8"]["best"]
+    assert rows["accuquant", "w4a8"]["note"] == "†"
+    md = markdown_table(res)
+    assert "| accuquant | w4a8 | **5.000** |" in md and "| naive | w8a8 | **0.100** |" in md
+
+
+def test_the_report_renders_in_a_headless_browser(comparison):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import check_report
+
+    if check_report.chromium() is None:
+        pytest.skip("no chromium on this machine")
+    _, out = comparison
+    loaded, images, rows = check_report.check(out / "report.html", out / "shot.png")
+    assert images == 4 and loaded == 4 and rows == 3  # FP and two pairs
+    assert (out / "shot.png").stat().st_size > 10_000
