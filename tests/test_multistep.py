@@ -159,6 +159,8 @@ def test_accuquant_learns_the_rounding_jointly_when_asked():
     changed = sum(int((a[k] != b[k]).sum()) for k in a)
     total = sum(a[k].numel() for k in a)
     assert 0 < changed < total // 2, (changed, total)
+    stats = q.quant["method_log"]["rounding"]
+    assert 0 < stats["changed"] < 0.5 and 0 <= stats["undecided_before_hardening"] <= 1, stats
     # the scales moved too, so both kinds of parameter were learned
     assert any(not torch.equal(x, y) for x, y in zip(_scales(naive).values(), _scales(q).values()))
 

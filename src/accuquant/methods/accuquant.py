@@ -134,12 +134,25 @@ def learnable_rounding(model: torch.nn.Module, margin: float, resume: bool = Fal
     return out
 
 
-def harden_rounding(model: torch.nn.Module) -> None:
-    """Back to hard rounding decisions (``alpha >= 0``), which is what is saved."""
-    for q in all_quantizers(model).values():
-        if q.alpha is not None:
+def harden_rounding(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> dict:
+    """Back to hard rounding decisions (``alpha >= 0``), which is what is saved; returns the
+    share of decisions that changed since ``start`` (the decisions at the start) and the
+    share still undecided (soft value between 0.1 and 0.9) just before hardening."""
+    changed = undecided = total = 0
+    for name, layer in quant_layers(model).items():
+        for j, q in enumerate(layer.weight_quant):
+            if q.alpha is None:
+                continue
+            with torch.no_grad():
+                h = q._rounding_offset()
+                undecided += int(((h > 0.1) & (h < 0.9)).sum())
+                prev = start.get(f"{name}.weight_quant.{j}.alpha")
+                if prev is not None:
+                    changed += int(((q.alpha >= 0) != prev).sum())
+                total += q.alpha.numel()
             q.soft_rounding = False
             q.alpha.requires_grad_(False)
+    return {"changed": changed / max(1, total), "undecided_before_hardening": undecided / max(1, total)}
 
 
 def rounding_penalty(model: torch.nn.Module, beta: float) -> torch.Tensor:
@@ -207,6 +220,7 @@ def _run(ctx: CalibrationContext, opts: dict) -> None:
     learn_round = opts["rounding"] == "learn"
     alphas = learnable_rounding(model, float(opts["round_margin"]), resume=state is not None) if learn_round else {}
     ropt = RelativeAdam(alphas, float(opts["round_lr"]), relative=False)
+    decisions = {k: a.detach() >= 0 for k, a in alphas.items()}  # (after a resume: those at the checkpoint)
     if tensors is not None and alphas:
         ropt.load(tensors, "round_adam")
 
@@ -264,6 +278,6 @@ def _run(ctx: CalibrationContext, opts: dict) -> None:
     for p in params.values():
         p.requires_grad_(False)
     if alphas:
-        harden_rounding(model)
+        ctx.log["rounding"] = harden_rounding(model, decisions)
     ctx.log["seconds"] = round(time.perf_counter() - t0, 2)
     ctx.log["groups"] = grp

@@ -1,0 +1,167 @@
+"""Regenerate the README's results section (and benchmarks/results/compare*.{md,json},
+docs/compare/*.png) from `accuquant compare` output and the other benchmarks' results files.
+
+    accuquant compare --num 300 --analyze-num 200 --out runs/compare
+    accuquant compare --bits w4a8,w3a8 --num 300 --analyze-num 200 --seed 1 --out runs/compare-seed1
+    accuquant compare --bits w4a8,w3a8 --num 300 --analyze-num 200 --seed 2 --out runs/compare-seed2
+    python benchmarks/readme_results.py --compare runs/compare --seeds runs/compare-seed1,runs/compare-seed2
+
+With no arguments it re-renders the README from the results files already in the
+repository (benchmarks/results/compare.json, compare_seeds.json, quality.md, ablation.md,
+memory.md). Everything between the README's ``results:begin`` and ``results:end``
+markers is written here, so the README cannot drift from what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+from common import ROOT  # noqa: E402  (benchmarks/ is on the path when run)
+
+from accuquant.report import NOTES, markdown_table
+
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs" / "compare"
+README = ROOT / "README.md"
+BEGIN = "<!-- results:begin (written by benchmarks/readme_results.py: do not edit by hand) -->"
+END = "<!-- results:end -->"
+SEED_COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def import_compare(main_dir: Path, seed_dirs: list[Path]) -> None:
+    """Copy a comparison's results and figures into the repository."""
+    res = _load(main_dir / "results.json")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "compare.json").write_text(json.dumps(res, indent=2))
+    shutil.copyfile(main_dir / "report.md", RESULTS / "compare.md")
+    for bits in res["settings"]["bits"]:
+        for kind in ("grid", "errors"):
+            shutil.copyfile(main_dir / f"{kind}-{bits}.png", DOCS / f"{kind}-{bits}.png")
+    seeds = [res] + [_load(d / "results.json") for d in seed_dirs]
+    keep = [{"settings": s["settings"], "wall_s": s["wall_s"],
+             "runs": [{"method": r["method"], "bits": r["bits"], "metrics": {c: r["metrics"][c] for c in SEED_COLS},
+                       "calibration_s": r["cost"]["calibration_s"]} for r in s["runs"]]} for s in seeds]
+    (RESULTS / "compare_seeds.json").write_text(json.dumps(keep, indent=2))
+
+
+def _table_lines(md: Path) -> list[str]:
+    return [line for line in md.read_text().splitlines() if line.startswith("|")]
+
+
+def _ratio_lines(res: dict) -> list[str]:
+    out = []
+    runs = {(r["method"], r["bits"]): r["metrics"] for r in res["runs"]}
+    for bits in res["settings"]["bits"]:
+        a, p = runs.get(("accuquant", bits)), runs.get(("per-step", bits))
+        if not (a and p and p["fid2fp"]):
+            continue
+        out.append(f"- {bits.upper()}: AccuQuant's FID to FP is {a['fid2fp'] / p['fid2fp']:.2f}x per-step's "
+                   f"({a['fid2fp']:.2f} against {p['fid2fp']:.2f}); PSNR {a['psnr']:.2f} against {p['psnr']:.2f} dB, "
+                   f"SSIM {a['ssim']:.3f} against {p['ssim']:.3f}.")
+    return out
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} ({min(values):.3f}..{max(values):.3f})"
+
+
+def seed_section(seeds: list[dict]) -> list[str]:
+    bits_all = [b for b in seeds[0]["settings"]["bits"] if all(b in s["settings"]["bits"] for s in seeds)]
+    methods = seeds[0]["settings"]["methods"]
+    lines = ["| bits | method | " + " | ".join(SEED_COLS) + " | FID to FP / per-step's, each seed |",
+             "|" + " --- |" * (len(SEED_COLS) + 3)]
+    for bits in bits_all:
+        per = [{r["method"]: r["metrics"] for r in s["runs"] if r["bits"] == bits} for s in seeds]
+        for m in methods:
+            if not all(m in p for p in per):
+                continue
+            cells = [_spread([p[m][c] for p in per]) for c in SEED_COLS]
+            ratio = ", ".join(f"{p[m]['fid2fp'] / p['per-step']['fid2fp']:.2f}" for p in per) \
+                if "per-step" in per[0] and m != "per-step" else ""
+            lines.append(f"| {bits} | {m} | " + " | ".join(cells) + f" | {ratio} |")
+    return lines
+
+
+def render() -> str:
+    res = _load(RESULTS / "compare.json")
+    seeds = _load(RESULTS / "compare_seeds.json")
+    s = res["settings"]
+    one_go = len(res["run_now"]) == len(res["runs"])  # all pairs in one invocation: its wall time
+    minutes = (res["wall_s"] if one_go else sum(r["pair_wall_s"] for r in res["runs"])) / 60
+    parts = [BEGIN, "",
+             "### All methods and bit widths: `accuquant compare`", "",
+             f"`accuquant compare --num {s['num']} --analyze-num {s['analyze_num']} --out runs/compare` on the "
+             f"bundled model ({s['scheduler'].upper()} {s['steps']} steps, calibration on {s['calib_samples']} FP "
+             f"trajectories, seed {s['seed']}, every method with its defaults), from an empty cache: "
+             f"{minutes:.0f} min for the {len(res['runs'])} pairs on the 2-core machine "
+             f"({res['versions']['cpu_threads']} thread per process). Table, figures and "
+             "`results.json` are its output (`benchmarks/results/compare.md`, `compare.json`, `docs/compare/`).", "",
+             markdown_table(res), "", NOTES, ""] + _ratio_lines(res) + [""]
+    for bits in s["bits"]:
+        parts += [f"**{bits.upper()}**: samples from the same seeds and labels, and the error along sampling "
+                  "(accumulated distance to the FP trajectory, solid; per-step network error on FP inputs, dashed; "
+                  "FID to FP of the predicted x0 at each step, right).", "",
+                  f"![samples at {bits}](docs/compare/grid-{bits}.png)", "",
+                  f"![error along sampling at {bits}](docs/compare/errors-{bits}.png)", ""]
+    seed_list = ", ".join(str(x["settings"]["seed"]) for x in seeds)
+    parts += ["### Calibration seeds", "",
+              f"The same comparison with calibration seeds {seed_list} (each `accuquant compare --seed N`, "
+              f"{s['num']} paired samples; `benchmarks/results/compare_seeds.json`): mean (min..max) over the "
+              "seeds, and AccuQuant's FID to FP as a ratio of per-step's, seed by seed.", ""]
+    parts += seed_section(seeds) + [""]
+    quality = RESULTS / "quality.md"
+    if quality.exists():
+        parts += ["### 1,000 paired samples (seed 0)", "",
+                  "`python benchmarks/quality.py --methods naive,per-step,accuquant --bits w8a8,w4a8,w3a8,w4a6` "
+                  "(`benchmarks/results/quality.md`): the same pairs scored on 1,000 paired samples, calibration "
+                  "seed 0. AccuQuant's calibration time excludes the per-step initialisation it starts from (cached).",
+                  ""] + _table_lines(quality) + [""]
+    ablation = RESULTS / "ablation.md"
+    if ablation.exists():
+        parts += ["### AccuQuant ablations (three calibration seeds)", "",
+                  "`python benchmarks/ablation.py --bits w4a8 --num 200 --seeds 0,1,2 --variants ...` "
+                  "(`benchmarks/results/ablation.md`, options of each variant in `ablation.json`): mean (min..max) "
+                  "over calibration seeds 0, 1, 2 on 200 paired samples. Unless a label says otherwise, variants get "
+                  "the same compute (iterations x M = 400) and start from the same per-step result of their seed.",
+                  ""] + _table_lines(ablation) + [""]
+    memory = RESULTS / "memory.md"
+    if memory.exists():
+        parts += ["### Memory of one AccuQuant step", "",
+                  "`python benchmarks/memory.py` (`benchmarks/results/memory.md`): one optimisation step over M "
+                  "steps, 8 trajectories (16 rows with guidance), W4A8; peak resident memory during the step minus "
+                  "the memory before it, its ratio to M = 1, and the step's time; medians of 3 fresh processes run "
+                  "with `MALLOC_MMAP_THRESHOLD_=131072`.", ""] + _table_lines(memory) + [""]
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--compare", default=None, help="an accuquant compare output directory to import")
+    p.add_argument("--seeds", default="", help="comma-separated compare directories with other calibration seeds")
+    args = p.parse_args()
+    if args.compare:
+        import_compare(Path(args.compare), [Path(d) for d in args.seeds.split(",") if d])
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        print("readme_results: the README has no results markers", file=sys.stderr)
+        return 2
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(head + render() + tail)
+    print(f"rewrote the results section of {README.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
