@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import accuquant as aq
 from accuquant import bundled
+from accuquant.compare import CompareSettings, quantize_process
 from accuquant.evaluation import evaluate, to_json_safe
 
 from common import ROOT, settings  # noqa: E402  (benchmarks/ is on the path when run)
@@ -33,22 +30,10 @@ COLS = ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "class_accuracy")
 
 
 def run_quantize(method: str, w: int, a: int, out: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "accuquant", "quantize", "--method", method, "--weight-bits", str(w),
-           "--act-bits", str(a), "--steps", str(args.steps), "--calib-samples", str(args.calib_samples),
-           "--seed", str(args.seed), "--out", str(out), "--quiet"]
-    if method != "naive":
-        cmd += ["--resume"]  # an interrupted benchmark continues where its calibration stopped
-        cmd += args.learn_args.split()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"quantize failed: {' '.join(cmd)}\n{err}")
-    meta = json.loads((out / "accuquant.json").read_text())
-    return {"quantize_wall_s": round(wall, 1), "calibration_s": round(sum(meta["timing_s"].values()), 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    cfg = CompareSettings(model=bundled.model_ref(bundled.DEFAULT_MODEL), methods=[method], bits=[f"w{w}a{a}"],
+                          num=args.num, steps=args.steps, calib_samples=args.calib_samples, seed=args.seed)
+    extra = args.learn_args.split() if method != "naive" else []
+    return quantize_process(cfg, method, f"w{w}a{a}", out, quiet=True, extra=extra)
 
 
 def fmt(v):

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--group-size", type=_positive, default=None, help="accuquant: denoising steps simulated "
                        "per group, M (default 4)")
     learn.add_argument("--grad", default=None, help="accuquant: gradient through a group, exact, checkpoint or "
-                       "approx (default approx)")
+                       "approx (default checkpoint)")
     learn.add_argument("--init", default=None, help="accuquant: starting point, per-step or naive "
                        "(default per-step)")
     learn.add_argument("--schedule", default=None, help="accuquant: order of groups, uniform (random) or cycle "

@@ -70,7 +70,6 @@ class CompareSettings:
 
     def check(self) -> None:
         from .methods import get_method
-        from .sampling import make_solver  # noqa: F401  (scheduler names checked by the CLI)
 
         if not self.methods:
             raise AccuQuantError("--methods: give at least one method")
@@ -127,8 +126,10 @@ def prepare_out(out: Path, settings: CompareSettings) -> None:
     _write_json(marker, dataclasses.asdict(settings))
 
 
-def quantize_process(settings: CompareSettings, method: str, bits: str, out: Path, quiet: bool) -> dict:
-    """Run ``accuquant quantize`` for one pair in its own process; its wall time and peak RSS."""
+def quantize_process(settings: CompareSettings, method: str, bits: str, out: Path, quiet: bool,
+                     extra: list[str] | tuple = ()) -> dict:
+    """Run ``accuquant quantize`` for one pair in its own process (``extra``: more flags);
+    its wall time and peak RSS."""
     w, a = parse_bits(bits)
     from .bundled import resolve_ref
 
@@ -141,6 +142,7 @@ def quantize_process(settings: CompareSettings, method: str, bits: str, out: Pat
         cmd.append("--resume")
     if quiet:
         cmd.append("--quiet")
+    cmd += list(extra)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE if quiet else None, text=True)
     try:
