@@ -52,13 +52,17 @@ def denoiser_evals(q: aq.Pipeline) -> int:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--bits", default="w4a8")
-    p.add_argument("--variants", required=True, help="';'-separated label:key=value,... (see the docstring)")
+    p.add_argument("--variants", default="", help="';'-separated label:key=value,... (see the docstring)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--num", type=int, default=300)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/ablation"))
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json, run nothing")
     args = p.parse_args()
+    if args.render_only:
+        write({}, args)
+        return
     fp = aq.load(bundled.DEFAULT_MODEL)
     rows = {}  # this run's rows; write() merges them with the file's
     for bits in args.bits.split(","):
@@ -104,6 +108,15 @@ def write(rows: dict, args) -> None:
         _write_md(out, args)
 
 
+def _is_default(row: dict) -> bool:
+    """A variant that runs AccuQuant exactly as its defaults do (the options it names)."""
+    from accuquant.methods.accuquant import DEFAULTS
+
+    opts = row["options"]
+    return row["method"] == "accuquant" and opts.get("iters", 1) != 0 and all(
+        opts.get(k, v) == v for k, v in DEFAULTS.items() if k != "iters") and opts.get("iters") == DEFAULTS["iters"]
+
+
 def _write_md(out: list, args) -> None:
     lines = ["| bits | variant | " + " | ".join(COLS) + " | method s (median) | denoiser evals | seeds |",
              "|" + " --- |" * (len(COLS) + 5)]
@@ -114,7 +127,8 @@ def _write_md(out: list, args) -> None:
             secs, evals = statistics.median(x["init_s"] for x in r["runs"]), "n/a"
         else:
             secs, evals = r["method_s"], f"{r['evals']:.3g}"
-        lines.append(f"| {r['bits']} | {r['label']} | " + " | ".join(cells)
+        label = r["label"] + (" (default)" if _is_default(r) else "")
+        lines.append(f"| {r['bits']} | {label} | " + " | ".join(cells)
                      + f" | {secs:.0f} | {evals} | {len(r['runs'])} |")
     Path(args.out + ".md").write_text(
         f"AccuQuant variants on the bundled model; {args.num} paired samples per run, DDIM {args.steps} steps, "

@@ -74,7 +74,14 @@ def test_a_rerun_keeps_finished_pairs_and_other_settings_are_refused(comparison,
     after = json.loads((out / "results.json").read_text())
     assert (out / "models" / "naive-w8a8" / "accuquant.json").stat().st_mtime_ns == stamp
     assert after["run_now"] == [] and after["runs"] == before["runs"]
+    # interrupted after quantizing, before scoring: the saved model is kept, only scoring runs again
+    (out / "runs" / "naive-w2a4.json").unlink()
     capsys.readouterr()
+    assert main(["compare", "--model", str(model), "--out", str(out), *ARGS]) == 0
+    assert "naive w2a4: quantized earlier, kept" in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())
+    assert again["run_now"] == ["naive-w2a4"] and again["runs"][1]["cost"] == before["runs"][1]["cost"]
+    assert again["runs"][1]["metrics"]["fid2fp"] == pytest.approx(before["runs"][1]["metrics"]["fid2fp"])
     other = [a if a != "16" else "32" for a in ARGS]  # --num 32
     assert main(["compare", "--model", str(model), "--out", str(out), *other]) == 2
     assert "other settings (num)" in capsys.readouterr().err

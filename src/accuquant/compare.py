@@ -5,6 +5,7 @@ Layout of the output directory::
 
     compare.json                  the settings (a rerun with other settings is refused)
     models/<method>-<bits>/       each quantized model, as ``accuquant quantize`` saves it
+    models/<method>-<bits>.cost.json  its calibration cost (a model without one is redone)
     runs/fp.json                  FP metrics
     runs/<method>-<bits>.json     metrics, calibration cost and error curve of one pair
     report.md, report.html, results.json, grid-<bits>.png, errors-<bits>.png
@@ -206,8 +207,16 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
             continue
         t0 = time.perf_counter()
         model_dir = out / "models" / name
-        log(f"[{k}/{len(pairs)}] {method} {bits}: quantizing")
-        cost = quantize_process(settings, method, bits, model_dir, quiet)
+        stamp_path = out / "models" / f"{name}.cost.json"
+        stamp = _read_json(stamp_path)
+        if stamp and stamp.get("key") == key and (model_dir / "accuquant.json").is_file():
+            log(f"[{k}/{len(pairs)}] {method} {bits}: quantized earlier, kept")
+            cost = stamp["cost"]
+        else:
+            log(f"[{k}/{len(pairs)}] {method} {bits}: quantizing")
+            stamp_path.unlink(missing_ok=True)
+            cost = quantize_process(settings, method, bits, model_dir, quiet)
+            _write_json(stamp_path, {"key": key, "cost": cost})
         q = load_pipeline(model_dir).to(settings.device)
         log(f"[{k}/{len(pairs)}] {method} {bits}: scoring {settings.num} paired samples")
         metrics = to_json_safe(evaluate(q, base=fp, **ev))
