@@ -92,6 +92,25 @@ def seed_section(seeds: list[dict]) -> list[str]:
     return lines
 
 
+#: tables included from the other benchmarks' results files: (file, heading, how it was made)
+OTHER_TABLES = [
+    ("quality.md", "1,000 paired samples (seed 0)",
+     "`python benchmarks/quality.py --methods naive,per-step,accuquant --bits w8a8,w4a8,w3a8,w4a6` "
+     "(`benchmarks/results/quality.md`): the same pairs scored on 1,000 paired samples, calibration seed 0. "
+     "AccuQuant's calibration time excludes the per-step initialisation it starts from (cached)."),
+    ("ablation.md", "AccuQuant ablations (three calibration seeds)",
+     "`python benchmarks/ablation.py --bits w4a8 --num 200 --seeds 0,1,2 --variants ...` "
+     "(`benchmarks/results/ablation.md`, options of each variant in `ablation.json`): mean (min..max) over "
+     "calibration seeds 0, 1, 2 on 200 paired samples. Unless a label says otherwise, variants get the same "
+     "compute (iterations x M = 400) and start from the same per-step result of their seed."),
+    ("memory.md", "Memory of one AccuQuant step",
+     "`python benchmarks/memory.py` (`benchmarks/results/memory.md`): one optimisation step over M steps, 8 "
+     "trajectories (16 rows with guidance), W4A8; peak resident memory during the step minus the memory before "
+     "it, its ratio to M = 1, and the step's time; medians of 3 fresh processes run with "
+     "`MALLOC_MMAP_THRESHOLD_=131072`."),
+]
+
+
 def render() -> str:
     res = _load(RESULTS / "compare.json")
     seeds = _load(RESULTS / "compare_seeds.json")
@@ -119,28 +138,9 @@ def render() -> str:
               f"{s['num']} paired samples; `benchmarks/results/compare_seeds.json`): mean (min..max) over the "
               "seeds, and AccuQuant's FID to FP as a ratio of per-step's, seed by seed.", ""]
     parts += seed_section(seeds) + [""]
-    quality = RESULTS / "quality.md"
-    if quality.exists():
-        parts += ["### 1,000 paired samples (seed 0)", "",
-                  "`python benchmarks/quality.py --methods naive,per-step,accuquant --bits w8a8,w4a8,w3a8,w4a6` "
-                  "(`benchmarks/results/quality.md`): the same pairs scored on 1,000 paired samples, calibration "
-                  "seed 0. AccuQuant's calibration time excludes the per-step initialisation it starts from (cached).",
-                  ""] + _table_lines(quality) + [""]
-    ablation = RESULTS / "ablation.md"
-    if ablation.exists():
-        parts += ["### AccuQuant ablations (three calibration seeds)", "",
-                  "`python benchmarks/ablation.py --bits w4a8 --num 200 --seeds 0,1,2 --variants ...` "
-                  "(`benchmarks/results/ablation.md`, options of each variant in `ablation.json`): mean (min..max) "
-                  "over calibration seeds 0, 1, 2 on 200 paired samples. Unless a label says otherwise, variants get "
-                  "the same compute (iterations x M = 400) and start from the same per-step result of their seed.",
-                  ""] + _table_lines(ablation) + [""]
-    memory = RESULTS / "memory.md"
-    if memory.exists():
-        parts += ["### Memory of one AccuQuant step", "",
-                  "`python benchmarks/memory.py` (`benchmarks/results/memory.md`): one optimisation step over M "
-                  "steps, 8 trajectories (16 rows with guidance), W4A8; peak resident memory during the step minus "
-                  "the memory before it, its ratio to M = 1, and the step's time; medians of 3 fresh processes run "
-                  "with `MALLOC_MMAP_THRESHOLD_=131072`.", ""] + _table_lines(memory) + [""]
+    for name, title, text in OTHER_TABLES:
+        if (RESULTS / name).exists():
+            parts += [f"### {title}", "", text, ""] + _table_lines(RESULTS / name) + [""]
     parts.append(END)
     return "\n".join(parts)
 
