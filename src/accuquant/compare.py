@@ -180,9 +180,12 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
     from .pipeline import load_pipeline
     from .report import write_report
 
+    from .engine import cache_dir
+
     settings.check()
     out = Path(out)
     prepare_out(out, settings)
+    cached = sum(1 for _ in cache_dir().rglob("*.safetensors")) if cache_dir().is_dir() else 0
     key = settings.run_key()
     t_start = time.perf_counter()
     fp = load_pipeline(resolve_ref(settings.model)).to(settings.device)
@@ -239,6 +242,7 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
         "runs": runs,
         "run_now": done_now,
         "wall_s": round(time.perf_counter() - t_start, 1),
+        "cache_files_at_start": cached,  # 0: nothing (trajectories, samples, results) was reused from earlier work
     }
     log("writing the report: grids, error plots, tables")
     write_report(results, fp, out, quiet=quiet)
