@@ -115,15 +115,15 @@ def render() -> str:
     res = _load(RESULTS / "compare.json")
     seeds = _load(RESULTS / "compare_seeds.json")
     s = res["settings"]
-    cache = ("from an empty cache" if res.get("cache_files_at_start") == 0
-             else "reusing cached calibration data and results")
+    n_cached = res.get("cache_files_at_start")  # not recorded by older versions of compare
+    cache = {None: "", 0: ", from an empty cache"}.get(n_cached, ", reusing cached calibration data and results")
     one_go = len(res["run_now"]) == len(res["runs"])  # all pairs in one invocation: its wall time
     minutes = (res["wall_s"] if one_go else sum(r["pair_wall_s"] for r in res["runs"])) / 60
     parts = [BEGIN, "",
              "### All methods and bit widths: `accuquant compare`", "",
              f"`accuquant compare --num {s['num']} --analyze-num {s['analyze_num']} --out runs/compare` on the "
              f"bundled model ({s['scheduler'].upper()} {s['steps']} steps, calibration on {s['calib_samples']} FP "
-             f"trajectories, seed {s['seed']}, every method with its defaults), {cache}: "
+             f"trajectories, seed {s['seed']}, every method with its defaults){cache}: "
              f"{minutes:.0f} min for the {len(res['runs'])} pairs on the 2-core machine "
              f"({res['versions']['cpu_threads']} thread per process). Table, figures and "
              "`results.json` are its output (`benchmarks/results/compare.md`, `compare.json`, `docs/compare/`).", "",
