@@ -217,7 +217,8 @@ def _per_step_cmd(model, out, cache):
 
 
 def test_per_step_killed_with_ctrl_c_resumes_to_the_same_model(digit_pipeline_dir, tmp_path):
-    """A real interruption: SIGINT to the process once two blocks are done, then --resume."""
+    """A real interruption: SIGINT to the process once a block is done, then --resume (early,
+    so that under load the run cannot finish before the signal lands)."""
     import signal
     import time
 
@@ -240,12 +241,12 @@ def test_per_step_killed_with_ctrl_c_resumes_to_the_same_model(digit_pipeline_di
                     done = int(fh.metadata()["done"])
             except Exception:  # being replaced at this very moment
                 pass
-        if done >= 2:
+        if done >= 1:
             proc.send_signal(signal.SIGINT)
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     _, err = proc.communicate(timeout=60)
-    assert done >= 2 and proc.returncode == 130, err
+    assert done >= 1 and proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     assert not (tmp_path / "resumed").exists()
     resumed = subprocess.run(_per_step_cmd(digit_pipeline_dir, tmp_path / "resumed", tmp_path) + ["--resume"],
@@ -257,5 +258,5 @@ def test_per_step_killed_with_ctrl_c_resumes_to_the_same_model(digit_pipeline_di
     import json
 
     log = json.loads((tmp_path / "resumed" / "accuquant.json").read_text())["method_log"]
-    assert log["resumed_at_block"] >= 2
+    assert log["resumed_at_block"] >= 1
     assert not list(runs.glob("*.safetensors"))  # the checkpoint is gone once the run finished
