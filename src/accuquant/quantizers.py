@@ -209,6 +209,12 @@ class UniformQuantizer(nn.Module):
         return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
 
+def annealed_beta(frac: float, start: float = 20.0, end: float = 2.0) -> float:
+    """AdaRound's regulariser exponent at fraction ``frac`` of the annealing: cosine from
+    ``start`` to ``end`` (the cosine in float32, as the per-step method has always computed it)."""
+    return end + 0.5 * (start - end) * (1 + torch.cos(torch.tensor(frac * math.pi))).item()
+
+
 class RangeObserver:
     """Collects the range of a stream of activations, and a bounded random sample of its values.
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import time
 
 import torch
@@ -33,6 +32,7 @@ from ..layers import all_quantizers, quant_layers
 from ..multistep import GRAD_MODES, multistep_backward
 from ..errors import AccuQuantError
 from ..progress import progress_bar
+from ..quantizers import annealed_beta
 from . import (CalibrationContext, get_method, load_cached_result, method_options, register_method, save_result,
                weights_frozen)
 
@@ -257,7 +257,7 @@ def _run(ctx: CalibrationContext, opts: dict) -> None:
                 if alphas and it >= warm:
                     # AdaRound's annealed regulariser (exponent from 20 down to 2), scaled by the loss
                     frac = (it - warm) / max(1, iters - warm)
-                    beta = 2.0 + 9.0 * (1 + math.cos(frac * math.pi))
+                    beta = annealed_beta(frac)
                     (float(opts["round_reg"]) * loss * rounding_penalty(model, beta)).backward()
             opt.step()
             opt.zero_grad()

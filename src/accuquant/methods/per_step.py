@@ -36,6 +36,7 @@ from ..blocks import Block, find_blocks
 from ..checkpoint import load_quantizers, read_checkpoint, save_checkpoint
 from ..progress import progress_bar
 from . import CalibrationContext, method_options, register_method, weights_frozen
+from ..quantizers import annealed_beta
 from .naive import init_act_ranges, init_weight_ranges
 
 #: Options and their defaults.
@@ -140,7 +141,7 @@ def _adaround_phase(ctx, block: Block, data: BlockData, opts, gen, bar=None) -> 
         loss = rec
         if it >= warm:
             frac = (it - warm) / max(1, iters - warm)
-            beta = opts["beta_end"] + 0.5 * (opts["beta_start"] - opts["beta_end"]) * (1 + torch.cos(torch.tensor(frac * torch.pi))).item()
+            beta = annealed_beta(frac, opts["beta_start"], opts["beta_end"])
             # The regulariser covers every weight quantizer of the block, split halves included.
             loss = rec + opts["reg_weight"] * sum(q.rounding_regularizer(beta) for q in quants)
         opt.zero_grad(set_to_none=True)
