@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -144,18 +145,23 @@ def quantize_process(settings: CompareSettings, method: str, bits: str, out: Pat
     if quiet:
         cmd.append("--quiet")
     cmd += list(extra)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE if quiet else None, text=True)
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    except KeyboardInterrupt:
-        proc.wait()  # the child got the interrupt too: let it save its checkpoint
-        raise
-    wall = time.perf_counter() - t0
-    stdout = proc.stdout.read()
+    # The child's output goes to files, not pipes: pipes read only after the wait would
+    # block a child that writes more than a pipe holds.
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f if quiet else None, text=True)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except KeyboardInterrupt:
+            proc.wait()  # the child got the interrupt too: let it save its checkpoint
+            raise
+        wall = time.perf_counter() - t0
+        out_f.seek(0)
+        err_f.seek(0)
+        stdout, stderr = out_f.read(), err_f.read()
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        err = (proc.stderr.read() if quiet else "").strip().splitlines()
+        err = stderr.strip().splitlines()
         why = err[-1] if err else f"exit status {code}"
         raise AccuQuantError(f"quantizing with {method} at {bits} failed: {why}")
     meta = json.loads((out / "accuquant.json").read_text())
