@@ -206,17 +206,18 @@ def _compare(args) -> None:
     from .compare import CompareSettings, run_compare
     from .safety import check_device
 
+    from .report import markdown_table
+
     _check_scheduler(args.scheduler)
     check_device(args.device)
+    model = _model_arg(args)
     settings = CompareSettings(
-        model=model_ref(_model_arg(args)) if Path(_model_arg(args)).exists() else _model_arg(args),
+        model=model_ref(model) if Path(model).exists() else model,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         bits=[b.strip().lower() for b in args.bits.split(",") if b.strip()],
         num=args.num, steps=args.steps, scheduler=args.scheduler, calib_samples=args.calib_samples, seed=args.seed,
         analyze_num=args.analyze_num, grid=args.grid, device=args.device)
     results = run_compare(settings, args.out, quiet=args.quiet)
-    from .report import markdown_table
-
     print(markdown_table(results))
     print(f"wrote {Path(args.out) / 'report.md'}, report.html and results.json ({results['wall_s']:.0f} s)")
 
