@@ -230,8 +230,11 @@ def test_per_step_killed_with_ctrl_c_resumes_to_the_same_model(digit_pipeline_di
                           text=True, env=env)
     assert full.returncode == 0, full.stderr
     runs = tmp_path / "cache" / "runs"
+    # A job started in the background by a shell inherits SIGINT ignored, and so would the
+    # child: give it the default disposition, as a terminal's Ctrl-C finds it.
     proc = subprocess.Popen(_per_step_cmd(digit_pipeline_dir, tmp_path / "resumed", tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     done = 0
     while time.time() < deadline and proc.poll() is None:

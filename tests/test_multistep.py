@@ -146,6 +146,61 @@ def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding):
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_accuquant_keeps_a_learned_rounding_as_fixed_codes(monkeypatch):
+    """With init="per-step" and rounding="keep", the saved codes are exactly the init's while
+    the step sizes move (also across an interruption and a resume). The stand-in per-step
+    gives hard learned rounding decisions at random, so they are not round-to-nearest."""
+    import accuquant.methods as methods
+    import accuquant.methods.accuquant as mod
+    from accuquant.layers import quant_layers
+
+    init_codes = {}
+
+    def fake_per_step(ctx):
+        get_method("naive")(ctx)
+        g = torch.Generator().manual_seed(1)
+        for name, layer in quant_layers(ctx.denoiser.model).items():
+            parts = layer._parts(layer.module.weight, 1)
+            for q, p in zip(layer.weight_quant, parts):
+                if q.enabled:
+                    q.enable_learned_rounding(p.detach())
+                    q.alpha.data = torch.where(torch.rand(p.shape, generator=g) < 0.5, -2.0, 2.0)
+                    q.soft_rounding = False
+            if layer.weight_quant:
+                init_codes[name] = torch.cat([q.to_int(p) - q.qmin for q, p in zip(layer.weight_quant, parts)],
+                                             1).to(torch.uint8)
+
+    monkeypatch.setitem(methods.METHODS, "per-step", fake_per_step)
+    opts = dict(init="per-step", lr=3e-2, use_cache=False)
+    full = _accuquant(**opts)
+    first = dict(init_codes)
+    a = _codes(full)
+    assert a.keys() == first.keys() and all(torch.equal(a[k], first[k]) for k in a)
+    real, calls = mod.multistep_backward, []
+
+    def interrupt(*args, **kw):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mod, "multistep_backward", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _accuquant(**opts)
+    monkeypatch.setattr(mod, "multistep_backward", real)
+    resumed = _accuquant(resume=True, **opts)
+    assert resumed.quant["method_log"]["resumed_at_iteration"] == 5
+    b = _codes(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = _scales(full), _scales(resumed)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # the weight step sizes did move (by more than float noise), so the codes had a reason to change
+    start = aq.quantize(class_pipeline(), aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4,
+                        calib_samples=6, progress=False, use_cache=False)
+    moved = [float((sa[k] / v - 1).abs().max()) for k, v in _scales(start).items() if "weight_quant" in k]
+    assert max(moved) > 0.05, max(moved)
+
+
 def test_accuquant_learns_the_rounding_jointly_when_asked():
     """rounding="learn": AdaRound variables are learned with the step sizes (from the
     naive init: from the weights' fractional parts), the loss goes down, and the saved

@@ -116,3 +116,27 @@ def test_percentile_range_on_a_tensor_larger_than_quantiles_limit():
     q = UniformQuantizer(8, symmetric=True)
     q.init_range(x, "percentile", percentile=99.0)
     assert abs(q.scale.item() * 127 - 0.98) < 0.01
+
+
+def test_fixed_codes_keep_the_rounding_when_the_step_size_moves():
+    """With learned rounding, floor(w / s) + decision re-derives the codes at each step size,
+    so a weight crossing a grid point jumps by a whole step; fixed codes only scale."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 64, generator=g)
+    q = UniformQuantizer(3, symmetric=True, shape=(8, 1), axis=0)
+    q.init_range(w, "minmax")
+    q.enable_learned_rounding(w)
+    q.alpha.data = torch.where(torch.rand(w.shape, generator=g) < 0.5, -2.0, 2.0)
+    q.soft_rounding = False
+    codes, before = q.to_int(w), q(w).detach()
+    q.fix_codes(w)
+    assert q.alpha is None and torch.equal(q.codes, codes) and torch.equal(q(w), before)
+    with torch.no_grad():
+        q.scale.mul_(0.97)
+    assert torch.equal(q.to_int(w), codes)
+    assert torch.allclose(q(w), before * 0.97, atol=1e-6)  # continuous in the step size
+    floor_codes = torch.clamp(torch.floor(w / q.scale) + (codes - torch.floor(w / (q.scale / 0.97))), -3, 3)
+    assert (floor_codes != codes).any()  # what re-deriving the codes would have done
+    q.scale.grad = None
+    (q(w) * w).sum().backward()
+    assert torch.allclose(q.scale.grad.squeeze(1), (codes.float() * w).sum(1))  # d/ds of s * codes

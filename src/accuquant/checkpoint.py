@@ -1,7 +1,8 @@
 """Resumable calibration: the state of every quantizer, saved after each finished unit of work.
 
 A checkpoint is one safetensors file: for each quantizer its step size, zero point and,
-when learned rounding is on, its rounding variables; the metadata says how far the
+when learned rounding is on, its rounding variables, or its integer codes when they are
+fixed; the metadata says how far the
 method got (``done``) and under which settings (``key``). Writing is atomic, so an
 interruption leaves the previous checkpoint intact. A method that resumes loads the
 quantizers and skips the finished units; with per-unit seeds the result is the same as
@@ -35,6 +36,8 @@ def save_checkpoint(path: Path, model: nn.Module, key: str, done: int, extra: di
         tensors[f"{name}.zero_point"] = q.zero_point.detach().cpu().contiguous()
         if q.alpha is not None:
             tensors[f"{name}.alpha"] = q.alpha.detach().cpu().contiguous()
+        if q.codes is not None:
+            tensors[f"{name}.codes"] = q.codes.cpu().contiguous()
     meta = {"format": FORMAT, "key": key, "done": str(done), "extra": json.dumps(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -68,3 +71,5 @@ def load_quantizers(model: nn.Module, tensors: dict) -> None:
             q.soft_rounding = False
         else:
             q.alpha = None
+        codes = tensors.get(f"{name}.codes")
+        q.codes = None if codes is None else codes.to(device=q.scale.device, dtype=torch.int16)

@@ -117,6 +117,7 @@ class QuantLayer(nn.Module):
         self.weight_codes = torch.cat(codes, dim=1).to(torch.uint8)
         for q in self.weight_quant:
             q.alpha = None
+            q.codes = None
         del self.module.weight
 
     def quantizers(self) -> dict[str, UniformQuantizer]:

@@ -9,7 +9,11 @@ and back: ``q = clamp(round(x / s) + z, qmin, qmax)``, ``x_hat = (q - z) * s``.
 
 Rounding passes gradients straight through; the step size ``s`` is an ``nn.Parameter``
 whose gradient is the LSQ one (it falls out of autograd through ``x / s`` and ``* s``).
-Weights can switch to learned rounding (AdaRound): ``floor(x / s) + h(alpha)``.
+Weights can switch to learned rounding (AdaRound): ``floor(x / s) + h(alpha)``. A weight
+quantizer can also hold fixed integer codes (:meth:`UniformQuantizer.fix_codes`): then
+``x_hat = (q - z) * s`` with ``q`` fixed and only ``s`` learnable, which keeps learned
+rounding decisions when the step size moves (``floor(x / s)`` would jump by a whole step
+for every weight that crosses a grid point).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class UniformQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
         self.alpha: nn.Parameter | None = None  # AdaRound variables, when learned rounding is on
+        self.codes: torch.Tensor | None = None  # fixed integer codes (int16, zero point included)
         self.soft_rounding = True
         self.enabled = True
         self.observer: RangeObserver | None = None
@@ -80,7 +85,8 @@ class UniformQuantizer(nn.Module):
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         gran = "tensor" if self.axis is None else f"axis={self.axis}"
-        return f"bits={self.bits}, {kind}, {gran}" + (", adaround" if self.alpha is not None else "")
+        extra = ", adaround" if self.alpha is not None else (", fixed codes" if self.codes is not None else "")
+        return f"bits={self.bits}, {kind}, {gran}" + extra
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +96,8 @@ class UniformQuantizer(nn.Module):
         if not self.enabled:
             return x
         s = self.scale
+        if self.codes is not None:
+            return (self.codes.to(s.dtype) - self.zero_point) * s
         if not torch.is_grad_enabled() and self.alpha is None:
             # Inference: the same arithmetic as below, in place on one fresh tensor (3x faster).
             y = x / s
@@ -105,6 +113,8 @@ class UniformQuantizer(nn.Module):
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes in ``[qmin, qmax]`` (int16), rounding as :meth:`forward` does (hard)."""
         with torch.no_grad():
+            if self.codes is not None:
+                return self.codes.clone()
             if self.alpha is not None:
                 x_int = torch.floor(x / self.scale) + (self.alpha >= 0).to(x.dtype)
             else:
@@ -200,6 +210,13 @@ class UniformQuantizer(nn.Module):
         alpha = -torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)
         self.alpha = nn.Parameter(alpha)
         self.soft_rounding = True
+
+    @torch.no_grad()
+    def fix_codes(self, w: torch.Tensor) -> None:
+        """Fix the integer codes of weight ``w`` as they are now (hard rounding, learned or
+        nearest); from here on only the step size moves the quantized values."""
+        self.codes = self.to_int(w)
+        self.alpha = None
 
     def rounding_regularizer(self, beta: float) -> torch.Tensor:
         """AdaRound's ``sum(1 - |2 h(alpha) - 1|^beta)``, which pushes ``h`` to 0 or 1."""

@@ -110,14 +110,18 @@ def method_options(ctx: CalibrationContext, defaults: dict, name: str = "") -> d
 
 METHODS: dict[str, Callable[[CalibrationContext], None]] = {}
 METHOD_OPTIONS: dict[str, dict] = {}
+METHOD_VERSIONS: dict[str, int] = {}
 
 
-def register_method(name: str, options: dict | None = None):
-    """Register ``calibrate(ctx)`` as method ``name``; ``options`` are its option defaults."""
+def register_method(name: str, options: dict | None = None, version: int = 1):
+    """Register ``calibrate(ctx)`` as method ``name``; ``options`` are its option defaults;
+    ``version`` goes up when the same options give another result (it is part of the run
+    key, so a checkpoint of an older version is not resumed)."""
 
     def deco(fn):
         METHODS[name] = fn
         METHOD_OPTIONS[name] = dict(options or {})
+        METHOD_VERSIONS[name] = version
         return fn
 
     return deco
