@@ -30,6 +30,7 @@ import torch
 import accuquant as aq
 from accuquant import bundled
 from accuquant.evaluation import evaluate, to_json_safe
+from accuquant.methods import METHOD_VERSIONS
 
 from common import ROOT, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
@@ -86,6 +87,7 @@ def main() -> None:
             summary = {c: {"mean": statistics.fmean(x[c] for x in runs), "min": min(x[c] for x in runs),
                            "max": max(x[c] for x in runs)} for c in COLS}
             rows[bits, label] = {"bits": bits, "label": label, "method": method, "options": opts, "num": args.num,
+                                 "method_version": METHOD_VERSIONS[method],
                                  "runs": runs, "summary": summary,
                                  "method_s": statistics.median(x["method_s"] for x in runs),
                                  "evals": statistics.median(x["evals"] for x in runs)}

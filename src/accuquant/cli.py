@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--iters", type=_non_negative, default=None, help="per-step: AdaRound iterations per block "
                        "(default 300); accuquant: optimisation steps (default 100)")
     learn.add_argument("--lr", type=_positive_float, default=None, help="per-step: learning rate of the rounding "
-                       "variables (default 1e-2); accuquant: learning rate relative to each step size (default 3e-4)")
+                       "variables (default 1e-2); accuquant: learning rate relative to each step size (default 1e-3)")
     learn.add_argument("--group-size", type=_positive, default=None, help="accuquant: denoising steps simulated "
                        "per group, M (default 4)")
     learn.add_argument("--grad", default=None, help="accuquant: gradient through a group, exact, checkpoint or "
@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default per-step)")
     learn.add_argument("--schedule", default=None, help="accuquant: order of groups, uniform (random) or cycle "
                        "(default uniform)")
-    learn.add_argument("--rounding", default=None, help="accuquant: weight rounding, keep (the initialisation's) "
-                       "or learn (AdaRound variables learned jointly with the step sizes; default keep)")
+    learn.add_argument("--rounding", default=None, help="accuquant: weight rounding, keep (the initialisation's "
+                       "integer codes; the step sizes scale them) or learn (AdaRound variables learned jointly with the step sizes; default keep)")
     learn.add_argument("--act-iters", type=_non_negative, default=None, help="per-step: activation step-size "
                        "iterations per block (default 100)")
     learn.add_argument("--act-lr", type=_positive_float, default=None, help="per-step: learning rate of activation "

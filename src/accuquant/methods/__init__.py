@@ -66,8 +66,11 @@ def weights_frozen(model: torch.nn.Module):
 
 
 def result_key(ctx: CalibrationContext, method: str) -> str:
-    """The cache key of ``method``'s result with its default options in this context."""
-    return hashlib.sha256(f"{ctx.base_key}:{method}".encode()).hexdigest()[:24]
+    """The cache key of ``method``'s result with its default options in this context (and
+    the method's version, so that a result of an older version is not taken)."""
+    version = METHOD_VERSIONS.get(method, 1)
+    tag = f"{ctx.base_key}:{method}" + (f":v{version}" if version != 1 else "")
+    return hashlib.sha256(tag.encode()).hexdigest()[:24]
 
 
 def load_cached_result(ctx: CalibrationContext, method: str) -> dict | None:
