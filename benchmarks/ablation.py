@@ -60,9 +60,11 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/ablation"))
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json, run nothing")
+    p.add_argument("--drop", default="", help="';'-separated bits/label rows to delete from the results, "
+                   "e.g. 'w4a8/M=2 lr 3e-4' (superseded rows); nothing is run")
     args = p.parse_args()
-    if args.render_only:
-        write({}, args)
+    if args.render_only or args.drop:
+        write({}, args, drop={tuple(x.split("/", 1)) for x in args.drop.split(";") if x})
         return
     fp = aq.load(bundled.DEFAULT_MODEL)
     rows = {}  # this run's rows; write() merges them with the file's
@@ -94,14 +96,20 @@ def main() -> None:
             write(rows, args)
 
 
-def write(rows: dict, args) -> None:
-    """Merge ``rows`` into the results file (under a lock: several ablations may run at once)."""
+def write(rows: dict, args, drop: set = frozenset()) -> None:
+    """Merge ``rows`` into the results file (under a lock: several ablations may run at once),
+    without the ``(bits, label)`` rows in ``drop``."""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = Path(args.out + ".json")
         merged = {(r["bits"], r["label"]): r for r in (json.loads(old.read_text())["rows"] if old.exists() else [])
                   if r.get("num") == args.num}
+        missing = drop - set(merged)
+        if missing:
+            raise SystemExit(f"--drop: no such row(s): {sorted(missing)}")
+        for k in drop:
+            del merged[k]
         merged.update({k: to_json_safe(r) for k, r in rows.items()})
         out = sorted(merged.values(), key=lambda r: (r["bits"], r["label"]))
         tmp = Path(args.out + ".json.tmp")
@@ -115,8 +123,7 @@ def _is_default(row: dict) -> bool:
     from accuquant.methods.accuquant import DEFAULTS
 
     opts = row["options"]
-    return row["method"] == "accuquant" and opts.get("iters", 1) != 0 and all(
-        opts.get(k, v) == v for k, v in DEFAULTS.items() if k != "iters") and opts.get("iters") == DEFAULTS["iters"]
+    return row["method"] == "accuquant" and all(opts.get(k, v) == v for k, v in DEFAULTS.items())
 
 
 def _write_md(out: list, args) -> None:
@@ -130,6 +137,8 @@ def _write_md(out: list, args) -> None:
         else:
             secs, evals = r["method_s"], f"{r['evals']:.3g}"
         label = r["label"] + (" (default)" if _is_default(r) else "")
+        if r.get("method_version", 1) < METHOD_VERSIONS[r["method"]]:
+            label += " ‡"
         lines.append(f"| {r['bits']} | {label} | " + " | ".join(cells)
                      + f" | {secs:.0f} | {evals} | {len(r['runs'])} |")
     Path(args.out + ".md").write_text(
@@ -139,8 +148,12 @@ def _write_md(out: list, args) -> None:
         "variant's own optimisation (AccuQuant rows exclude the shared per-step initialisation, which runs once "
         "per (bits, seed); the per-step row gives that initialisation's time); 'denoiser evals' counts forward "
         "and backward passes of one sample through the denoiser, both guidance branches counted. Times are "
-        "single-thread processes on a shared 2-core machine.\n\n"
-        + "\n".join(lines) + "\n")
+        "single-thread processes on a shared 2-core machine."
+        + (" ‡: measured with version 1 of the method, whose result for these options is the same as the "
+           "current version's (version 2 keeps a learned rounding as fixed integer codes while the step sizes "
+           "move; these rows start from naive ranges, learn the rounding, or make no optimisation step)."
+           if any("‡" in x for x in lines) else "")
+        + "\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
