@@ -259,3 +259,20 @@ def test_the_init_method_result_is_cached_and_shared():
                         iters=0, use_cache=False)
     assert "cached" not in fresh.quant["method_log"]["init"]
     assert all(torch.equal(a[k], v) for k, v in _scales(fresh).items())
+
+
+def test_a_new_method_version_neither_resumes_nor_reuses_older_results(monkeypatch):
+    """The method's version is part of the run key (checkpoints) and of the result cache key."""
+    import accuquant.methods as methods
+    from accuquant.engine import run_key
+
+    pipe = class_pipeline()
+    solver = aq.make_solver("ddim", dict(diffusers.DDIMScheduler().config), 4)
+    calib = aq.collect_trajectories(pipe.denoiser(), solver, 2, cond=pipe.conditions(2), progress=False)
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
+    ctx = CalibrationContext(pipe.denoiser(), solver, calib, cfg, progress=False, base_key="base")
+    keys = {m: (run_key("fp", cfg, m, {}, calib, 0, 8, 1.0), methods.result_key(ctx, m)) for m in ("per-step", "naive")}
+    monkeypatch.setitem(methods.METHOD_VERSIONS, "per-step", methods.METHOD_VERSIONS["per-step"] + 1)
+    new = run_key("fp", cfg, "per-step", {}, calib, 0, 8, 1.0), methods.result_key(ctx, "per-step")
+    assert new[0] != keys["per-step"][0] and new[1] != keys["per-step"][1]
+    assert (run_key("fp", cfg, "naive", {}, calib, 0, 8, 1.0), methods.result_key(ctx, "naive")) == keys["naive"]
