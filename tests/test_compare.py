@@ -82,6 +82,16 @@ def test_a_rerun_keeps_finished_pairs_and_other_settings_are_refused(comparison,
     again = json.loads((out / "results.json").read_text())
     assert again["run_now"] == ["naive-w2a4"] and again["runs"][1]["cost"] == before["runs"][1]["cost"]
     assert again["runs"][1]["metrics"]["fid2fp"] == pytest.approx(before["runs"][1]["metrics"]["fid2fp"])
+    # a record of an older version of its method is redone, model included
+    rec = json.loads((out / "runs" / "naive-w8a8.json").read_text())
+    assert rec["method_version"] == 1
+    for f in (out / "runs" / "naive-w8a8.json", out / "models" / "naive-w8a8.cost.json"):
+        f.write_text(json.dumps({**json.loads(f.read_text()), "method_version": 0}))
+    capsys.readouterr()
+    assert main(["compare", "--model", str(model), "--out", str(out), *ARGS]) == 0
+    assert "naive w8a8: quantizing" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["run_now"] == ["naive-w8a8"]
+    assert json.loads((out / "runs" / "naive-w8a8.json").read_text())["method_version"] == 1
     other = [a if a != "16" else "32" for a in ARGS]  # --num 32
     assert main(["compare", "--model", str(model), "--out", str(out), *other]) == 2
     assert "other settings (num)" in capsys.readouterr().err

@@ -13,7 +13,7 @@ Layout of the output directory::
 Each quantization runs as its own ``accuquant quantize`` process, so its wall time and
 peak resident memory are its own (learning methods with ``--resume``: an interrupted
 comparison continues inside the interrupted calibration). A pair whose record exists is
-skipped; FP calibration trajectories, FP samples and the per-step initialisation that
+skipped, unless the record is of an older version of its method; FP calibration trajectories, FP samples and the per-step initialisation that
 AccuQuant starts from come from the cache (:func:`accuquant.engine.cache_dir`).
 """
 
@@ -187,6 +187,7 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
     from .report import write_report
 
     from .engine import cache_dir
+    from .methods import METHOD_VERSIONS
 
     settings.check()
     out = Path(out)
@@ -210,28 +211,32 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
     for k, (method, bits) in enumerate(pairs, 1):
         name = f"{method}-{bits}"
         rec_path = out / "runs" / f"{name}.json"
+        version = METHOD_VERSIONS[method]
         rec = _read_json(rec_path)
-        if rec and rec.get("key") == key:
+        # (a record without a version predates versions: taken as the current one)
+        if rec and rec.get("key") == key and rec.get("method_version", version) == version:
             log(f"[{k}/{len(pairs)}] {method} {bits}: done earlier, kept")
             continue
         t0 = time.perf_counter()
         model_dir = out / "models" / name
         stamp_path = out / "models" / f"{name}.cost.json"
         stamp = _read_json(stamp_path)
-        if stamp and stamp.get("key") == key and (model_dir / "accuquant.json").is_file():
+        if stamp and stamp.get("key") == key and stamp.get("method_version", version) == version \
+                and (model_dir / "accuquant.json").is_file():
             log(f"[{k}/{len(pairs)}] {method} {bits}: quantized earlier, kept")
             cost = stamp["cost"]
         else:
             log(f"[{k}/{len(pairs)}] {method} {bits}: quantizing")
             stamp_path.unlink(missing_ok=True)
             cost = quantize_process(settings, method, bits, model_dir, quiet)
-            _write_json(stamp_path, {"key": key, "cost": cost})
+            _write_json(stamp_path, {"key": key, "method_version": version, "cost": cost})
         q = load_pipeline(model_dir).to(settings.device)
         log(f"[{k}/{len(pairs)}] {method} {bits}: scoring {settings.num} paired samples")
         metrics = to_json_safe(evaluate(q, base=fp, **ev))
         log(f"[{k}/{len(pairs)}] {method} {bits}: error curves on {settings.analyze_num} paired samples")
         errors = error_accumulation(q, base=fp, **an)
-        rec = {"key": key, "method": method, "bits": bits, "metrics": metrics, "cost": cost, "errors": errors,
+        rec = {"key": key, "method": method, "method_version": version, "bits": bits, "metrics": metrics,
+               "cost": cost, "errors": errors,
                "pair_wall_s": round(time.perf_counter() - t0, 1)}
         _write_json(rec_path, rec)
         done_now.append(name)
