@@ -131,6 +131,7 @@ def test_fixed_codes_keep_the_rounding_when_the_step_size_moves():
     codes, before = q.to_int(w), q(w).detach()
     q.fix_codes(w)
     assert q.alpha is None and torch.equal(q.codes, codes) and torch.equal(q(w), before)
+    assert "codes" in dict(q.named_buffers()) and "codes" not in q.state_dict()  # follows .to(), not saved there
     with torch.no_grad():
         q.scale.mul_(0.97)
     assert torch.equal(q.to_int(w), codes)

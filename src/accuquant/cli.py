@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--schedule", default=None, help="accuquant: order of groups, uniform (random) or cycle "
                        "(default uniform)")
     learn.add_argument("--rounding", default=None, help="accuquant: weight rounding, keep (the initialisation's "
-                       "integer codes; the step sizes scale them) or learn (AdaRound variables learned jointly with the step sizes; default keep)")
+                       "integer codes; the step sizes scale them) or learn (AdaRound variables learned jointly "
+                       "with the step sizes; default keep)")
     learn.add_argument("--act-iters", type=_non_negative, default=None, help="per-step: activation step-size "
                        "iterations per block (default 100)")
     learn.add_argument("--act-lr", type=_positive_float, default=None, help="per-step: learning rate of activation "

@@ -13,8 +13,9 @@ Layout of the output directory::
 Each quantization runs as its own ``accuquant quantize`` process, so its wall time and
 peak resident memory are its own (learning methods with ``--resume``: an interrupted
 comparison continues inside the interrupted calibration). A pair whose record exists is
-skipped, unless the record is of an older version of its method; FP calibration trajectories, FP samples and the per-step initialisation that
-AccuQuant starts from come from the cache (:func:`accuquant.engine.cache_dir`).
+skipped, unless an older version of its method made it; FP calibration trajectories, FP
+samples and the per-step initialisation that AccuQuant starts from come from the cache
+(:func:`accuquant.engine.cache_dir`).
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ class UniformQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
         self.alpha: nn.Parameter | None = None  # AdaRound variables, when learned rounding is on
-        self.codes: torch.Tensor | None = None  # fixed integer codes (int16, zero point included)
+        # fixed integer codes (int16, zero point included); a buffer, so it follows .to(device)
+        self.register_buffer("codes", None, persistent=False)
         self.soft_rounding = True
         self.enabled = True
         self.observer: RangeObserver | None = None
