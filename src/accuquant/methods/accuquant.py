@@ -43,7 +43,7 @@ from . import (CalibrationContext, get_method, load_cached_result, method_option
 
 DEFAULTS = {
     "group_size": 4,  # M: denoising steps simulated per group
-    "grad": "checkpoint",  # exact | checkpoint | approx (checkpoint beat approx on 3 of 3 seeds at equal cost)
+    "grad": "checkpoint",  # exact | checkpoint | approx (checkpoint: lower mean, better worst seed at equal cost)
     "init": "per-step",  # per-step | naive
     "iters": 100,  # optimisation steps
     "lr": 1e-3,  # Adam learning rate, relative to each step size (ablation: best of 3e-4, 1e-3, 3e-3 on 3 of 3 seeds)
