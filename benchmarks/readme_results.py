@@ -99,10 +99,12 @@ OTHER_TABLES = [
      "(`benchmarks/results/quality.md`): the same pairs scored on 1,000 paired samples, calibration seed 0. "
      "AccuQuant's calibration time excludes the per-step initialisation it starts from (cached)."),
     ("ablation.md", "AccuQuant ablations (three calibration seeds)",
-     "`python benchmarks/ablation.py --bits w4a8 --num 200 --seeds 0,1,2 --variants ...` "
-     "(`benchmarks/results/ablation.md`, options of each variant in `ablation.json`): mean (min..max) over "
+     "`python benchmarks/ablation.py --bits w4a8 --num 200 --seeds 0,1,2 --variants ...` (and `--bits w3a8`; "
+     "`benchmarks/results/ablation.md`, options of each variant in `ablation.json`): mean (min..max) over "
      "calibration seeds 0, 1, 2 on 200 paired samples. Unless a label says otherwise, variants get the same "
-     "compute (iterations x M = 400) and start from the same per-step result of their seed."),
+     "compute (iterations x M = 400) and start from the same per-step result of their seed. ‡: measured with "
+     "version 1 of the method, whose result for these options is the same as the current version's (they "
+     "start from naive ranges, learn the rounding, or make no optimisation step)."),
     ("memory.md", "Memory of one AccuQuant step",
      "`python benchmarks/memory.py` (`benchmarks/results/memory.md`): one optimisation step over M steps, 8 "
      "trajectories (16 rows with guidance), W4A8; peak resident memory during the step minus the memory before "
