@@ -245,7 +245,7 @@ def watched_run():
 def test_defect_second_split_half_learns_its_rounding(watched_run):
     ctx, _ = watched_run
     for layer in _split_layers(ctx.denoiser.model):
-        for q, part in zip(layer.weight_quant, layer._parts(layer.module.weight, 1)):
+        for q, part in layer.weight_parts():
             assert q.alpha is not None and not q.soft_rounding
             learned = torch.floor(part / q.scale) + (q.alpha >= 0).float()
             nearest = torch.round(part / q.scale)

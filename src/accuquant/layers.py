@@ -79,6 +79,11 @@ class QuantLayer(nn.Module):
             return [t]
         return [t.narrow(dim, 0, self.split), t.narrow(dim, self.split, t.shape[dim] - self.split)]
 
+    def weight_parts(self) -> list[tuple[UniformQuantizer, torch.Tensor]]:
+        """Each weight quantizer with the slice of the float weight it quantizes (both halves
+        of a split layer; the layer must not be frozen)."""
+        return list(zip(self.weight_quant, self._parts(self.module.weight, 1)))
+
     @property
     def weight(self) -> torch.Tensor:
         """The weight as the forward uses it (dequantized codes when frozen)."""
@@ -87,10 +92,9 @@ class QuantLayer(nn.Module):
             return torch.cat(
                 [q.from_int(c.to(torch.int16) + q.qmin) for q, c in zip(self.weight_quant, parts)], dim=1
             )
-        w = self.module.weight
         if not self.weight_quant:
-            return w
-        return torch.cat([q(p) for q, p in zip(self.weight_quant, self._parts(w, 1))], dim=1)
+            return self.module.weight
+        return torch.cat([q(p) for q, p in self.weight_parts()], dim=1)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_quant:
@@ -112,8 +116,7 @@ class QuantLayer(nn.Module):
         """Replace the float weight by its integer codes (stored as ``q - qmin``, uint8)."""
         if self.frozen or not self.weight_quant:
             return
-        w = self.module.weight
-        codes = [q.to_int(p) - q.qmin for q, p in zip(self.weight_quant, self._parts(w, 1))]
+        codes = [q.to_int(p) - q.qmin for q, p in self.weight_parts()]
         self.weight_codes = torch.cat(codes, dim=1).to(torch.uint8)
         for q in self.weight_quant:
             q.alpha = None

@@ -115,18 +115,14 @@ class RelativeAdam:
             self.v[k] = tensors[f"{prefix}.v.{k}"].clone()
 
 
-def fix_learned_codes(model: torch.nn.Module) -> int:
-    """Turn every hard learned rounding of the (unfrozen) weights into fixed integer codes;
-    returns how many quantizers were fixed."""
-    n = 0
+def fix_learned_codes(model: torch.nn.Module) -> None:
+    """Turn every hard learned rounding of the (unfrozen) weights into fixed integer codes."""
     for layer in quant_layers(model).values():
         if layer.frozen:
             continue
-        for q, part in zip(layer.weight_quant, layer._parts(layer.module.weight, 1)):
+        for q, part in layer.weight_parts():
             if q.enabled and q.alpha is not None:
                 q.fix_codes(part.detach())
-                n += 1
-    return n
 
 
 def learnable_rounding(model: torch.nn.Module, margin: float, resume: bool = False) -> dict[str, torch.nn.Parameter]:
@@ -139,7 +135,7 @@ def learnable_rounding(model: torch.nn.Module, margin: float, resume: bool = Fal
     for name, layer in quant_layers(model).items():
         if layer.frozen:
             continue
-        for j, (q, part) in enumerate(zip(layer.weight_quant, layer._parts(layer.module.weight, 1))):
+        for j, (q, part) in enumerate(layer.weight_parts()):
             if not q.enabled:
                 continue
             if q.alpha is None:

@@ -21,8 +21,7 @@ from . import CalibrationContext, method_options, register_method
 def init_weight_ranges(ctx: CalibrationContext) -> None:
     """Search the range of every weight quantizer on its weight."""
     for layer in quant_layers(ctx.denoiser.model).values():
-        w = layer.module.weight
-        for q, part in zip(layer.weight_quant, layer._parts(w, 1)):
+        for q, part in layer.weight_parts():
             q.init_range(part, ctx.config.weight_init, ctx.config.percentile)
 
 

@@ -126,7 +126,7 @@ def _adaround_phase(ctx, block: Block, data: BlockData, opts, gen, bar=None) -> 
     quants, alphas = [], []
     for layer in block.layers:
         # Every part of a split layer learns its rounding (Q-Diffusion's code left the second half out).
-        for q, part in zip(layer.weight_quant, layer._parts(layer.module.weight, 1)):
+        for q, part in layer.weight_parts():
             q.enable_learned_rounding(part)
             quants.append(q)
             alphas.append(q.alpha)
