@@ -121,11 +121,11 @@ def _codes(q):
     return {n: l.weight_codes.clone() for n, l in quant_layers(q.model).items() if l.weight_codes is not None}
 
 
-@pytest.mark.parametrize("rounding", ["keep", "learn"])
-def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding):
+def _interrupted_then_resumed(monkeypatch, **opts):
+    """A run interrupted (Ctrl-C) at its 8th optimisation step, then the same run with
+    ``resume=True``, which continues from the checkpoint after step 5."""
     import accuquant.methods.accuquant as mod
 
-    full = _accuquant(rounding=rounding)
     real, calls = mod.multistep_backward, []
 
     def interrupt(*a, **k):
@@ -136,10 +136,17 @@ def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding):
 
     monkeypatch.setattr(mod, "multistep_backward", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        _accuquant(rounding=rounding)
+        _accuquant(**opts)
     monkeypatch.setattr(mod, "multistep_backward", real)
-    resumed = _accuquant(resume=True, rounding=rounding)
+    resumed = _accuquant(resume=True, **opts)
     assert resumed.quant["method_log"]["resumed_at_iteration"] == 5
+    return resumed
+
+
+@pytest.mark.parametrize("rounding", ["keep", "learn"])
+def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding):
+    full = _accuquant(rounding=rounding)
+    resumed = _interrupted_then_resumed(monkeypatch, rounding=rounding)
     a, b = _scales(full), _scales(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     a, b = _codes(full), _codes(resumed)
@@ -151,7 +158,6 @@ def test_accuquant_keeps_a_learned_rounding_as_fixed_codes(monkeypatch):
     the step sizes move (also across an interruption and a resume). The stand-in per-step
     gives hard learned rounding decisions at random, so they are not round-to-nearest."""
     import accuquant.methods as methods
-    import accuquant.methods.accuquant as mod
     from accuquant.layers import quant_layers
 
     init_codes = {}
@@ -160,15 +166,14 @@ def test_accuquant_keeps_a_learned_rounding_as_fixed_codes(monkeypatch):
         get_method("naive")(ctx)
         g = torch.Generator().manual_seed(1)
         for name, layer in quant_layers(ctx.denoiser.model).items():
-            parts = layer._parts(layer.module.weight, 1)
-            for q, p in zip(layer.weight_quant, parts):
+            parts = layer.weight_parts()
+            for q, p in parts:
                 if q.enabled:
                     q.enable_learned_rounding(p.detach())
                     q.alpha.data = torch.where(torch.rand(p.shape, generator=g) < 0.5, -2.0, 2.0)
                     q.soft_rounding = False
             if layer.weight_quant:
-                init_codes[name] = torch.cat([q.to_int(p) - q.qmin for q, p in zip(layer.weight_quant, parts)],
-                                             1).to(torch.uint8)
+                init_codes[name] = torch.cat([q.to_int(p) - q.qmin for q, p in parts], 1).to(torch.uint8)
 
     monkeypatch.setitem(methods.METHODS, "per-step", fake_per_step)
     opts = dict(init="per-step", lr=3e-2, use_cache=False)
@@ -176,20 +181,7 @@ def test_accuquant_keeps_a_learned_rounding_as_fixed_codes(monkeypatch):
     first = dict(init_codes)
     a = _codes(full)
     assert a.keys() == first.keys() and all(torch.equal(a[k], first[k]) for k in a)
-    real, calls = mod.multistep_backward, []
-
-    def interrupt(*args, **kw):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(mod, "multistep_backward", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        _accuquant(**opts)
-    monkeypatch.setattr(mod, "multistep_backward", real)
-    resumed = _accuquant(resume=True, **opts)
-    assert resumed.quant["method_log"]["resumed_at_iteration"] == 5
+    resumed = _interrupted_then_resumed(monkeypatch, **opts)
     b = _codes(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = _scales(full), _scales(resumed)
