@@ -110,6 +110,12 @@ def _read_json(path: Path):
         return None
 
 
+def _current(record: dict | None, key: dict, version: int) -> bool:
+    """``record`` (a pair's record or cost stamp) was written under these settings by this
+    version of its method (one without a version predates versions: taken as current)."""
+    return bool(record) and record.get("key") == key and record.get("method_version", version) == version
+
+
 def prepare_out(out: Path, settings: CompareSettings) -> None:
     """Create ``out`` or accept an earlier comparison with the same settings there; refuse
     anything else before any work is done."""
@@ -214,16 +220,14 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
         rec_path = out / "runs" / f"{name}.json"
         version = METHOD_VERSIONS[method]
         rec = _read_json(rec_path)
-        # (a record without a version predates versions: taken as the current one)
-        if rec and rec.get("key") == key and rec.get("method_version", version) == version:
+        if _current(rec, key, version):
             log(f"[{k}/{len(pairs)}] {method} {bits}: done earlier, kept")
             continue
         t0 = time.perf_counter()
         model_dir = out / "models" / name
         stamp_path = out / "models" / f"{name}.cost.json"
         stamp = _read_json(stamp_path)
-        if stamp and stamp.get("key") == key and stamp.get("method_version", version) == version \
-                and (model_dir / "accuquant.json").is_file():
+        if _current(stamp, key, version) and (model_dir / "accuquant.json").is_file():
             log(f"[{k}/{len(pairs)}] {method} {bits}: quantized earlier, kept")
             cost = stamp["cost"]
         else:
