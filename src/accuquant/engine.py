@@ -23,7 +23,7 @@ from .calibration import Trajectories, collect_trajectories, settings_key
 from .config import QuantConfig
 from .errors import AccuQuantError
 from .layers import freeze_model, wrap_model
-from .methods import METHOD_VERSIONS, CalibrationContext, check_method_options, get_method, save_result
+from .methods import CalibrationContext, check_method_options, get_method, key_version, save_result
 from .pipeline import Pipeline, as_pipeline
 from .safety import check_device, check_finite
 from .sampling import make_solver
@@ -70,8 +70,8 @@ def run_key(fingerprint: str, config: QuantConfig, method: str, options: dict, c
     h = hashlib.sha256(fingerprint.encode())
     what = {"config": config.to_dict(), "method": method, "options": options, "seed": seed,
             "batch_size": batch_size, "g": guidance_scale}
-    if METHOD_VERSIONS.get(method, 1) != 1:
-        what["version"] = METHOD_VERSIONS[method]
+    if key_version(method) is not None:
+        what["version"] = key_version(method)
     h.update(json.dumps(what, sort_keys=True, default=str).encode())
     for t in (calib.xs, calib.outs, calib.timesteps, *(v for _, v in calib.cond.items())):
         h.update(t.contiguous().numpy().tobytes())

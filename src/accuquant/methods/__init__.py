@@ -68,8 +68,8 @@ def weights_frozen(model: torch.nn.Module):
 def result_key(ctx: CalibrationContext, method: str) -> str:
     """The cache key of ``method``'s result with its default options in this context (and
     the method's version, so that a result of an older version is not taken)."""
-    version = METHOD_VERSIONS.get(method, 1)
-    tag = f"{ctx.base_key}:{method}" + (f":v{version}" if version != 1 else "")
+    version = key_version(method)
+    tag = f"{ctx.base_key}:{method}" + (f":v{version}" if version is not None else "")
     return hashlib.sha256(tag.encode()).hexdigest()[:24]
 
 
@@ -114,6 +114,13 @@ def method_options(ctx: CalibrationContext, defaults: dict, name: str = "") -> d
 METHODS: dict[str, Callable[[CalibrationContext], None]] = {}
 METHOD_OPTIONS: dict[str, dict] = {}
 METHOD_VERSIONS: dict[str, int] = {}
+
+
+def key_version(method: str) -> int | None:
+    """The method's version as it enters run and cache keys: ``None`` for version 1, so that
+    keys made before methods had versions stay valid."""
+    version = METHOD_VERSIONS.get(method, 1)
+    return None if version == 1 else version
 
 
 def register_method(name: str, options: dict | None = None, version: int = 1):
