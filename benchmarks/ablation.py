@@ -34,6 +34,10 @@ from accuquant.methods import METHOD_VERSIONS
 
 from common import ROOT, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
+#: what the mark on rows of an older method version means (also quoted by readme_results.py)
+VERSION_NOTE = ("‡: measured with version 1 of the method, whose result for these options is the same as the "
+                "current version's (version 2 keeps a learned rounding as fixed integer codes while the step sizes "
+                "move; these rows start from naive ranges, learn the rounding, or make no optimisation step).")
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -149,10 +153,7 @@ def _write_md(out: list, args) -> None:
         "per (bits, seed); the per-step row gives that initialisation's time); 'denoiser evals' counts forward "
         "and backward passes of one sample through the denoiser, both guidance branches counted. Times are "
         "single-thread processes on a shared 2-core machine."
-        + (" ‡: measured with version 1 of the method, whose result for these options is the same as the "
-           "current version's (version 2 keeps a learned rounding as fixed integer codes while the step sizes "
-           "move; these rows start from naive ranges, learn the rounding, or make no optimisation step)."
-           if any("‡" in x for x in lines) else "")
+        + (" " + VERSION_NOTE if any("‡" in x for x in lines) else "")
         + "\n\n" + "\n".join(lines) + "\n")
 
 

@@ -21,6 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from ablation import VERSION_NOTE
 from common import ROOT  # noqa: E402  (benchmarks/ is on the path when run)
 
 from accuquant.report import NOTES, markdown_table
@@ -102,9 +103,7 @@ OTHER_TABLES = [
      "`python benchmarks/ablation.py --bits w4a8 --num 200 --seeds 0,1,2 --variants ...` (and `--bits w3a8`; "
      "`benchmarks/results/ablation.md`, options of each variant in `ablation.json`): mean (min..max) over "
      "calibration seeds 0, 1, 2 on 200 paired samples. Unless a label says otherwise, variants get the same "
-     "compute (iterations x M = 400) and start from the same per-step result of their seed. ‡: measured with "
-     "version 1 of the method, whose result for these options is the same as the current version's (they "
-     "start from naive ranges, learn the rounding, or make no optimisation step)."),
+     "compute (iterations x M = 400) and start from the same per-step result of their seed. " + VERSION_NOTE),
     ("memory.md", "Memory of one AccuQuant step",
      "`python benchmarks/memory.py` (`benchmarks/results/memory.md`): one optimisation step over M steps, 8 "
      "trajectories (16 rows with guidance), W4A8; peak resident memory during the step minus the memory before "
