@@ -22,6 +22,7 @@ import argparse
 import fcntl
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -102,23 +103,27 @@ def main() -> None:
 
 def write(rows: dict, args, drop: set = frozenset()) -> None:
     """Merge ``rows`` into the results file (under a lock: several ablations may run at once),
-    without the ``(bits, label)`` rows in ``drop``."""
+    without the ``(bits, label)`` rows in ``drop``, and rewrite the table. With neither (a
+    re-render) the results file is left as it is; with only ``drop`` it keeps its settings."""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = Path(args.out + ".json")
-        merged = {(r["bits"], r["label"]): r for r in (json.loads(old.read_text())["rows"] if old.exists() else [])
-                  if r.get("num") == args.num}
+        doc = json.loads(old.read_text()) if old.exists() else {"rows": []}
+        merged = {(r["bits"], r["label"]): r for r in doc["rows"] if r.get("num") == args.num}
         missing = drop - set(merged)
         if missing:
-            raise SystemExit(f"--drop: no such row(s): {sorted(missing)}")
+            print(f"ablation.py: --drop: no such row(s): {sorted(missing)}", file=sys.stderr)
+            raise SystemExit(2)
         for k in drop:
             del merged[k]
         merged.update({k: to_json_safe(r) for k, r in rows.items()})
         out = sorted(merged.values(), key=lambda r: (r["bits"], r["label"]))
-        tmp = Path(args.out + ".json.tmp")
-        tmp.write_text(json.dumps({"rows": out, "settings": settings(args), "torch": torch.__version__}, indent=2))
-        tmp.replace(old)
+        if rows or drop:
+            tmp = Path(args.out + ".json.tmp")
+            tmp.write_text(json.dumps({"rows": out, "settings": settings(args) if rows else doc["settings"],
+                                       "torch": torch.__version__ if rows else doc["torch"]}, indent=2))
+            tmp.replace(old)
         _write_md(out, args)
 
 
