@@ -19,6 +19,7 @@ shared through the result cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import statistics
@@ -31,7 +32,7 @@ import torch
 import accuquant as aq
 from accuquant import bundled
 from accuquant.evaluation import evaluate, to_json_safe
-from accuquant.methods import METHOD_VERSIONS
+from accuquant.api import METHODS
 
 from common import ROOT, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
@@ -94,7 +95,7 @@ def main() -> None:
             summary = {c: {"mean": statistics.fmean(x[c] for x in runs), "min": min(x[c] for x in runs),
                            "max": max(x[c] for x in runs)} for c in COLS}
             rows[bits, label] = {"bits": bits, "label": label, "method": method, "options": opts, "num": args.num,
-                                 "method_version": METHOD_VERSIONS[method],
+                                 "method_version": METHODS[method].Config.VERSION,
                                  "runs": runs, "summary": summary,
                                  "method_s": statistics.median(x["method_s"] for x in runs),
                                  "evals": statistics.median(x["evals"] for x in runs)}
@@ -129,9 +130,9 @@ def write(rows: dict, args, drop: set = frozenset()) -> None:
 
 def _is_default(row: dict) -> bool:
     """A variant that runs AccuQuant exactly as its defaults do (the options it names)."""
-    from accuquant.methods.accuquant import DEFAULTS
+    from accuquant.methods.accuquant import AccuQuantConfig
 
-    opts = row["options"]
+    opts, DEFAULTS = row["options"], dataclasses.asdict(AccuQuantConfig())
     return row["method"] == "accuquant" and all(opts.get(k, v) == v for k, v in DEFAULTS.items())
 
 
@@ -146,7 +147,7 @@ def _write_md(out: list, args) -> None:
         else:
             secs, evals = r["method_s"], f"{r['evals']:.3g}"
         label = r["label"] + (" (default)" if _is_default(r) else "")
-        if r.get("method_version", 1) < METHOD_VERSIONS[r["method"]]:
+        if r.get("method_version", 1) < METHODS[r["method"]].Config.VERSION:
             label += " ‡"
         lines.append(f"| {r['bits']} | {label} | " + " | ".join(cells)
                      + f" | {secs:.0f} | {evals} | {len(r['runs'])} |")

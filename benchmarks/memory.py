@@ -36,12 +36,11 @@ def _rss_mb() -> float:
 def _wrapped(batch: int):
     import accuquant as aq
     from accuquant import bundled
-    from accuquant.adapters import shortcut_splits
     from accuquant.layers import wrap_model
 
     pipe = aq.load(bundled.DEFAULT_MODEL)
-    solver = aq.make_solver("ddim", pipe.scheduler_config, 20)
-    wrap_model(pipe.model, aq.QuantConfig(weight_bits=4, act_bits=8), shortcut_splits(pipe.model))
+    solver = aq.make_scheduler("ddim", pipe.scheduler_config, 20)
+    wrap_model(pipe.model, aq.QuantConfig(weight_bits=4, act_bits=8), pipe.denoiser().shortcut_splits())
     return pipe, solver
 
 
@@ -49,7 +48,8 @@ def setup(batch: int, folder: Path) -> None:
     """Once: FP trajectories and naive W4A8 quantizers, saved for the measuring processes."""
     from accuquant.block_data import quantization_disabled
     from accuquant.checkpoint import save_checkpoint
-    from accuquant.methods import CalibrationContext, get_method
+    from accuquant.engine import Run, calibrate
+    from accuquant.methods.naive import NaiveConfig
 
     import accuquant as aq
 
@@ -57,8 +57,7 @@ def setup(batch: int, folder: Path) -> None:
     den = pipe.denoiser()
     with quantization_disabled(pipe.model):  # FP trajectories
         calib = aq.collect_trajectories(den, solver, batch, cond=pipe.conditions(batch), progress=False)
-    get_method("naive")(CalibrationContext(den, solver, calib, aq.QuantConfig(weight_bits=4, act_bits=8),
-                                           progress=False))
+    calibrate(Run(den, solver, calib, aq.QuantConfig(weight_bits=4, act_bits=8), progress=False), NaiveConfig())
     calib.save(folder / "calib.safetensors")
     save_checkpoint(folder / "quantizers.safetensors", pipe.model, "memory", 0)
 

@@ -7,18 +7,18 @@ from conftest import class_pipeline
 
 def test_trajectories_round_trip(tmp_path):
     pipe = class_pipeline()
-    solver = aq.make_solver("ddim", pipe.scheduler_config, 5)
+    solver = aq.make_scheduler("ddim", pipe.scheduler_config, 5)
     cond = pipe.conditions(6)
     traj = aq.collect_trajectories(pipe.denoiser(), solver, 6, seed=3, cond=cond, batch_size=4, progress=False)
     assert traj.xs.shape == (6, 6, 1, 16, 16) and traj.outs.shape == (6, 5, 1, 16, 16)
     assert torch.equal(traj.timesteps, solver.timesteps)
-    assert traj.cond.labels.tolist() == [0, 1, 2, 3, 4, 5]
+    assert traj.cond["labels"].tolist() == [0, 1, 2, 3, 4, 5]
     path = tmp_path / "calib.safetensors"
     traj.save(path)
     back = aq.Trajectories.load(path)
     for name in ("xs", "outs", "timesteps"):
         assert torch.equal(getattr(back, name), getattr(traj, name))
-    assert torch.equal(back.cond.labels, traj.cond.labels)
+    assert torch.equal(back.cond["labels"], traj.cond["labels"])
     assert back.meta["guidance_scale"] == 2.0 and back.meta["solver"] == "ddim" and back.meta["steps"] == 5
     # the trajectory is the sampler's own: its last point is what sampling returns from the same noise
     final = pipe.sample(6, seed=3, steps=5, progress=False, stream="calib")
@@ -35,10 +35,10 @@ def test_seeded_noise_does_not_depend_on_batching():
 def test_quantize_reuses_cached_calibration(tmp_path, monkeypatch):
     pipe = class_pipeline()
     calls = []
-    import accuquant.engine as engine
+    import accuquant.api as api
 
-    real = engine.collect_trajectories
-    monkeypatch.setattr(engine, "collect_trajectories", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = api.collect_trajectories
+    monkeypatch.setattr(api, "collect_trajectories", lambda *a, **k: calls.append(1) or real(*a, **k))
     q1 = aq.quantize(pipe, steps=3, calib_samples=4, progress=False)
     q2 = aq.quantize(pipe, steps=3, calib_samples=4, progress=False)
     assert len(calls) == 1

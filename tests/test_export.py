@@ -1,11 +1,13 @@
+import json
 import os
+from pathlib import Path
 
 import diffusers
 import pytest
 import torch
 
 import accuquant as aq
-from accuquant.export import WEIGHTS_FILE, pack_codes, unpack_codes
+from accuquant.export import FORMAT, QUANT_FILE, WEIGHTS_FILE, pack_codes, unpack_codes
 from conftest import class_pipeline, text_conditions, tiny_cond_unet, tiny_unet
 
 
@@ -35,7 +37,7 @@ def test_saved_model_is_bit_identical(tmp_path):
 
 def test_text_model_saves_and_loads_bit_identically(tmp_path):
     fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
-    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 3), 2,
+    calib = aq.collect_trajectories(fp.denoiser(), aq.make_scheduler("ddim", fp.scheduler_config, 3), 2,
                                     cond=text_conditions(2), progress=False)
     q = aq.quantize(fp, aq.QuantConfig(weight_bits=3, act_bits=6), calib=calib, steps=3, progress=False)
     q.save(tmp_path / "q")
@@ -76,3 +78,21 @@ def test_only_safetensors_and_json_are_written(tmp_path):
 def test_unquantized_pipeline_cannot_be_saved_as_quantized(tmp_path):
     with pytest.raises(aq.AccuQuantError, match="quantized"):
         class_pipeline().save(tmp_path / "x")
+
+
+def test_a_loaded_model_saves_the_same_files(tmp_path):
+    """Loading and saving again writes what the release before the backends wrote (format
+    accuquant.quantized/1): the same tensors and the same metadata."""
+    from safetensors import safe_open
+
+    legacy = Path(__file__).parent / "data" / "legacy-w4a8"
+    aq.load(legacy).save(tmp_path / "again")
+    files = {}
+    for root in (legacy, tmp_path / "again"):
+        with safe_open(str(root / "unet" / WEIGHTS_FILE), "pt") as f:
+            files[root] = (f.metadata(), {k: f.get_tensor(k) for k in f.keys()})
+    (md_a, ta), (md_b, tb) = files.values()
+    assert md_a == md_b and md_a["format"] == FORMAT
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    meta_a, meta_b = (json.loads((r / QUANT_FILE).read_text()) for r in (legacy, tmp_path / "again"))
+    assert meta_b["format"] == FORMAT and meta_b["config"] == meta_a["config"] and meta_b["splits"] == meta_a["splits"]

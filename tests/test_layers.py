@@ -46,6 +46,8 @@ def test_wrapping_keeps_one_copy_of_the_weights():
     layer.freeze()
     assert "weight" not in dict(layer.module.named_parameters())
     assert layer.weight_codes.dtype == torch.uint8 and layer.weight.shape == w.shape
+    # the backend module holds the dequantized weight, outside the state dict
+    assert layer.kernel.weight.shape == w.shape and "kernel.weight" not in layer.state_dict()
 
 
 def test_shortcut_splits_follow_the_concatenation():
@@ -117,7 +119,7 @@ def test_text_unet_quantizes_with_prompt_embeddings():
     fp = aq.Pipeline(tiny_cond_unet(), dict(__import__("diffusers").DDIMScheduler().config),
                      defaults=aq.SamplingDefaults(3.0))
     den = fp.denoiser()
-    solver = aq.make_solver("ddim", fp.scheduler_config, 4)
+    solver = aq.make_scheduler("ddim", fp.scheduler_config, 4)
     calib = aq.collect_trajectories(den, solver, 4, cond=text_conditions(4), progress=False)
     q = aq.quantize(fp, aq.QuantConfig(weight_bits=8, act_bits=8), calib=calib, steps=4, progress=False)
     x = torch.randn(2, 4, 8, 8)

@@ -9,8 +9,9 @@ import accuquant as aq
 from accuquant.adapters import shortcut_splits
 from accuquant.blocks import find_blocks
 from accuquant.layers import QuantLayer, all_quantizers, wrap_model
-from accuquant.methods import CalibrationContext, get_method
+from accuquant.engine import Run, calibrate
 from accuquant.methods import per_step as ps
+from accuquant.methods.naive import NaiveConfig
 from accuquant.quantizers import UniformQuantizer
 from conftest import class_pipeline, text_conditions, tiny_cond_unet
 
@@ -22,11 +23,16 @@ def _context(pipe=None, steps=4, num=6, batch_size=8, cfg=W4A8, **options):
     """A wrapped class-conditional model (guidance 2) and its calibration context, not frozen."""
     pipe = pipe or class_pipeline()
     den = pipe.denoiser()
-    solver = aq.make_solver("ddim", pipe.scheduler_config, steps)
+    solver = aq.make_scheduler("ddim", pipe.scheduler_config, steps)
     calib = aq.collect_trajectories(den, solver, num, cond=pipe.conditions(num), progress=False)
     wrap_model(pipe.model, cfg, shortcut_splits(pipe.model))
-    return CalibrationContext(den, solver, calib, cfg, batch_size=batch_size, progress=False, seed=0,
-                              options={**FAST, **options})
+    run = Run(den, solver, calib, cfg, batch_size=batch_size, progress=False, seed=0)
+    run.method = ps.PerStepConfig(**{**FAST, **options})
+    return run
+
+
+def _calibrate(ctx):
+    calibrate(ctx, ctx.method)
 
 
 def _state(model):
@@ -44,7 +50,7 @@ def _output_error(ctx, fp_model):
     fp_den = aq.make_denoiser(fp_model, ctx.denoiser.guidance_scale, ctx.denoiser.null_class)
     num = den = 0.0
     with torch.no_grad():
-        for x, t, cond in ps.point_batches(ctx, ps.calibration_points(ctx, 100, seed=1)):
+        for x, t, cond in ctx.calib.batches(ctx.calib.points(100, seed=1), ctx.batch_size):
             ref = fp_den(x, t, cond)
             num += (ctx.denoiser(x, t, cond) - ref).pow(2).sum().item()
             den += ref.pow(2).sum().item()
@@ -54,18 +60,18 @@ def _output_error(ctx, fp_model):
 # ---------------------------------------------------------------------------- data
 def test_points_are_spread_evenly_over_steps_and_shuffled():
     ctx = _context(steps=5, num=10)
-    pts = ps.calibration_points(ctx, per_step=3, seed=0)
+    pts = ctx.calib.points(per_step=3, seed=0)
     assert len(pts) == 15
     for i in range(5):
         ks = [k for k, s in pts if s == i]
         assert len(ks) == 3 and len(set(ks)) == 3  # distinct trajectories at each step
     assert [s for _, s in pts] != sorted(s for _, s in pts)  # mixed, not step by step
-    assert pts == ps.calibration_points(ctx, per_step=3, seed=0)  # seeded
+    assert pts == ctx.calib.points(per_step=3, seed=0)  # seeded
     # each batch carries one timestep per sample, taken from the stored trajectories
-    x, t, cond = next(ps.point_batches(ctx, pts))
+    x, t, cond = next(ctx.calib.batches(pts, ctx.batch_size))
     k, i = pts[0]
     assert torch.equal(x[0], ctx.calib.xs[k, i]) and t[0] == ctx.calib.timesteps[i]
-    assert cond.labels[0] == ctx.calib.cond.labels[k]
+    assert cond["labels"][0] == ctx.calib.cond["labels"][k]
 
 
 def test_guided_models_calibrate_both_branches():
@@ -73,9 +79,10 @@ def test_guided_models_calibrate_both_branches():
     seen = []
     hook = ctx.denoiser.model.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs["class_labels"].clone()), with_kwargs=True)
-    blocks = find_blocks(ctx.denoiser.model, lambda: ctx.denoiser(*next(ps.point_batches(ctx, [(0, 0)]))))
+    blocks = find_blocks(ctx.denoiser.model, lambda: ctx.denoiser(*next(ctx.calib.batches([(0, 0)], 1))),
+                         ctx.denoiser.block_types)
     seen.clear()
-    data = ps.collect_block_data(ctx, blocks[1], ps.calibration_points(ctx, 4, 0), ps.DEFAULTS)
+    data = ps.collect(ctx.denoiser, blocks[1].module, ctx.calib.batches(ctx.calib.points(4, 0), ctx.batch_size))
     hook.remove()
     labels = torch.cat(seen)
     assert (labels == 10).sum() == (labels != 10).sum() > 0  # null class and real classes, as many
@@ -85,7 +92,7 @@ def test_guided_models_calibrate_both_branches():
 def test_blocks_follow_execution_order_and_cover_every_quantizer():
     ctx = _context()
     model = ctx.denoiser.model
-    blocks = find_blocks(model, lambda: ctx.denoiser(*next(ps.point_batches(ctx, [(0, 0)]))))
+    blocks = find_blocks(model, lambda: ctx.denoiser(*next(ctx.calib.batches([(0, 0)], 1))), ctx.denoiser.block_types)
     names = [b.name for b in blocks]
     assert names[0] == "time_embedding"
     assert names.index("mid_block.resnets.0") < names.index("up_blocks.0.resnets.0")  # not registration order
@@ -99,8 +106,7 @@ def test_blocks_follow_execution_order_and_cover_every_quantizer():
 def test_per_step_lowers_block_losses_and_the_output_error_of_naive(watched_run):
     fp = class_pipeline()
     naive_ctx = _context()
-    naive_ctx.options = {}
-    get_method("naive")(naive_ctx)
+    calibrate(naive_ctx, NaiveConfig())
     ctx, _ = watched_run
     blocks = ctx.log["blocks"]
     assert len(blocks) == 15
@@ -115,7 +121,7 @@ def test_per_step_lowers_block_losses_and_the_output_error_of_naive(watched_run)
 
 def test_per_step_on_a_text_conditioned_unet_via_the_api():
     fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config), defaults=aq.SamplingDefaults(3.0))
-    solver = aq.make_solver("ddim", fp.scheduler_config, 3)
+    solver = aq.make_scheduler("ddim", fp.scheduler_config, 3)
     calib = aq.collect_trajectories(fp.denoiser(), solver, 4, cond=text_conditions(4), progress=False)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
     naive = aq.quantize(fp, cfg, calib=calib, steps=3, progress=False)
@@ -142,9 +148,9 @@ def test_options_are_checked_before_any_work():
 
 def test_block_data_spilled_to_disk_gives_the_same_result(tmp_path):
     a = _context(iters=10, act_iters=4)
-    get_method("per-step")(a)
+    _calibrate(a)
     b = _context(iters=10, act_iters=4, max_ram_mb=0, spill_dir=str(tmp_path / "spill"))
-    get_method("per-step")(b)
+    _calibrate(b)
     assert all(v["chunks_on_disk"] > 0 for v in b.log["blocks"].values())
     sa, sb = _state(a.denoiser.model), _state(b.denoiser.model)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -162,11 +168,11 @@ def _codes(q):
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(monkeypatch):
-    from accuquant.engine import cache_dir
+    from accuquant.cache import cache_dir
 
     full = _quantize()
     assert not list((cache_dir() / "runs").glob("*.safetensors"))  # removed after success
-    real, calls = ps._act_phase, []
+    real, calls = ps.collect, []
 
     def interrupt_on_third(*args):
         calls.append(1)
@@ -174,20 +180,20 @@ def test_an_interrupted_run_resumes_to_the_same_result(monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(ps, "_act_phase", interrupt_on_third)
+    monkeypatch.setattr(ps, "collect", interrupt_on_third)
     with pytest.raises(KeyboardInterrupt):
         _quantize()
-    monkeypatch.setattr(ps, "_act_phase", real)
+    monkeypatch.setattr(ps, "collect", real)
     assert len(list((cache_dir() / "runs").glob("*.safetensors"))) == 1
     resumed = _quantize(resume=True)
-    assert resumed.quant["method_log"]["resumed_at_block"] == 2
+    assert resumed.quant["method_log"]["resumed_at"]["unit"] == 2
     a, b = _codes(full), _codes(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = _state(full.model), _state(resumed.model)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # resume with nothing to resume (or other settings) starts over and gives the same result too
     again = _quantize(resume=True)
-    assert "resumed_at_block" not in again.quant["method_log"]
+    assert "resumed_at" not in again.quant["method_log"]
     assert all(torch.equal(a[k], v) for k, v in _codes(again).items())
 
 
@@ -215,30 +221,30 @@ def watched_run():
     model = ctx.denoiser.model
     fp_weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith("module.weight"))
     seen = {"reg": set(), "rows": [], "extra_floats": []}
-    real_reg, real_adaround, real_forward = UniformQuantizer.rounding_regularizer, ps._adaround_phase, ps._forward
+    real_reg, real_harden, real_loss = UniformQuantizer.rounding_regularizer, ps.harden, ps._block_loss
 
     def reg(self, beta):
         seen["reg"].add(id(self))
         return real_reg(self, beta)
 
-    def adaround(ctx_, block, *args):
-        real_adaround(ctx_, block, *args)
+    def harden(layers, *args):
+        real_harden(layers, *args)
         # inside the run: one float copy of each weight, plus AdaRound's own variables
         tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}
         floats = sum(t.numel() for t in tensors.values() if t.is_floating_point())
         alphas = sum(q.alpha.numel() for q in all_quantizers(model).values() if q.alpha is not None)
         seen["extra_floats"].append((floats - alphas - fp_weights) / fp_weights)
 
-    def forward(block, args, kwargs):
+    def loss(block, batch):
         if torch.is_grad_enabled():  # the learning steps (not the before/after loss probes)
-            seen["rows"].append((args[0].shape[0], args[0].device.type))
-        return real_forward(block, args, kwargs)
+            seen["rows"].append((batch[0][0].shape[0], batch[0][0].device.type))
+        return real_loss(block, batch)
 
-    UniformQuantizer.rounding_regularizer, ps._adaround_phase, ps._forward = reg, adaround, forward
+    UniformQuantizer.rounding_regularizer, ps.harden, ps._block_loss = reg, harden, loss
     try:
-        get_method("per-step")(ctx)
+        _calibrate(ctx)
     finally:
-        UniformQuantizer.rounding_regularizer, ps._adaround_phase, ps._forward = real_reg, real_adaround, real_forward
+        UniformQuantizer.rounding_regularizer, ps.harden, ps._block_loss = real_reg, real_harden, real_loss
     return ctx, seen
 
 
@@ -270,4 +276,4 @@ def test_defect_batch_size_and_device_are_parameters(watched_run):
     assert {d for _, d in seen["rows"]} == {"cpu"}
     ctx = _context(batch_size=16, iters=2, act_iters=2)
     ctx.device = torch.device("cpu")
-    get_method("per-step")(ctx)  # a torch.device works as well as a string
+    _calibrate(ctx)  # a torch.device works as well as a string

@@ -26,7 +26,7 @@ CASES = [
 @pytest.mark.parametrize("steps", [4, 20])
 def test_solver_matches_the_diffusers_loop(name, cls, extra, steps):
     base = dict(diffusers.DDIMScheduler(beta_schedule="scaled_linear").config)
-    solver = aq.make_solver(name, base, steps)
+    solver = aq.make_scheduler(name, base, steps)
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     ours = aq.run_trajectory(toy_model, solver, noise, generator=torch.Generator().manual_seed(2))
     sched = getattr(diffusers, cls).from_config(base, **extra)
@@ -40,7 +40,7 @@ def test_solver_matches_the_diffusers_loop(name, cls, extra, steps):
 
 @pytest.mark.parametrize("name", ["ddim", "pndm", "dpm++"])
 def test_step_resumes_from_any_point_of_a_stored_trajectory(name):
-    solver = aq.make_solver(name, dict(diffusers.DDIMScheduler().config), 10)
+    solver = aq.make_scheduler(name, dict(diffusers.DDIMScheduler().config), 10)
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     final, xs, outs = aq.run_trajectory(toy_model, solver, noise, keep=True)
     assert xs.shape[1] == solver.num_steps + 1 and torch.equal(xs[:, -1], final)
@@ -53,7 +53,7 @@ def test_step_resumes_from_any_point_of_a_stored_trajectory(name):
 
 @pytest.mark.parametrize("name", ["ddim", "pndm", "dpm++"])
 def test_step_is_differentiable(name):
-    solver = aq.make_solver(name, dict(diffusers.DDIMScheduler().config), 6)
+    solver = aq.make_scheduler(name, dict(diffusers.DDIMScheduler().config), 6)
     x = torch.randn(1, 3, 4, 4, requires_grad=True)
     state, y = solver.init_state(), x
     for i in range(3):
@@ -64,7 +64,7 @@ def test_step_is_differentiable(name):
 
 def test_unknown_scheduler_is_refused():
     with pytest.raises(aq.AccuQuantError, match="unknown scheduler 'euler'"):
-        aq.make_solver("euler", dict(diffusers.DDIMScheduler().config), 10)
+        aq.make_scheduler("euler", dict(diffusers.DDIMScheduler().config), 10)
     assert {"ddim", "ddpm", "pndm", "dpm++"} <= set(SOLVERS)
 
 

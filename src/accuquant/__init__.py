@@ -1,14 +1,16 @@
 """accuquant: post-training quantization of diffusion models (naive, per-step, AccuQuant)."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .adapters import Conditions, Denoiser, make_denoiser  # noqa: E402
+from .backends import LayerSpec, register_backend  # noqa: E402
 from .calibration import Trajectories, collect_trajectories  # noqa: E402
 from .config import QuantConfig  # noqa: E402
-from .engine import quantize  # noqa: E402
+from .api import quantize  # noqa: E402
 from .errors import AccuQuantError, ConfigError  # noqa: E402
-from .pipeline import Pipeline, SamplingDefaults, load_pipeline  # noqa: E402
-from .sampling import make_solver, run_trajectory  # noqa: E402
+from .loading import load_pipeline  # noqa: E402
+from .pipeline import Pipeline, SamplingDefaults  # noqa: E402
+from .sampling import make_scheduler, run_trajectory  # noqa: E402
 
 load = load_pipeline
 
@@ -17,6 +19,7 @@ __all__ = [
     "Conditions",
     "ConfigError",
     "Denoiser",
+    "LayerSpec",
     "Pipeline",
     "QuantConfig",
     "SamplingDefaults",
@@ -25,7 +28,8 @@ __all__ = [
     "load",
     "load_pipeline",
     "make_denoiser",
-    "make_solver",
+    "make_scheduler",
     "quantize",
+    "register_backend",
     "run_trajectory",
 ]

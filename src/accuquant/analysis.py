@@ -24,20 +24,9 @@ from .metrics import fid_from_features
 from .pipeline import Pipeline
 from .progress import progress_bar
 from .safety import atomic_path
-from .sampling import make_solver, run_trajectory
+from .sampling import make_scheduler, run_trajectory
 
 COLUMNS = ("step", "timestep", "step_error", "accumulated_error", "fid2fp_x0")
-
-
-def _predicted_x0(solver, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    sched = solver.scheduler
-    a = sched.alphas_cumprod[int(solver.timesteps[i])].to(x.dtype)
-    pt = sched.config.prediction_type
-    if pt == "epsilon":
-        return (x - (1 - a).sqrt() * out) / a.sqrt()
-    if pt == "v_prediction":
-        return a.sqrt() * x - (1 - a).sqrt() * out
-    return out
 
 
 @torch.no_grad()
@@ -57,7 +46,7 @@ def error_accumulation(
     """Per-step rows of :data:`COLUMNS` for ``model`` against its FP base."""
     steps, scheduler = model.sampling_settings(steps, scheduler)
     fp = base_of(model, base).to(device)
-    solver = make_solver(scheduler, fp.scheduler_config, steps)
+    solver = make_scheduler(scheduler, fp.scheduler_config, steps)
     den_q, den_fp = model.denoiser(), fp.denoiser()
     cond = model.conditions(num)
     n_steps = solver.num_steps
@@ -80,8 +69,8 @@ def error_accumulation(
                 step_err[i] += (eps_q_on_fp - outs_fp[:, i]).flatten(1).norm(dim=1).sum().cpu()
                 acc_err[i] += (xs_q[:, i + 1] - xs_fp[:, i + 1]).flatten(1).norm(dim=1).sum().cpu()
                 if i in x0_at:
-                    x0_q[i].append(_predicted_x0(solver, i, xs_q[:, i], outs_q[:, i]).clamp(-1, 1).cpu())
-                    x0_fp[i].append(_predicted_x0(solver, i, xs_fp[:, i], outs_fp[:, i]).clamp(-1, 1).cpu())
+                    x0_q[i].append(solver.predicted_x0(i, xs_q[:, i], outs_q[:, i]).clamp(-1, 1).cpu())
+                    x0_fp[i].append(solver.predicted_x0(i, xs_fp[:, i], outs_fp[:, i]).clamp(-1, 1).cpu())
     extractor = None
     rows = []
     for i in range(n_steps):

@@ -12,11 +12,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backends import fake_quant_
 from .quantizers import UniformQuantizer
 
 
 def _maybe(bits: int | None, symmetric: bool) -> nn.Module:
     return UniformQuantizer(bits, symmetric) if bits is not None else nn.Identity()
+
+
+def _quant(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``q(x)`` for ``x``, a temporary of the processor: at inference, computed in place on
+    ``x`` with the same arithmetic (:func:`~accuquant.backends.fake_quant_`)."""
+    if (isinstance(q, UniformQuantizer) and q.enabled and q.observer is None and q.alpha is None and q.codes is None
+            and not torch.is_grad_enabled() and q.scale.numel() == 1 and x.dtype == q.scale.dtype):
+        z = q.zero_point.item()
+        return fake_quant_(x.div_(q.scale), q.scale.item(), q.qmin - z, q.qmax - z)
+    return q(x)
 
 
 class QuantAttnProcessor(nn.Module):
@@ -71,7 +82,7 @@ class QuantAttnProcessor(nn.Module):
         if getattr(attn, "norm_k", None) is not None:
             key = attn.norm_k(key)
 
-        query, key, value = self.q_quant(query), self.k_quant(key), self.v_quant(value)
+        query, key, value = _quant(self.q_quant, query), _quant(self.k_quant, key), _quant(self.v_quant, value)
         dtype = query.dtype
         if attn.upcast_attention:
             query, key = query.float(), key.float()
@@ -81,7 +92,7 @@ class QuantAttnProcessor(nn.Module):
         if attn.upcast_softmax:
             scores = scores.float()
         probs = scores.softmax(dim=-1).to(dtype)
-        probs = self.probs_quant(probs)
+        probs = _quant(self.probs_quant, probs)
 
         hidden_states = torch.bmm(probs, value)
         hidden_states = attn.batch_to_head_dim(hidden_states)

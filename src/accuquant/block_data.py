@@ -170,16 +170,25 @@ class BlockData:
         idx = torch.randperm(n, generator=generator)[: min(size, n)]
         return self._rows(chunk, idx, device)
 
-    def iter_batches(self, size: int, device="cpu"):
-        """Every row once, in order."""
-        for i in range(len(self.chunks)):
-            chunk = self._chunk(i)
-            n = chunk["target"].shape[0]
-            for s in range(0, n, size):
-                yield self._rows(chunk, torch.arange(s, min(n, s + size)), device)
-
     def _rows(self, chunk, idx, device):
         arg_slots, kw_slots, consts = self.spec
         args = [chunk[s][idx].to(device) if s is not None else consts[f"a{i}"] for i, s in enumerate(arg_slots)]
         kwargs = {k: chunk[s][idx].to(device) if s is not None else consts[f"k.{k}"] for k, s in kw_slots.items()}
         return args, kwargs, chunk["target"][idx].to(device)
+
+
+def collect(denoiser, module: nn.Module, batches, chunk_rows: int = 256, max_ram_mb: float = 2048,
+            spill_dir: str | Path | None = None) -> BlockData:
+    """``module``'s inputs in the (quantized) ``denoiser`` and its outputs in the same network
+    with every quantizer off (the FP network: the weights are not held twice), for every
+    ``(x, t, cond)`` of ``batches``."""
+    data = BlockData(chunk_rows, max_ram_mb, spill_dir)
+    for x, t, cond in batches:
+        def run(x=x, t=t, cond=cond):
+            return denoiser(x, t, cond)
+
+        args, kwargs = capture(module, run, "input")
+        with quantization_disabled(denoiser.model):
+            target = capture(module, run, "output")
+        data.add(args, kwargs, target)
+    return data.finish()

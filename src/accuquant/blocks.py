@@ -19,18 +19,6 @@ from torch import nn
 from .layers import QuantLayer
 from .quantizers import UniformQuantizer
 
-#: diffusers module classes reconstructed as one block.
-BLOCK_TYPES = (
-    "ResnetBlock2D",
-    "ResnetBlockCondNorm2D",
-    "Attention",
-    "BasicTransformerBlock",
-    "Downsample2D",
-    "Upsample2D",
-    "TimestepEmbedding",
-)
-
-
 @dataclass
 class Block:
     """One reconstruction unit: a module and its quantizers."""
@@ -55,19 +43,21 @@ def _quantizers(module: nn.Module) -> tuple[list[UniformQuantizer], list[Uniform
     return weight, act
 
 
-def find_blocks(model: nn.Module, run_forward) -> list[Block]:
+def find_blocks(model: nn.Module, run_forward, block_types: tuple[str, ...]) -> list[Block]:
     """The reconstruction blocks of ``model``, in execution order.
 
     Args:
         model: a wrapped denoiser (its layers are :class:`QuantLayer`).
         run_forward: a callable running one forward pass of ``model`` (used to find the order).
+        block_types: class names of the modules reconstructed as one block (the family's
+            adapter says which).
     """
     candidates: dict[str, nn.Module] = {}
     covered: set[int] = set()
     for name, mod in model.named_modules():
         if id(mod) in covered:
             continue
-        is_block = type(mod).__name__ in BLOCK_TYPES or isinstance(mod, QuantLayer)
+        is_block = type(mod).__name__ in block_types or isinstance(mod, QuantLayer)
         if is_block and any(isinstance(m, UniformQuantizer) for m in mod.modules()):
             candidates[name] = mod
             covered.update(id(m) for m in mod.modules())

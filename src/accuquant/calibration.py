@@ -11,7 +11,6 @@ and compares with its later samples; multistep solvers rebuild their state from
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .adapters import Conditions, Denoiser
+from .cache import derive_seed, digest
 from .errors import AccuQuantError
 from .progress import progress_bar
 from .safety import atomic_path, check_safetensors
@@ -32,12 +32,8 @@ FORMAT = "accuquant.trajectories/1"
 def seeded_noise(shape: tuple[int, ...], seed: int, indices, stream: str) -> torch.Tensor:
     """Gaussian noise, one generator per sample: sample ``k`` of ``(seed, stream)`` is the
     same whatever the batch. ``stream`` keeps calibration noise apart from evaluation noise."""
-    out = []
-    for k in indices:
-        h = hashlib.sha256(f"{stream}:{seed}:{k}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
-        out.append(torch.randn(shape, generator=g))
-    return torch.stack(out)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(stream, seed, k)))
+                        for k in indices])
 
 
 def noise_batches(shape: tuple[int, ...], cond: Conditions, num: int, batch_size: int, seed: int, stream: str,
@@ -47,19 +43,8 @@ def noise_batches(shape: tuple[int, ...], cond: Conditions, num: int, batch_size
     for start in range(0, num, batch_size):
         idx = list(range(start, min(num, start + batch_size)))
         noise = seeded_noise(shape, seed, idx, stream).to(device)
-        c = cond.index(torch.tensor(idx)).to(device) if len(cond) else cond
+        c = cond.index(torch.tensor(idx)).to(device)
         yield idx, noise, c
-
-
-def settings_key(fingerprint: str, solver_desc: dict, num: int, seed: int, guidance: float, cond: Conditions) -> str:
-    """A short hash naming a cached set of samples: model, solver, counts, seed, guidance, conditions."""
-    h = hashlib.sha256(fingerprint.encode())
-    h.update(json.dumps({"solver": solver_desc, "num": num, "seed": seed, "g": guidance},
-                        sort_keys=True, default=str).encode())
-    for k, v in cond.items():
-        h.update(k.encode())
-        h.update(v.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 @dataclass
@@ -84,6 +69,30 @@ class Trajectories:
     def final(self) -> torch.Tensor:
         return self.xs[:, -1]
 
+    def digest(self) -> str:
+        """A key over every tensor of the set (computed once)."""
+        if getattr(self, "_digest", None) is None:
+            self._digest = digest({"cond": [k for k, _ in self.cond.items()]}, self.xs, self.outs, self.timesteps,
+                                  *(v for _, v in self.cond.items()))
+        return self._digest
+
+    def points(self, per_step: int, seed: int) -> list[tuple[int, int]]:
+        """``(trajectory, step)`` pairs: ``per_step`` random trajectories at every step, shuffled."""
+        n, s = self.num_samples, self.num_steps
+        per_step = max(1, min(n, per_step))
+        g = torch.Generator().manual_seed(seed)
+        pairs = [(int(k), i) for i in range(s) for k in torch.randperm(n, generator=g)[:per_step]]
+        order = torch.randperm(len(pairs), generator=g)
+        return [pairs[j] for j in order]
+
+    def batches(self, points: list[tuple[int, int]], batch_size: int, device="cpu"):
+        """Yield ``(x_t, t, cond)`` batches of ``batch_size`` points (one timestep per sample)."""
+        for start in range(0, len(points), batch_size):
+            chunk = points[start : start + batch_size]
+            k = torch.tensor([p[0] for p in chunk])
+            i = torch.tensor([p[1] for p in chunk])
+            yield self.xs[k, i].to(device), self.timesteps[i].to(device), self.cond.index(k).to(device)
+
     def save(self, path: str | Path) -> None:
         tensors = {"xs": self.xs.contiguous(), "outs": self.outs.contiguous(), "timesteps": self.timesteps.contiguous()}
         tensors.update(self.cond.to_tensors())
@@ -104,21 +113,10 @@ class Trajectories:
         return cls(t["xs"], t["outs"], t["timesteps"], Conditions.from_tensors(t), json.loads(md.get("meta", "{}")))
 
 
-def default_conditions(denoiser: Denoiser, num: int, num_classes: int | None = None) -> Conditions:
-    """Balanced class labels ``k % num_classes`` for class-conditional models; nothing otherwise."""
-    if denoiser.conditioning == "class":
-        if not num_classes:
-            raise AccuQuantError("class-conditional model: the number of classes is unknown")
-        return Conditions(labels=torch.arange(num) % num_classes)
-    if denoiser.conditioning == "text":
-        raise AccuQuantError("text-conditioned model: calibration needs prompts (prompt embeddings)")
-    return Conditions()
-
-
 @torch.no_grad()
 def collect_trajectories(
     denoiser: Denoiser,
-    solver: Solver,
+    scheduler: Solver,
     num: int,
     seed: int = 0,
     cond: Conditions | None = None,
@@ -131,7 +129,8 @@ def collect_trajectories(
 
     Args:
         denoiser: the full-precision model behind its adapter (guidance included).
-        solver: the sampler; its step count and scheduler are the ones used at inference.
+        scheduler: the sampler (:func:`~accuquant.sampling.make_scheduler`), with the steps used
+            at inference.
         num: number of trajectories.
         seed: noise seed (sample ``k`` uses the ``k``-th noise of this seed).
         cond: per-sample conditions (``num`` of them), or ``None`` for an unconditional model.
@@ -139,23 +138,24 @@ def collect_trajectories(
         device: where to run; results are returned on the CPU.
         progress: show a progress bar over denoiser evaluations.
     """
-    if solver.stochastic:
-        raise AccuQuantError(f"scheduler {solver.name!r} is stochastic: calibration trajectories need a deterministic one")
+    if scheduler.stochastic:
+        raise AccuQuantError(f"scheduler {scheduler.name!r} is stochastic: calibration trajectories need a "
+                             "deterministic one")
     cond = cond if cond is not None else Conditions()
-    if len(cond) not in (0, num):
-        raise AccuQuantError(f"calibration: {len(cond)} conditions for {num} samples")
+    if cond.batch_size not in (0, num):
+        raise AccuQuantError(f"calibration: {cond.batch_size} conditions for {num} samples")
     xs, outs = [], []
     n_batches = math.ceil(num / batch_size)
-    with progress_bar(total=n_batches * solver.num_steps, desc="FP trajectories", disable=not progress) as bar:
+    with progress_bar(total=n_batches * scheduler.num_steps, desc="FP trajectories", disable=not progress) as bar:
         for _, noise, c in noise_batches(denoiser.sample_shape, cond, num, batch_size, seed, stream, device):
-            _, x, o = run_trajectory(denoiser, solver, noise, c, keep=True, callback=lambda i: bar.update(1))
+            _, x, o = run_trajectory(denoiser, scheduler, noise, c, keep=True, callback=lambda i: bar.update(1))
             xs.append(x.cpu())
             outs.append(o.cpu())
     meta = {
         "num": num,
         "seed": seed,
         "guidance_scale": denoiser.guidance_scale,
-        **{k: v for k, v in solver.describe().items() if k != "scheduler_config"},
-        "scheduler_config": json.loads(json.dumps(solver.describe()["scheduler_config"], default=str)),
+        **{k: v for k, v in scheduler.describe().items() if k != "scheduler_config"},
+        "scheduler_config": json.loads(json.dumps(scheduler.describe()["scheduler_config"], default=str)),
     }
-    return Trajectories(torch.cat(xs), torch.cat(outs), solver.timesteps.clone(), cond, meta)
+    return Trajectories(torch.cat(xs), torch.cat(outs), scheduler.timesteps.clone(), cond, meta)

@@ -23,7 +23,7 @@ from .errors import AccuQuantError
 from .layers import all_quantizers
 from .safety import atomic_path
 
-FORMAT = "accuquant.checkpoint/1"
+FORMAT = "accuquant.checkpoint/2"
 
 
 def save_checkpoint(path: Path, model: nn.Module, key: str, done: int, extra: dict | None = None,

@@ -7,12 +7,14 @@ of the machine (a full disk, a permission) with one line and exit status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .errors import AccuQuantError
 from .safety import check_device
 
@@ -65,21 +67,37 @@ def _non_negative(text: str) -> int:
     return v
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = 0.0
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
+def method_flags() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Command-line flag -> ``(method, config field)`` for every method option marked for the
+    command line (several methods may share a flag, such as ``--iters``)."""
+    from .api import METHODS
+
+    flags: dict[str, list] = {}
+    for name, cls in METHODS.items():
+        for f in dataclasses.fields(cls.Config):
+            if f.metadata.get("cli"):
+                flags.setdefault(f.metadata.get("flag") or f.name.replace("_", "-"), []).append((name, f))
+    return flags
 
 
-#: the learning flags each method takes (``--batch-size`` is also every method's pass size)
-METHOD_FLAGS = {
-    "per-step": ("iters", "lr", "act_iters", "act_lr", "samples_per_step"),
-    "accuquant": ("iters", "lr", "group_size", "grad", "init", "schedule", "rounding", "traj_batch"),
-}
+def _flag_help(entries) -> str:
+    parts = []
+    for method, f in entries:
+        choices = f.metadata.get("choices")
+        what = f.metadata["help"] + (f" ({', '.join(choices)})" if choices else "")
+        parts.append(f"{method}: {what} (default {f.default})")
+    return "; ".join(parts)
+
+
+def _flag_type(entries):
+    kinds = {typing.get_type_hints(_config_of(m))[f.name] for m, f in entries}
+    return float if kinds & {float} else int if kinds & {int} else str
+
+
+def _config_of(method: str):
+    from .api import METHODS
+
+    return METHODS[method].Config
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) -> None:
@@ -108,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a diffusers model and save it")
     q.add_argument("--model", default=None, help="diffusers pipeline or model directory, or hub id "
                    "(default: the bundled MNIST model)")
-    q.add_argument("--method", default="accuquant", help="calibration method: naive, per-step or accuquant "
+    from .api import METHODS
+
+    q.add_argument("--method", default="accuquant", help=f"calibration method: {', '.join(METHODS)} "
                    "(default accuquant)")
     q.add_argument("--weight-bits", type=_bits, default=4, help="2..8, or none (default 4)")
     q.add_argument("--act-bits", type=_bits, default=8, help="2..8, or none (default 8)")
@@ -127,28 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--summary", type=_non_negative, default=None, help="after saving, compare with FP and with the "
                    "naive method on this many paired samples (default 300 for the bundled model, else 0: off)")
-    learn = q.add_argument_group("learning methods (per-step, accuquant)")
-    learn.add_argument("--iters", type=_non_negative, default=None, help="per-step: AdaRound iterations per block "
-                       "(default 300); accuquant: optimisation steps (default 100)")
-    learn.add_argument("--lr", type=_positive_float, default=None, help="per-step: learning rate of the rounding "
-                       "variables (default 1e-2); accuquant: learning rate relative to each step size (default 1e-3)")
-    learn.add_argument("--group-size", type=_positive, default=None, help="accuquant: denoising steps simulated "
-                       "per group, M (default 4)")
-    learn.add_argument("--grad", default=None, help="accuquant: gradient through a group, exact, checkpoint or "
-                       "approx (default checkpoint)")
-    learn.add_argument("--init", default=None, help="accuquant: starting point, per-step or naive "
-                       "(default per-step)")
-    learn.add_argument("--schedule", default=None, help="accuquant: order of groups, uniform (random) or cycle "
-                       "(default uniform)")
-    learn.add_argument("--rounding", default=None, help="accuquant: weight rounding, keep (the initialisation's "
-                       "integer codes; the step sizes scale them) or learn (AdaRound variables learned jointly "
-                       "with the step sizes; default keep)")
-    learn.add_argument("--act-iters", type=_non_negative, default=None, help="per-step: activation step-size "
-                       "iterations per block (default 100)")
-    learn.add_argument("--act-lr", type=_positive_float, default=None, help="per-step: learning rate of activation "
-                       "step sizes, relative to each step size (default 1e-3)")
-    learn.add_argument("--samples-per-step", type=_positive, default=None, help="per-step: calibration points per "
-                       "sampling step (default 32)")
+    learn = q.add_argument_group("method options (generated from each method's config)")
+    for flag, entries in method_flags().items():
+        if flag != "batch-size":  # --batch-size is every command's pass size, and accuquant's batch
+            learn.add_argument("--" + flag, dest=flag.replace("-", "_"), type=_flag_type(entries), default=None,
+                               help=_flag_help(entries))
     learn.add_argument("--resume", action="store_true", help="continue an interrupted calibration with the same "
                        "settings from its last checkpoint")
     _add_sampling_args(q)
@@ -240,7 +243,7 @@ def _evaluate(args) -> None:
     import json
 
     from .evaluation import evaluate, format_table, to_json_safe
-    from .pipeline import load_pipeline
+    from .loading import load_pipeline
 
     check_device(args.device)
     _check_scheduler(args.scheduler)
@@ -253,7 +256,7 @@ def _evaluate(args) -> None:
 
 def _analyze(args) -> None:
     from .analysis import error_accumulation, plot, write_csv
-    from .pipeline import load_pipeline
+    from .loading import load_pipeline
 
     check_device(args.device)
     _check_scheduler(args.scheduler)
@@ -275,10 +278,25 @@ def _analyze(args) -> None:
           f"accumulated error {last['accumulated_error']:.4f}")
 
 
+def _method_options(args) -> dict:
+    """The method options given on the command line, by config field; a flag the method
+    does not take is refused naming the ones it does."""
+    flags = method_flags()
+    takes = {flag: f.name for flag, entries in flags.items() for m, f in entries if m == args.method}
+    given = {flag: getattr(args, flag.replace("-", "_"), None) for flag in flags}
+    given["batch-size"] = args.batch_size_given
+    wrong = sorted(flag for flag, v in given.items() if v is not None and flag not in takes and flag != "batch-size")
+    if wrong:
+        listed = ", ".join("--" + f for f in takes)
+        raise AccuQuantError(f"{', '.join('--' + f for f in wrong)}: not an option of the {args.method} method"
+                             + (f" (it takes {listed})" if takes else "; it learns nothing"))
+    return {takes[flag]: v for flag, v in given.items() if v is not None and flag in takes}
+
+
 def _quantize(args) -> None:
+    from .api import quantize
     from .config import QuantConfig
-    from .engine import quantize
-    from .methods import check_method_options, get_method
+    from .methods.base import method_config
     from .safety import check_out_dir
 
     check_device(args.device)
@@ -296,17 +314,8 @@ def _quantize(args) -> None:
         split_shortcut=not args.no_split_shortcut,
         **kw,
     )
-    get_method(args.method)
+    mconfig = method_config(args.method, _method_options(args))  # validated before any work
     _check_scheduler(args.scheduler)
-    takes = METHOD_FLAGS.get(args.method, ())
-    options = {k: v for k, v in vars(args).items() if k in _ALL_FLAGS and v is not None}
-    wrong = sorted(k for k in options if k not in takes)
-    if wrong:
-        raise AccuQuantError(f"{_flag_list(wrong)}: not an option of the {args.method} method"
-                             + ("; it learns nothing" if not takes else f" (it takes {_flag_list(takes)})"))
-    if "traj_batch" in takes and args.batch_size_given is not None:
-        options["traj_batch"] = args.batch_size_given  # accuquant: --batch-size is its optimisation batch
-    check_method_options(args.method, options)
     model_path = _model_arg(args)
     bundled = args.model is None
     bits = f"w{cfg.weight_bits or 'fp'}a{cfg.act_bits or 'fp'}"
@@ -318,7 +327,7 @@ def _quantize(args) -> None:
                   guidance_scale=args.guidance_scale, labels=args.labels, prompts=args.prompt,
                   batch_size=args.batch_size, device=args.device, progress=not args.quiet,
                   use_cache=not args.no_cache)
-    pipe = quantize(model_path, cfg, args.method, args.calib, inplace=True, resume=args.resume, **common, **options)
+    pipe = quantize(model_path, cfg, mconfig, args.calib, inplace=True, resume=args.resume, **common)
     pipe.save(out, overwrite=args.overwrite)
     report = pipe.quant["report"]
     wfile = out / pipe.denoiser_name / "accuquant_weights.safetensors"
@@ -330,18 +339,11 @@ def _quantize(args) -> None:
         _summary(pipe, model_path, cfg, args, common, summary)
 
 
-def _flag_list(names) -> str:
-    return ", ".join("--" + k.replace("_", "-") for k in names)
-
-
-_ALL_FLAGS = sorted({k for v in METHOD_FLAGS.values() for k in v})
-
-
 def _summary(pipe, model_path: str, cfg, args, common: dict, num: int) -> None:
     """Paired quality against FP, next to the naive method's at the same bits."""
-    from .engine import quantize
+    from .api import quantize
     from .evaluation import evaluate
-    from .pipeline import load_pipeline
+    from .loading import load_pipeline
 
     fp = load_pipeline(model_path, device=args.device)
     ev = dict(num=num, steps=args.steps, seed=args.seed, scheduler=args.scheduler, batch_size=args.batch_size,
@@ -357,7 +359,7 @@ def _summary(pipe, model_path: str, cfg, args, common: dict, num: int) -> None:
 
 def _sample(args) -> None:
     from .images import save_grid
-    from .pipeline import load_pipeline
+    from .loading import load_pipeline
 
     check_device(args.device)
     _check_scheduler(args.scheduler)

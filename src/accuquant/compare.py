@@ -15,7 +15,7 @@ peak resident memory are its own (learning methods with ``--resume``: an interru
 comparison continues inside the interrupted calibration). A pair whose record exists is
 skipped, unless an older version of its method made it; FP calibration trajectories, FP
 samples and the per-step initialisation that AccuQuant starts from come from the cache
-(:func:`accuquant.engine.cache_dir`).
+(:func:`accuquant.cache.cache_dir`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from .config import QuantConfig
 from .errors import AccuQuantError
 from .safety import atomic_path
 
-METRICS = ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "class_accuracy")
 _BITS = re.compile(r"^w(\d+|fp)a(\d+|fp)$")
 
 
@@ -64,20 +63,13 @@ class CompareSettings:
     grid: int = 10  # samples per row of the sample grids
     device: str = "cpu"
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "CompareSettings":
-        return cls(**json.loads(text))
-
     def check(self) -> None:
-        from .methods import get_method
+        from .methods.base import method_class
 
         if not self.methods:
             raise AccuQuantError("--methods: give at least one method")
         for m in self.methods:
-            get_method(m)
+            method_class(m)
         if not self.bits:
             raise AccuQuantError("--bits: give at least one bit width")
         for b in self.bits:
@@ -186,15 +178,15 @@ def quantize_process(settings: CompareSettings, method: str, bits: str, out: Pat
 
 def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False, log=print) -> dict:
     """Run every (method, bits) pair not done yet, then write the report; returns ``results.json``'s content."""
-    from . import __version__
+    from .version import __version__
     from .analysis import error_accumulation
     from .bundled import resolve_ref
     from .evaluation import evaluate, to_json_safe
-    from .pipeline import load_pipeline
+    from .loading import load_pipeline
     from .report import write_report
 
-    from .engine import cache_dir
-    from .methods import METHOD_VERSIONS
+    from .api import METHODS
+    from .cache import cache_dir
 
     settings.check()
     out = Path(out)
@@ -218,7 +210,7 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
     for k, (method, bits) in enumerate(pairs, 1):
         name = f"{method}-{bits}"
         rec_path = out / "runs" / f"{name}.json"
-        version = METHOD_VERSIONS[method]
+        version = METHODS[method].Config.VERSION
         rec = _read_json(rec_path)
         if _current(rec, key, version):
             log(f"[{k}/{len(pairs)}] {method} {bits}: done earlier, kept")

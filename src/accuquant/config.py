@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -13,12 +13,6 @@ FORMAT_VERSION = 1
 
 #: Bit widths that mean "keep this tensor in floating point".
 FLOAT_BITS = (16, 32)
-
-#: Full module names (fnmatch patterns) kept in full precision by default: the first
-#: and last layers of UNets (``conv_in``/``conv_out``) and DiT-style transformers
-#: (patch embedding and output projections). They hold few weights and errors in them
-#: hit every pixel of the prediction.
-DEFAULT_KEEP_FP = ("conv_in", "conv_out", "pos_embed.proj", "proj_out", "proj_out_1", "proj_out_2")
 
 GRANULARITIES = ("channel", "tensor")
 INIT_METHODS = ("minmax", "percentile", "mse")
@@ -57,7 +51,9 @@ class QuantConfig:
             ``"act"`` follows ``act_bits``; ``None`` keeps them in floating point.
         softmax_bits: bits of the softmax output (the other input of softmax.V); ``"act"``
             follows ``act_bits``; ``None`` keeps it in floating point.
-        keep_fp: fnmatch patterns of full module names left in full precision.
+        keep_fp: fnmatch patterns of full module names left in full precision; ``None``: the
+            model family's defaults (its adapter's ``keep_fp``: a UNet's ``conv_in`` and
+            ``conv_out``, a DiT's patch embedding and output projections).
         split_shortcut: quantize the channel-concatenated input of UNet up-block shortcut layers
             as two parts (skip connection and upsampled features), each with its own range.
         weight_init: range search of weight quantizers: ``"minmax"``, ``"percentile"`` or ``"mse"``.
@@ -73,7 +69,7 @@ class QuantConfig:
     act_symmetric: bool = False
     attn_bits: int | str | None = "act"
     softmax_bits: int | str | None = "act"
-    keep_fp: tuple[str, ...] = field(default_factory=lambda: DEFAULT_KEEP_FP)
+    keep_fp: tuple[str, ...] | None = None
     split_shortcut: bool = True
     weight_init: str = "mse"
     act_init: str = "mse"
@@ -95,9 +91,10 @@ class QuantConfig:
         for name in ("weight_init", "act_init"):
             if getattr(self, name) not in INIT_METHODS:
                 raise ConfigError(f"{name}: expected one of {INIT_METHODS}, got {getattr(self, name)!r}")
-        if isinstance(self.keep_fp, str) or not all(isinstance(p, str) for p in self.keep_fp):
-            raise ConfigError(f"keep_fp: expected a list of module-name patterns, got {self.keep_fp!r}")
-        self.keep_fp = tuple(self.keep_fp)
+        if self.keep_fp is not None:
+            if isinstance(self.keep_fp, str) or not all(isinstance(p, str) for p in self.keep_fp):
+                raise ConfigError(f"keep_fp: expected a list of module-name patterns, got {self.keep_fp!r}")
+            self.keep_fp = tuple(self.keep_fp)
         if not 50.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"percentile: expected a value in (50, 100], got {self.percentile!r}")
         if self.format_version != FORMAT_VERSION:
@@ -114,7 +111,7 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["keep_fp"] = list(self.keep_fp)
+        d["keep_fp"] = None if self.keep_fp is None else list(self.keep_fp)
         return d
 
     @classmethod

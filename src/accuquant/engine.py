@@ -1,184 +1,346 @@
-"""The one entry point: ``quantize(source, config, method=..., calib=...)``.
+"""The calibration engine: the one loop every learning method runs in.
 
-1. load or copy the full-precision pipeline;
-2. collect (or reuse) FP calibration trajectories with the inference solver;
-3. wrap the denoiser's layers and attention processors;
-4. run the method (every method starts from the naive ranges);
-5. freeze: weights become integer codes.
+A method (:mod:`accuquant.methods`) supplies its initialisation, its units of work
+(per-step's blocks; AccuQuant's one unit over the trajectory, whose iterations each
+simulate one group of steps) and, per unit, its phases: the learnable parameters and
+the loss on a batch. The engine owns everything else:
+
+* a random generator per unit, seeded by (method, seed, unit index), from which every
+  batch of the unit is drawn, so a run's result does not depend on where it resumed;
+* one optimiser (:class:`Adam`, with a rate relative to each step size's initial value
+  where asked) and the one place where gradients are combined before a step
+  (:func:`combine_gradients`: where a data-parallel all-reduce goes);
+* checkpoints after the initialisation, after every unit and every ``save_every``
+  iterations of a phase (quantizers, optimiser and generator state, the log), and
+  resume from them;
+* the progress bar with the current loss, the log, and the count of denoiser evaluations;
+* starting from another method's result, cached per model, config, data and seed
+  (:func:`start_from`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import dataclasses
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 
-from . import __version__
-from .adapters import Conditions, shortcut_splits
-from .calibration import Trajectories, collect_trajectories, settings_key
+from .adapters import Denoiser
+from .cache import derive_seed, digest
+from .calibration import Trajectories
+from .checkpoint import load_quantizers, read_checkpoint, save_checkpoint
 from .config import QuantConfig
-from .errors import AccuQuantError
-from .layers import freeze_model, wrap_model
-from .methods import CalibrationContext, check_method_options, get_method, key_version, save_result
-from .pipeline import Pipeline, as_pipeline
-from .safety import check_device, check_finite
-from .sampling import make_solver
+from .methods.base import MethodConfig, config_class, method_class
+from .progress import progress_bar
+from .sampling import Solver
 
 
-def cache_dir() -> Path:
-    """Where calibration trajectories are cached: ``$ACCUQUANT_CACHE`` or ``~/.cache/accuquant``."""
-    root = os.environ.get("ACCUQUANT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "accuquant"
-    )
-    return Path(root)
+@dataclass
+class Run:
+    """One calibration: the wrapped denoiser, the solver, the FP trajectories, and where
+    the engine keeps its state."""
+
+    denoiser: Denoiser
+    solver: Solver
+    calib: Trajectories
+    config: QuantConfig
+    batch_size: int = 32
+    device: str | torch.device = "cpu"
+    progress: bool = True
+    seed: int = 0
+    #: checkpoint file (``None``: none written) and whether to continue from it
+    checkpoint: Path | None = None
+    resume: bool = False
+    #: settings hash a checkpoint must carry to be resumed
+    key: str = ""
+    #: hash of model, config, data and seed (no method), and where results of default
+    #: options are kept under it for later runs (``None``: keep none)
+    base_key: str = ""
+    result_cache: Path | None = None
+    #: what the method reports, kept with the quantized model
+    log: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.denoiser.model
 
 
-def calibration_data(
-    pipe: Pipeline,
-    solver,
-    num: int,
-    seed: int,
-    guidance_scale: float | None,
-    cond: Conditions,
-    batch_size: int,
-    device,
-    progress: bool,
-    use_cache: bool = True,
-) -> Trajectories:
-    """FP trajectories for calibration, from the cache when the same set was collected before."""
-    den = pipe.denoiser(guidance_scale)
-    key = settings_key(pipe.fingerprint(), solver.describe(), num, seed, den.guidance_scale, cond)
-    path = cache_dir() / "calib" / f"{key}.safetensors"
-    if use_cache and path.is_file():
-        try:
-            return Trajectories.load(path)
-        except AccuQuantError:
-            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
-    traj = collect_trajectories(den, solver, num, seed, cond, batch_size, device, progress)
-    if use_cache:
-        traj.save(path)
-    return traj
+@dataclass
+class Group:
+    """Parameters optimised together: ``lr`` is absolute, or (``relative``) a fraction of
+    each element's initial magnitude per step; relative parameters are kept positive."""
+
+    params: dict[str, torch.Tensor]
+    lr: float
+    relative: bool = False
 
 
-def run_key(fingerprint: str, config: QuantConfig, method: str, options: dict, calib: Trajectories, seed: int,
-            batch_size: int, guidance_scale: float) -> str:
-    """A hash of everything a calibration run's result depends on (names its checkpoint)."""
-    h = hashlib.sha256(fingerprint.encode())
-    what = {"config": config.to_dict(), "method": method, "options": options, "seed": seed,
-            "batch_size": batch_size, "g": guidance_scale}
-    if key_version(method) is not None:
-        what["version"] = key_version(method)
-    h.update(json.dumps(what, sort_keys=True, default=str).encode())
-    for t in (calib.xs, calib.outs, calib.timesteps, *(v for _, v in calib.cond.items())):
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
+@dataclass
+class Phase:
+    """``iters`` optimisation steps of the parameters ``groups(resumed)`` returns (called
+    when the phase starts; ``resumed``: its state comes from a checkpoint), on
+    ``loss(generator, iteration)``: a tensor to back-propagate, or a float when the loss
+    has accumulated its gradients itself. ``end`` runs when the phase is over."""
+
+    name: str
+    iters: int
+    groups: Callable[[bool], list[Group]]
+    loss: Callable[[torch.Generator, int], "torch.Tensor | float"]
+    end: Callable[[], None] | None = None
+    save_every: int | None = None
+    curve: bool = False  # log the mean loss of every 10 iterations as ``loss_curve``
 
 
-def quantize(
-    source,
-    config: QuantConfig | None = None,
-    method: str = "naive",
-    calib: Trajectories | str | Path | None = None,
-    *,
-    steps: int = 20,
-    scheduler: str = "ddim",
-    calib_samples: int = 64,
-    seed: int = 0,
-    guidance_scale: float | None = None,
-    labels=None,
-    prompts: list[str] | None = None,
-    batch_size: int = 32,
-    device: str = "cpu",
-    progress: bool = True,
-    inplace: bool = False,
-    use_cache: bool = True,
-    resume: bool = False,
-    **method_options,
-) -> Pipeline:
-    """Quantize a diffusion model.
+@dataclass
+class Unit:
+    """A unit of work: ``open(index)`` prepares it (per-step: captures the block's data)
+    and yields its phases; ``iters`` is their total, for the progress bar."""
 
-    Args:
-        source: a path (diffusers pipeline or model directory, or hub id), a diffusers
-            pipeline, a diffusers model, or an accuquant :class:`Pipeline`.
-        config: the quantization config (default: W8A8).
-        method: calibration method name (``"naive"``, ...).
-        calib: FP trajectories (or a path to a saved set) to calibrate on; collected
-            from ``calib_samples`` seeded noises when ``None``.
-        steps, scheduler: the sampler used at inference; calibration follows it.
-        calib_samples, seed, labels, prompts: what the calibration trajectories start from.
-        guidance_scale: classifier-free guidance scale (default: the model's).
-        batch_size: samples per forward pass during calibration.
-        device: ``"cpu"`` or ``"cuda"``.
-        inplace: quantize ``source``'s own model instead of a copy.
-        use_cache: reuse calibration trajectories cached from an earlier run.
-        resume: continue an interrupted calibration with the same settings from its last
-            checkpoint (methods that learn save one after each unit of work, under
-            ``cache_dir()/runs``; it is removed when the run finishes).
-        method_options: passed to the method (e.g. ``iters=``, ``lr=``; see the method's module).
+    name: str
+    iters: int
+    open: Callable[[int], ContextManager[list[Phase]]]
 
-    Returns:
-        the quantized :class:`Pipeline` (weights frozen as integer codes).
-    """
-    config = config if config is not None else QuantConfig()
-    calibrate = get_method(method)
-    check_method_options(method, method_options)
-    check_device(device)
-    pipe = as_pipeline(source, copy_model=not inplace)
-    if pipe.quant is not None:
-        raise AccuQuantError("the model is already quantized")
-    check_finite(pipe.model, type(pipe.model).__name__)
-    dtypes = {t.dtype for t in pipe.model.parameters()}
-    if dtypes != {torch.float32}:
-        raise AccuQuantError(f"the denoiser is {', '.join(sorted(map(str, dtypes)))}: quantize an fp32 model "
-                             "(load it without torch_dtype)")
-    pipe.to(device)
-    solver = make_solver(scheduler, pipe.scheduler_config, steps)
-    den = pipe.denoiser(guidance_scale)
+
+class Method:
+    """Base of the methods: ``initialise`` (not called when resuming) and ``units``."""
+
+    Config: type[MethodConfig] = MethodConfig
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+
+    def initialise(self, run: Run) -> None:
+        pass
+
+    def units(self, run: Run) -> list[Unit]:
+        return []
+
+
+class Adam:
+    """Adam with torch's arithmetic (``torch.optim.Adam``'s single-tensor path: the same
+    floats on the CPU), per-parameter state, and optionally relative rates."""
+
+    def __init__(self, groups: list[Group], betas=(0.9, 0.999), eps: float = 1e-8):
+        self.groups, self.betas, self.eps = groups, betas, eps
+        self.state = {}
+        for g in groups:
+            for name, p in g.params.items():
+                ref = p.detach().abs().clamp_min(1e-8) if g.relative else None
+                self.state[name] = {"step": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p), "ref": ref}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        for g in self.groups:
+            for name, p in g.params.items():
+                if p.grad is None:
+                    continue
+                s = self.state[name]
+                s["step"] += 1
+                s["m"].lerp_(p.grad, 1 - b1)
+                s["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                bc1, bc2 = 1 - b1 ** float(s["step"]), 1 - b2 ** float(s["step"])
+                denom = (s["v"].sqrt() / bc2**0.5).add_(self.eps)
+                ref = s["ref"]
+                if ref is None or ref.numel() == 1:
+                    lr = g.lr * (float(ref) if ref is not None else 1.0)
+                    p.addcdiv_(s["m"], denom, value=-(lr / bc1))
+                else:
+                    p.addcdiv_(s["m"] * ref, denom, value=-(g.lr / bc1))
+                if g.relative:
+                    p.clamp_(min=1e-8)
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            for p in g.params.values():
+                p.grad = None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, s in self.state.items():
+            out[f"adam.{name}.step"] = torch.tensor(s["step"])
+            out[f"adam.{name}.m"], out[f"adam.{name}.v"] = s["m"], s["v"]
+            if s["ref"] is not None:
+                out[f"adam.{name}.ref"] = s["ref"]
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, s in self.state.items():
+            s["step"] = int(tensors[f"adam.{name}.step"])
+            s["m"], s["v"] = (tensors[f"adam.{name}.{k}"].to(s["m"]).clone() for k in ("m", "v"))
+            if s["ref"] is not None:
+                s["ref"] = tensors[f"adam.{name}.ref"].to(s["ref"]).clone()
+
+
+def combine_gradients(params: list[torch.Tensor]) -> None:
+    """The one place where the gradients of a step are combined before the optimiser
+    uses them. One process: they are complete already."""
+
+
+@contextmanager
+def weights_frozen(model: torch.nn.Module):
+    """The model's own parameters take no gradient inside (methods learn quantizer
+    parameters only); their flags are restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+
+
+@dataclass
+class _Position:
+    unit: int = 0
+    phase: int = 0
+    iteration: int = 0
+
+    def encode(self) -> str:
+        return f"{self.unit}.{self.phase}.{self.iteration}"
+
+    @classmethod
+    def decode(cls, text: str) -> "_Position":
+        return cls(*(int(v) for v in text.split(".")))
+
+
+def _save(run: Run, pos: _Position, tensors: dict | None = None) -> None:
+    if run.checkpoint is not None:
+        save_checkpoint(run.checkpoint, run.model, run.key, pos.unit, extra={"log": run.log, "at": pos.encode()},
+                        tensors=tensors)
+
+
+def calibrate(run: Run, config: MethodConfig) -> None:
+    """Run method ``config`` on ``run``: initialise (or resume from the checkpoint), then
+    every unit's phases; the quantizers end calibrated, the log in ``run.log``."""
+    method = method_class(config.NAME)(config)
+    state = read_checkpoint(run.checkpoint, run.key) if (run.resume and run.checkpoint) else None
+    with weights_frozen(run.model):
+        if state is None:
+            pos, tensors = _Position(), {}
+            method.initialise(run)
+            units = method.units(run)
+            if units:
+                _save(run, pos)
+        else:
+            _, tensors, extra = state
+            load_quantizers(run.model, tensors)
+            run.log.update(extra.get("log", {}))
+            pos = _Position.decode(extra["at"])
+            run.log["resumed_at"] = dataclasses.asdict(pos)
+            units = method.units(run)
+        if units:
+            _run_units(run, method, units, pos, tensors)
+
+
+def _run_units(run: Run, method: Method, units: list[Unit], pos: _Position, tensors: dict) -> None:
     t0 = time.perf_counter()
-    if calib is None:
-        cond = pipe.conditions(calib_samples, labels, prompts, device="cpu")
-        calib = calibration_data(pipe, solver, calib_samples, seed, guidance_scale, cond, batch_size, device, progress, use_cache)
-    elif not isinstance(calib, Trajectories):
-        calib = Trajectories.load(calib)
-    if calib.num_steps != solver.num_steps or not torch.equal(calib.timesteps, solver.timesteps.cpu()):
-        raise AccuQuantError(
-            f"calibration data: its {calib.num_steps} steps do not match the {scheduler} solver's {solver.num_steps}"
-        )
-    if tuple(calib.xs.shape[2:]) != den.sample_shape:
-        raise AccuQuantError(f"calibration data: samples of shape {tuple(calib.xs.shape[2:])} do not fit this model "
-                             f"({den.sample_shape})")
-    if den.conditioning == "class" and calib.cond.labels is None:
-        raise AccuQuantError("calibration data: this model is class-conditional, but the data has no labels")
-    splits = shortcut_splits(pipe.model)
-    report = wrap_model(pipe.model, config, splits)
-    pipe.to(device)
-    key = run_key(pipe.fingerprint(), config, method, method_options, calib, seed, batch_size, den.guidance_scale)
-    checkpoint = cache_dir() / "runs" / f"{key}.safetensors"
-    base = run_key(pipe.fingerprint(), config, "", {}, calib, seed, batch_size, den.guidance_scale)
-    ctx = CalibrationContext(den, solver, calib, config, batch_size, device, progress, seed, method_options,
-                             checkpoint=checkpoint, resume=resume, run_key=key, base_key=base,
-                             result_cache=cache_dir() / "results" if use_cache else None)
-    t1 = time.perf_counter()
-    calibrate(ctx)
-    if not method_options:  # the default result: a later run may start from it (accuquant's init)
-        save_result(ctx, method, {"method": method, "seconds": round(time.perf_counter() - t1, 2), **ctx.log})
-    checkpoint.unlink(missing_ok=True)
-    freeze_model(pipe.model)
-    pipe.model.eval()
-    pipe.quant = {
-        "config": config.to_dict(),
-        "splits": report.split,
-        "report": report.to_dict(),
-        "method": method,
-        "method_options": {k: v for k, v in method_options.items() if isinstance(v, (int, float, str, bool, type(None)))},
-        "calibration": {"samples": calib.num_samples, "seed": calib.meta.get("seed"), "solver": solver.name,
-                        "steps": steps, "guidance_scale": den.guidance_scale},
-        "method_log": ctx.log,
-        "timing_s": {"calibration_data": round(t1 - t0, 3), "method": round(time.perf_counter() - t1, 3)},
-        "accuquant_version": __version__,
-    }
-    return pipe
+    name = method.config.NAME
+    with progress_bar(sum(u.iters for u in units), name, disable=not run.progress) as bar:
+        bar.update(sum(u.iters for u in units[: pos.unit]))
+        for u in range(pos.unit, len(units)):
+            unit, here = units[u], u == pos.unit
+            gen = torch.Generator().manual_seed(derive_seed(name, run.seed, u))
+            if here and "engine.generator" in tensors:
+                gen.set_state(tensors["engine.generator"])
+            bar.set_description(f"{name} {unit.name}" if len(units) > 1 else name)
+            with unit.open(u) as phases:
+                for p in range(pos.phase if here else 0, len(phases)):
+                    at = _Position(u, p, pos.iteration if here and p == pos.phase else 0)
+                    _run_phase(run, phases[p], gen, at, tensors if at.iteration else None, bar)
+            _save(run, _Position(u + 1))
+    run.log["seconds"] = round(time.perf_counter() - t0, 2)
+
+
+def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resumed: dict | None, bar) -> None:
+    groups = phase.groups(resumed is not None)
+    params = [p for g in groups for p in g.params.values()]
+    if not params or phase.iters <= 0:
+        bar.update(max(0, phase.iters - at.iteration))
+        if phase.end is not None:
+            phase.end()
+        return
+    for p in params:
+        p.requires_grad_(True)
+    opt = Adam(groups)
+    if resumed is not None:
+        opt.load(resumed)
+    counts = run.denoiser.evaluations
+    losses = []
+    try:
+        for it in range(at.iteration, phase.iters):
+            before = dict(counts)
+            with torch.enable_grad():
+                out = phase.loss(gen, it)
+                if torch.is_tensor(out):
+                    out.backward()
+                    out = out.item()
+            combine_gradients(params)
+            opt.step()
+            opt.zero_grad()
+            if counts != before:
+                ev = run.log.setdefault("evaluations", {"forward": 0, "backward": 0})
+                for k in ev:
+                    ev[k] += counts[k] - before[k]
+            if phase.curve:
+                losses.append(out)
+                if len(losses) == 10:
+                    run.log.setdefault("loss_curve", []).append(sum(losses) / 10)
+                    losses = []
+            bar.set_postfix_str(f"{phase.name} {it}: loss {out:.4g}", refresh=False)
+            bar.update(1)
+            done = it + 1
+            if phase.save_every and done % phase.save_every == 0 and done < phase.iters:
+                _save(run, _Position(at.unit, at.phase, done),
+                      {**opt.state_tensors(), "engine.generator": gen.get_state()})
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    if phase.end is not None:
+        phase.end()
+
+
+# ---------------------------------------------------------------------------- results of default options
+def result_key(base_key: str, config: MethodConfig) -> str:
+    """The key of the result of ``config`` (default options) under a run's ``base_key``."""
+    return digest({"base": base_key, "method": config.NAME, "version": config.VERSION})
+
+
+def _result_path(run: Run, config: MethodConfig) -> tuple[str, Path | None]:
+    key = result_key(run.base_key, config)
+    return key, (run.result_cache / f"{key}.safetensors" if run.result_cache is not None and run.base_key else None)
+
+
+def save_result(run: Run, config: MethodConfig, log: dict) -> None:
+    """Keep the quantizers as the result of ``config`` (default options) for :func:`start_from`.
+    An entry that exists stays: runs that share a starting point must share exactly the
+    same one (another thread count can flip a learned rounding)."""
+    key, path = _result_path(run, config)
+    if path is not None and not path.exists():
+        save_checkpoint(path, run.model, key, 1, extra=log)
+
+
+def start_from(run: Run, name: str) -> None:
+    """Set the quantizers to method ``name``'s result with its default options: from the
+    cache when this model, config, data and seed had it, else by running it (resumable
+    under this run's key) and caching it."""
+    config = config_class(name)()
+    key, path = _result_path(run, config)
+    state = read_checkpoint(path, key) if path is not None else None
+    if state is not None:
+        load_quantizers(run.model, state[1])
+        run.log["init"] = {**state[2], "cached": True}
+        return
+    ckpt = None if run.checkpoint is None else run.checkpoint.with_name(run.checkpoint.stem + ".init.safetensors")
+    sub = dataclasses.replace(run, checkpoint=ckpt, log={})
+    t0 = time.perf_counter()
+    calibrate(sub, config)
+    run.log["init"] = {"method": name, "seconds": round(time.perf_counter() - t0, 2), **sub.log}
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
+    save_result(run, config, run.log["init"])

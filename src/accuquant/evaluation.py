@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 
 from . import bundled
-from .calibration import settings_key
+from .cache import cache_dir, settings_key
 from .errors import AccuQuantError
+from .loading import load_pipeline
 from .metrics import fid_from_features, inception_score, mean_psnr, ssim
-from .pipeline import Pipeline, load_pipeline
+from .pipeline import Pipeline
 from .safety import atomic_path
-from .sampling import make_solver
+from .sampling import make_scheduler
 
 
 class FeatureExtractor:
@@ -119,16 +120,6 @@ def lpips_distance(a: torch.Tensor, b: torch.Tensor, batch_size: int = 100) -> f
     return torch.cat(out).mean().item()
 
 
-def _image_shape(pipe: Pipeline) -> tuple[int, ...]:
-    """Shape of a decoded image (a VAE's output for latent models)."""
-    c, h, w = pipe.denoiser(1.0).sample_shape
-    vae = pipe.components.get("vae")
-    if vae is not None:
-        f = 2 ** (len(vae.config.block_out_channels) - 1)
-        return (vae.config.out_channels, h * f, w * f)
-    return (c, h, w)
-
-
 def base_of(model: Pipeline, base: str | Path | Pipeline | None = None) -> Pipeline:
     """The FP base model of ``model``: given, recorded in the quantized directory, or ``model`` itself."""
     if isinstance(base, Pipeline):
@@ -148,10 +139,9 @@ def fp_samples(base: Pipeline, num: int, seed: int, steps: int, scheduler: str, 
     """FP samples, cached by (model weights, sampler, seeds, guidance, labels)."""
     from safetensors.torch import load_file, save_file
 
-    from .engine import cache_dir
 
     cond = base.conditions(num, labels)
-    solver = make_solver(scheduler, base.scheduler_config, steps)
+    solver = make_scheduler(scheduler, base.scheduler_config, steps)
     # a stochastic sampler's noise depends on the batching: part of the key then
     desc = dict(solver.describe(), batch_size=batch_size if solver.stochastic else None)
     key = settings_key(base.fingerprint(), desc, num, seed, base.defaults.guidance_scale, cond)
@@ -192,7 +182,7 @@ def evaluate(
     t0 = time.perf_counter()
     steps, scheduler = model.sampling_settings(steps, scheduler)
     fp = base_of(model, base).to(device)
-    extractor = feature_extractor(features, _image_shape(fp))  # fail before the long sampling
+    extractor = feature_extractor(features, fp.denoiser(1.0).image_shape)  # fail before the long sampling
     x_fp = fp_samples(fp, num, seed, steps, scheduler, batch_size=batch_size, device=device, progress=progress,
                       use_cache=use_cache)
     if model is fp:
@@ -219,7 +209,7 @@ def evaluate(
         f_real = extractor(real)
         result["fid"] = fid_from_features(f_q["pool"], f_real["pool"])
         result["sfid"] = fid_from_features(f_q["spatial"], f_real["spatial"])
-        labels = model.conditions(num).labels
+        labels = model.conditions(num).get("labels")
         if labels is not None:
             result["class_accuracy"] = (f_q["logits"].argmax(1) == labels).float().mean().item()
     cfg = (model.quant or {}).get("config", {})

@@ -13,8 +13,9 @@ Layout (a diffusers user recognises it; the denoiser folder holds integer weight
 
 Weight codes are stored as ``q - qmin`` (unsigned), packed 4 per byte at 2 bits, 2 per
 byte at 3 and 4 bits, 1 per byte above. Only safetensors and JSON are written.
-Loading rebuilds the model, wraps it with the same config and loads the codes: its
-outputs are bit-identical to the in-memory quantized model's.
+:func:`accuquant.loading.load_quantized` rebuilds the model, wraps it with the same
+config, loads the codes and freezes it onto a backend: its outputs are bit-identical to
+the in-memory quantized model's.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .config import QuantConfig
+from .adapters import ADAPTERS
 from .errors import AccuQuantError
-from .layers import quant_layers, wrap_model
-from .safety import atomic_dir, check_safetensors
+from .layers import quant_layers
+from .safety import atomic_dir
 
 QUANT_FILE = "accuquant.json"
 WEIGHTS_FILE = "accuquant_weights.safetensors"
@@ -80,7 +80,7 @@ def _save_components(pipe, root: Path) -> None:
         if hasattr(comp, "save_pretrained"):
             comp.save_pretrained(str(root / name))
     index = dict(pipe.model_index) if pipe.model_index else {
-        "_class_name": "DDIMPipeline",
+        "_class_name": ADAPTERS[type(pipe.model).__name__].pipeline_class,
         "_diffusers_version": diffusers.__version__,
         pipe.denoiser_name: ["diffusers", type(pipe.model).__name__],
         "scheduler": ["diffusers", type(sched).__name__],
@@ -132,70 +132,3 @@ def save_quantized(pipe, out: str | Path, overwrite: bool = False) -> None:
             **pipe.quant,
         }
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2, default=str))
-
-
-def load_quantized(root: str | Path, device: str = "cpu"):
-    """Load a directory written by :func:`save_quantized`."""
-    try:
-        return _load_quantized(Path(root), device)
-    except AccuQuantError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise AccuQuantError(f"{root}: not a valid accuquant model ({type(e).__name__}: {e})") from None
-
-
-def _load_quantized(root: Path, device: str):
-    import diffusers
-
-    from .adapters import ADAPTERS
-    from .pipeline import Pipeline, SamplingDefaults, _load_component, _read_json
-
-    meta = _read_json(root / QUANT_FILE)
-    if meta.get("format") != FORMAT:
-        raise AccuQuantError(f"{root / QUANT_FILE}: unknown format {meta.get('format')!r}")
-    name, cls_name = meta["denoiser"], meta["denoiser_class"]
-    if cls_name not in ADAPTERS:
-        raise AccuQuantError(f"{root}: unsupported denoiser {cls_name}")
-    cfg = QuantConfig.from_dict(meta["config"])
-    wfile = root / name / WEIGHTS_FILE
-    check_safetensors(wfile)
-    model = getattr(diffusers, cls_name).from_config(_read_json(root / name / "config.json"))
-    wrap_model(model, cfg, {k: int(v) for k, v in meta.get("splits", {}).items()})
-    try:
-        with safe_open(str(wfile), "pt") as f:
-            md = f.metadata() or {}
-        shapes = json.loads(md.get("codes", "{}"))
-        scalar_names = json.loads(md.get("scalars", "[]"))
-        tensors = load_file(str(wfile))
-    except Exception as e:
-        raise AccuQuantError(f"{wfile}: cannot read ({e})") from None
-    if scalar_names:
-        values = tensors.pop(SCALARS)
-        tensors.update({k: values[i] for i, k in enumerate(scalar_names)})
-    for lname, layer in quant_layers(model).items():
-        key = f"{lname}.weight_codes"
-        if key not in shapes:
-            continue
-        info = shapes[key]
-        expected = tuple(layer.module.weight.shape)
-        if tuple(info["shape"]) != expected or info["bits"] != max(q.bits for q in layer.weight_quant):
-            raise AccuQuantError(f"{wfile}: codes of {lname} do not match the model ({info} vs {expected})")
-        tensors[key] = unpack_codes(tensors[key], info["bits"], tuple(info["shape"]))
-        layer.weight_codes = torch.empty(tuple(info["shape"]), dtype=torch.uint8)
-        del layer.module.weight
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise AccuQuantError(f"{wfile}: does not match the model ({str(e).splitlines()[0]})") from None
-    components = {}
-    index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else None
-    for comp, spec in (index or {}).items():
-        if comp.startswith("_") or comp in (name, "scheduler") or not isinstance(spec, list) or spec[0] is None:
-            continue
-        if (root / comp).is_dir():
-            components[comp] = _load_component(root / comp, spec[0], spec[1])
-    sched = dict(_read_json(root / "scheduler" / "scheduler_config.json"))
-    quant = {k: v for k, v in meta.items() if k not in ("format", "denoiser", "denoiser_class", "sampling")}
-    pipe = Pipeline(model.eval(), sched, components, name, SamplingDefaults.from_dict(meta.get("sampling", {})),
-                    index, quant=quant, source=str(root))
-    return pipe.to(device)

@@ -6,8 +6,9 @@ quantizers for the weight and the input. It has two states:
 * calibrating: the float weight is fake-quantized on every forward, so the quantizers'
   step sizes and rounding can be learned;
 * frozen (:meth:`QuantLayer.freeze`): the float weight is replaced by its integer codes
-  (``uint8``), and the forward dequantizes them. A saved and reloaded model runs exactly
-  this computation, so its outputs are bit-identical.
+  (``uint8``, what is saved), and the forward runs a backend module built from the
+  layer's :class:`~accuquant.backends.LayerSpec` (:mod:`accuquant.backends`). A saved and
+  reloaded model builds the same module, so its outputs are bit-identical.
 
 Shortcut splitting: a layer whose input is the channel concatenation ``[h, skip]`` (the
 shortcut conv of a UNet up-block resnet) gets two input quantizers and two weight
@@ -23,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import ADAPTERS, Denoiser
 from .attention import QuantAttnProcessor
+from .backends import Grid, LayerSpec, get_backend
 from .config import QuantConfig
 from .quantizers import UniformQuantizer
 
 WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
-STANDARD_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor")
 
 
 def _weight_quantizer(weight: torch.Tensor, cfg: QuantConfig) -> UniformQuantizer:
@@ -64,6 +66,7 @@ class QuantLayer(nn.Module):
             [UniformQuantizer(cfg.act_bits, cfg.act_symmetric) for _ in range(n_in)] if cfg.act_bits is not None else []
         )
         self.register_buffer("weight_codes", None)
+        self.register_module("kernel", None)  # the backend module, once frozen
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -105,6 +108,8 @@ class QuantLayer(nn.Module):
         return torch.cat([q(p) for q, p in zip(self.input_quant, self._parts(x, ch_dim))], dim=ch_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x)
         x = self.quantize_input(x)
         w = self.weight
         if isinstance(self.module, nn.Linear):
@@ -112,16 +117,36 @@ class QuantLayer(nn.Module):
         return self.module._conv_forward(x, w, self.module.bias)
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Replace the float weight by its integer codes (stored as ``q - qmin``, uint8)."""
-        if self.frozen or not self.weight_quant:
-            return
-        codes = [q.to_int(p) - q.qmin for q, p in self.weight_parts()]
-        self.weight_codes = torch.cat(codes, dim=1).to(torch.uint8)
-        for q in self.weight_quant:
-            q.alpha = None
-            q.codes = None
-        del self.module.weight
+    def freeze(self, backend: str = "fake") -> None:
+        """Replace the float weight by its integer codes (stored as ``q - qmin``, uint8) and
+        run the layer on ``backend`` from here on."""
+        build = get_backend(backend)
+        if not self.frozen and self.weight_quant:
+            codes = [q.to_int(p) - q.qmin for q, p in self.weight_parts()]
+            self.weight_codes = torch.cat(codes, dim=1).to(torch.uint8)
+            for q in self.weight_quant:
+                q.alpha = None
+                q.codes = None
+            del self.module.weight
+        self.kernel = build(self.spec())
+
+    @torch.no_grad()
+    def spec(self) -> LayerSpec:
+        """The deployable description of this layer (integer codes when frozen)."""
+        m = self.module
+        grids = lambda qs: [Grid(q.scale.detach(), q.zero_point, q.bits, q.symmetric) for q in qs]  # noqa: E731
+        codes = None
+        if self.frozen:
+            parts = self._parts(self.weight_codes, 1)
+            codes = torch.cat([c.to(torch.int16) + q.qmin for q, c in zip(self.weight_quant, parts)], dim=1)
+        elif self.weight_quant:
+            codes = torch.cat([q.to_int(p) for q, p in self.weight_parts()], dim=1)
+        kind = "linear" if isinstance(m, nn.Linear) else "conv1d" if isinstance(m, nn.Conv1d) else "conv2d"
+        conv = {} if kind == "linear" else dict(stride=m.stride, padding=m.padding, dilation=m.dilation,
+                                                 groups=m.groups, padding_mode=m.padding_mode)
+        bias = m.bias.detach() if m.bias is not None else None
+        return LayerSpec(kind, codes, grids(self.weight_quant) if codes is not None else [], grids(self.input_quant),
+                         bias, weight=None if codes is not None else m.weight.detach(), split=self.split, **conv)
 
     def quantizers(self) -> dict[str, UniformQuantizer]:
         out = {f"weight_quant.{i}": q for i, q in enumerate(self.weight_quant)}
@@ -153,15 +178,6 @@ class WrapReport:
             "other_fp": self.other_fp,
         }
 
-    def summary(self) -> str:
-        lines = [
-            f"quantized layers: {len(self.quantized)} (shortcut-split: {len(self.split)})",
-            f"attention processors quantized: {len(self.attention)} (left as they were: {len(self.attention_fp)})",
-            f"layers kept in full precision: {', '.join(self.kept_fp) or 'none'}",
-            f"other modules with float parameters (norms, embeddings): {len(self.other_fp)}",
-        ]
-        return "\n".join(lines)
-
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
@@ -169,18 +185,25 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None = None) -> WrapReport:
+def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None = None,
+               processors: tuple[str, ...] | None = None) -> WrapReport:
     """Wrap every Conv/Linear of ``model`` in place and install quantized attention processors.
 
     Args:
         model: a diffusers denoiser (or any ``nn.Module``).
-        cfg: the quantization config.
+        cfg: the quantization config; ``keep_fp=None`` takes the model family's defaults.
         splits: module name -> input split channel, for shortcut splitting.
+        processors: class names of the attention processors replaced by the quantized one
+            (default: the model family's; others carry their own logic and keep it, their
+            matmul inputs in floating point).
 
     Returns:
         a :class:`WrapReport` naming what was quantized and what stayed in full precision.
     """
     splits = splits if cfg.split_shortcut and splits else {}
+    family = ADAPTERS.get(type(model).__name__, Denoiser)
+    keep_fp = family.keep_fp if cfg.keep_fp is None else cfg.keep_fp
+    processors = family.attention_processors if processors is None else processors
     report = WrapReport()
     targets = []
     for name, mod in model.named_modules():
@@ -192,7 +215,7 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
             report.other_fp.append(name)
     quantize_weights_or_acts = cfg.weight_bits is not None or cfg.act_bits is not None
     for name, mod in targets:
-        if not quantize_weights_or_acts or any(fnmatch.fnmatchcase(name, p) for p in cfg.keep_fp):
+        if not quantize_weights_or_acts or any(fnmatch.fnmatchcase(name, p) for p in keep_fp):
             report.kept_fp.append(name)
             continue
         split = splits.get(name)
@@ -205,9 +228,7 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
         for name, mod in model.named_modules():
             if not (hasattr(mod, "set_processor") and hasattr(mod, "to_q") and hasattr(mod, "head_to_batch_dim")):
                 continue
-            # Only diffusers' plain attention is re-implemented; other processors carry their
-            # own logic and keep it (their matmul inputs stay in floating point).
-            if type(mod.processor).__name__ in STANDARD_PROCESSORS:
+            if type(mod.processor).__name__ in processors:
                 mod.set_processor(QuantAttnProcessor(attn_bits, sm_bits, cfg.act_symmetric))
                 report.attention.append(name)
             else:
@@ -228,7 +249,9 @@ def all_quantizers(model: nn.Module) -> dict[str, UniformQuantizer]:
     return out
 
 
-def freeze_model(model: nn.Module) -> None:
-    """Freeze every :class:`QuantLayer` (weights become integer codes)."""
+def freeze_model(model: nn.Module, backend: str = "fake") -> None:
+    """Freeze every :class:`QuantLayer` (weights become integer codes) and run it on
+    ``backend`` (a frozen model can be moved to another backend the same way)."""
+    get_backend(backend)
     for layer in quant_layers(model).values():
-        layer.freeze()
+        layer.freeze(backend)

@@ -95,7 +95,7 @@ def labelled_rows(rows: list[tuple[str, torch.Tensor]], scale: int = 2) -> Image
 
 def sample_grid(results: dict, fp, out: Path, bits: str, quiet: bool) -> Path:
     """FP and every method at ``bits`` from the same seeds and labels."""
-    from .pipeline import load_pipeline
+    from .loading import load_pipeline
 
     s = results["settings"]
     kw = dict(seed=s["seed"], steps=s["steps"], scheduler=s["scheduler"], device=s["device"], progress=not quiet)

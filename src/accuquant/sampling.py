@@ -67,6 +67,17 @@ class Solver:
     def step(self, i: int, x: torch.Tensor, out: torch.Tensor, state: State, generator=None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
+    def predicted_x0(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The clean sample the model output at step ``i`` predicts from ``x``."""
+        sched = self.scheduler
+        a = sched.alphas_cumprod[int(self.timesteps[i])].to(x.dtype)
+        pt = sched.config.prediction_type
+        if pt == "epsilon":
+            return (x - (1 - a).sqrt() * out) / a.sqrt()
+        if pt == "v_prediction":
+            return a.sqrt() * x - (1 - a).sqrt() * out
+        return out
+
     def describe(self) -> dict:
         return {"solver": self.name, "steps": self.requested_steps, "scheduler_config": dict(self.scheduler.config)}
 
@@ -222,14 +233,15 @@ def solver_class(name: str) -> type[Solver]:
     return SOLVERS[name.lower()]
 
 
-def make_solver(name: str, scheduler_config: dict, num_steps: int) -> Solver:
-    """A solver for the scheduler ``name`` built from a diffusers scheduler config."""
+def make_scheduler(name: str, scheduler_config: dict, num_steps: int) -> Solver:
+    """The functional step (:class:`Solver`) of scheduler ``name`` (``ddim``, ``ddpm``, ``pndm``/``plms``,
+    ``dpm++``) with ``num_steps`` steps, built from a diffusers scheduler config."""
     return solver_class(name)(scheduler_config, num_steps)
 
 
 def run_trajectory(
     denoiser: Callable,
-    solver: Solver,
+    scheduler: Solver,
     noise: torch.Tensor,
     cond=None,
     *,
@@ -237,18 +249,18 @@ def run_trajectory(
     generator: torch.Generator | None = None,
     callback: Callable[[int], None] | None = None,
 ):
-    """Sample from ``noise`` with every step of ``solver``.
+    """Sample from ``noise`` with every step of ``scheduler``.
 
     Returns the final sample, and with ``keep=True`` also the stacked samples
     ``xs`` (``B, S+1, ...``; ``xs[:, 0]`` is the scaled noise) and model outputs
     ``outs`` (``B, S, ...``).
     """
-    x = noise * solver.init_noise_sigma
-    state = solver.init_state()
+    x = noise * scheduler.init_noise_sigma
+    state = scheduler.init_state()
     xs, outs = [x], []
-    for i in range(solver.num_steps):
-        out = denoiser(x, solver.timesteps[i], cond)
-        x, state = solver.step(i, x, out, state, generator)
+    for i in range(scheduler.num_steps):
+        out = denoiser(x, scheduler.timesteps[i], cond)
+        x, state = scheduler.step(i, x, out, state, generator)
         if keep:
             xs.append(x)
             outs.append(out)

@@ -4,25 +4,35 @@ Weights: per-channel ranges searched for the lowest quantization error (the conf
 ``weight_init``, MSE by default). Activations: per-tensor ranges from the inputs every
 quantizer sees while the model denoises the calibration trajectories, over all steps
 (``act_init``: min-max, percentile, or MSE on a bounded random sample of the values).
-These ranges are also the starting point of every other method.
+These ranges are also the starting point of the other methods.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..engine import Method, Run
 from ..layers import all_quantizers, quant_layers
 from ..progress import progress_bar
 from ..quantizers import RangeObserver
-from . import CalibrationContext, method_options, register_method
+from .base import MethodConfig, option, register_method
+
+
+@dataclass
+class NaiveConfig(MethodConfig):
+    NAME = "naive"
+    act_calib_pairs: int | None = option(None, "trajectory points observed for the activation ranges "
+                                         "(default: all)", cli=False, minimum=1)
 
 
 @torch.no_grad()
-def init_weight_ranges(ctx: CalibrationContext) -> None:
+def init_weight_ranges(run: Run) -> None:
     """Search the range of every weight quantizer on its weight."""
-    for layer in quant_layers(ctx.denoiser.model).values():
+    for layer in quant_layers(run.model).values():
         for q, part in layer.weight_parts():
-            q.init_range(part, ctx.config.weight_init, ctx.config.percentile)
+            q.init_range(part, run.config.weight_init, run.config.percentile)
 
 
 def _act_quantizers(model) -> dict:
@@ -30,59 +40,49 @@ def _act_quantizers(model) -> dict:
     return {n: q for n, q in all_quantizers(model).items() if id(q) not in weight_ids}
 
 
-def _per_step(ctx: CalibrationContext, max_pairs: int | None) -> int:
-    n, s = ctx.calib.num_samples, ctx.calib.num_steps
-    return n if max_pairs is None else max(1, min(n, max_pairs // s))
-
-
-def num_calibration_batches(ctx: CalibrationContext, max_pairs: int | None = None) -> int:
-    return ctx.calib.num_steps * -(-_per_step(ctx, max_pairs) // ctx.batch_size)
-
-
-def calibration_batches(ctx: CalibrationContext, max_pairs: int | None = None, seed: int = 0):
-    """Yield ``(x_t, t, cond)`` batches of FP trajectory points over all steps.
-
-    Points are grouped by step (one timestep per batch); with ``max_pairs`` a seeded
-    random subset of the (sample, step) pairs is used, spread evenly over steps.
-    """
-    calib = ctx.calib
+def calibration_batches(run: Run, max_pairs: int | None = None, seed: int = 0):
+    """Yield ``(x_t, t, cond)`` batches of FP trajectory points, one step at a time; with
+    ``max_pairs`` a seeded random subset of the (sample, step) pairs, spread evenly over steps."""
+    calib = run.calib
     n, s = calib.num_samples, calib.num_steps
     g = torch.Generator().manual_seed(seed)
-    per_step = _per_step(ctx, max_pairs)
+    per_step = n if max_pairs is None else max(1, min(n, max_pairs // s))
     for i in range(s):
         idx = torch.randperm(n, generator=g)[:per_step].sort().values
-        for start in range(0, len(idx), ctx.batch_size):
-            b = idx[start : start + ctx.batch_size]
-            cond = calib.cond.index(b).to(ctx.device) if len(calib.cond) else calib.cond
-            yield calib.xs[b, i].to(ctx.device), calib.timesteps[i], cond
+        for start in range(0, len(idx), run.batch_size):
+            b = idx[start : start + run.batch_size]
+            yield calib.xs[b, i].to(run.device), calib.timesteps[i], calib.cond.index(b).to(run.device)
 
 
 @torch.no_grad()
-def init_act_ranges(ctx: CalibrationContext) -> None:
+def init_act_ranges(run: Run, max_pairs: int | None = None) -> None:
     """Observe every activation quantizer's input on the calibration trajectories and set its range."""
-    quants = _act_quantizers(ctx.denoiser.model)
+    quants = _act_quantizers(run.model)
     if not quants:
         return
-    max_pairs = ctx.options.get("act_calib_pairs")
     observers = {}
     for k, (name, q) in enumerate(quants.items()):
-        q.observer = observers[name] = RangeObserver(seed=ctx.seed + k)
+        q.observer = observers[name] = RangeObserver(seed=run.seed + k)
+    n, s = run.calib.num_samples, run.calib.num_steps
+    per_step = n if max_pairs is None else max(1, min(n, max_pairs // s))
     try:
-        total = num_calibration_batches(ctx, max_pairs)
-        with progress_bar(total, "activation ranges", disable=not ctx.progress) as bar:
-            for x, t, cond in calibration_batches(ctx, max_pairs, ctx.seed):
-                ctx.denoiser(x, t, cond)
+        with progress_bar(s * -(-per_step // run.batch_size), "activation ranges", disable=not run.progress) as bar:
+            for x, t, cond in calibration_batches(run, max_pairs, run.seed):
+                run.denoiser(x, t, cond)
                 bar.update(1)
     finally:
         for q in quants.values():
             q.observer = None
     for name, q in quants.items():
-        observers[name].apply(q, ctx.config.act_init, ctx.config.percentile)
+        observers[name].apply(q, run.config.act_init, run.config.percentile)
 
 
-@register_method("naive", {"act_calib_pairs": None})
-def naive(ctx: CalibrationContext) -> None:
+@register_method
+class Naive(Method):
     """Naive PTQ: MSE-searched per-channel weight ranges, activation ranges from calibration data."""
-    method_options(ctx, {"act_calib_pairs": None}, "naive")
-    init_weight_ranges(ctx)
-    init_act_ranges(ctx)
+
+    Config = NaiveConfig
+
+    def initialise(self, run: Run) -> None:
+        init_weight_ranges(run)
+        init_act_ranges(run, self.config.act_calib_pairs)

@@ -1,0 +1,163 @@
+"""The one entry point: ``quantize(source, config, method=..., calib=...)``.
+
+1. load or copy the full-precision pipeline;
+2. collect (or reuse) FP calibration trajectories with the inference solver;
+3. wrap the denoiser's layers and attention processors (what the model family needs);
+4. calibrate with the method in the engine (:mod:`accuquant.engine`);
+5. freeze: weights become integer codes, run by the ``fake`` backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from . import cache
+from .calibration import Trajectories, collect_trajectories
+from .config import QuantConfig
+from .engine import Run, calibrate, save_result
+from .errors import AccuQuantError
+from .layers import freeze_model, wrap_model
+from .loading import as_pipeline
+from .methods import accuquant, naive, per_step  # noqa: F401  (the built-in methods register themselves)
+from .methods.base import METHODS, MethodConfig, method_config
+from .pipeline import Pipeline
+from .safety import check_device, check_finite
+from .sampling import make_scheduler
+from .version import __version__
+
+
+def calibration_data(pipe: Pipeline, solver, num: int, seed: int, guidance_scale: float | None, cond, batch_size: int,
+                     device, progress: bool, use_cache: bool = True) -> Trajectories:
+    """FP trajectories for calibration, from the cache when the same set was collected before."""
+    den = pipe.denoiser(guidance_scale)
+    key = cache.settings_key(pipe.fingerprint(), solver.describe(), num, seed, den.guidance_scale, cond)
+    path = cache.cache_dir() / "calib" / f"{key}.safetensors"
+    if use_cache and path.is_file():
+        try:
+            return Trajectories.load(path)
+        except AccuQuantError:
+            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+    traj = collect_trajectories(den, solver, num, seed, cond, batch_size, device, progress)
+    if use_cache:
+        traj.save(path)
+    return traj
+
+
+def keys(fingerprint: str, config: QuantConfig, mconfig: MethodConfig, calib: Trajectories, seed: int,
+         batch_size: int, guidance_scale: float) -> tuple[str, str]:
+    """The run key (names the checkpoint: everything the result depends on) and the base key
+    (the same without the method: names results that other methods start from)."""
+    common = {"model": fingerprint, "config": config.to_dict(), "seed": seed, "batch_size": batch_size,
+              "g": guidance_scale, "calib": calib.digest()}
+    return cache.digest({**common, "method": mconfig.to_dict()}), cache.digest(common)
+
+
+def quantize(
+    source,
+    config: QuantConfig | None = None,
+    method: str | MethodConfig = "naive",
+    calib: Trajectories | str | Path | None = None,
+    *,
+    steps: int = 20,
+    scheduler: str = "ddim",
+    calib_samples: int = 64,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    labels=None,
+    prompts: list[str] | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    progress: bool = True,
+    inplace: bool = False,
+    use_cache: bool = True,
+    resume: bool = False,
+    **method_options,
+) -> Pipeline:
+    """Quantize a diffusion model.
+
+    Args:
+        source: a path (diffusers pipeline or model directory, or hub id), a diffusers
+            pipeline, a diffusers model, or an accuquant :class:`Pipeline`.
+        config: the quantization config (default: W8A8).
+        method: a method name (``"naive"``, ``"per-step"``, ``"accuquant"``) with its options
+            as keywords (``iters=``, ``lr=``...), or a method config (``AccuQuantConfig(...)``).
+        calib: FP trajectories (or a path to a saved set) to calibrate on; collected
+            from ``calib_samples`` seeded noises when ``None``.
+        steps, scheduler: the sampler used at inference; calibration follows it.
+        calib_samples, seed, labels, prompts: what the calibration trajectories start from.
+        guidance_scale: classifier-free guidance scale (default: the model's).
+        batch_size: samples per forward pass during calibration.
+        device: ``"cpu"`` or ``"cuda"``.
+        inplace: quantize ``source``'s own model instead of a copy.
+        use_cache: reuse calibration trajectories and results cached by earlier runs.
+        resume: continue an interrupted calibration with the same settings from its last
+            checkpoint (under ``cache_dir()/runs``; removed when the run finishes).
+
+    Returns:
+        the quantized :class:`Pipeline` (weights frozen as integer codes).
+    """
+    config = config if config is not None else QuantConfig()
+    mconfig = method_config(method, method_options)
+    check_device(device)
+    pipe = as_pipeline(source, copy_model=not inplace)
+    if pipe.quant is not None:
+        raise AccuQuantError("the model is already quantized")
+    check_finite(pipe.model, type(pipe.model).__name__)
+    dtypes = {t.dtype for t in pipe.model.parameters()}
+    if dtypes != {torch.float32}:
+        raise AccuQuantError(f"the denoiser is {', '.join(sorted(map(str, dtypes)))}: quantize an fp32 model "
+                             "(load it without torch_dtype)")
+    pipe.to(device)
+    solver = make_scheduler(scheduler, pipe.scheduler_config, steps)
+    den = pipe.denoiser(guidance_scale)
+    fingerprint = pipe.fingerprint()
+    t0 = time.perf_counter()
+    if calib is None:
+        cond = pipe.conditions(calib_samples, labels, prompts, device="cpu")
+        calib = calibration_data(pipe, solver, calib_samples, seed, guidance_scale, cond, batch_size, device, progress,
+                                 use_cache)
+    elif not isinstance(calib, Trajectories):
+        calib = Trajectories.load(calib)
+    if calib.num_steps != solver.num_steps or not torch.equal(calib.timesteps, solver.timesteps.cpu()):
+        raise AccuQuantError(
+            f"calibration data: its {calib.num_steps} steps do not match the {scheduler} solver's {solver.num_steps}"
+        )
+    if tuple(calib.xs.shape[2:]) != den.sample_shape:
+        raise AccuQuantError(f"calibration data: samples of shape {tuple(calib.xs.shape[2:])} do not fit this model "
+                             f"({den.sample_shape})")
+    den.check_conditions(calib.cond, "calibration data")
+    if config.keep_fp is None:  # the family's defaults, written out so that the saved config says them
+        config = dataclasses.replace(config, keep_fp=den.keep_fp)
+    report = wrap_model(pipe.model, config, den.shortcut_splits(), den.attention_processors)
+    cache.forget(pipe.model)  # changed in place: not the FP model any more
+    pipe.to(device)
+    key, base_key = keys(fingerprint, config, mconfig, calib, seed, batch_size, den.guidance_scale)
+    run = Run(den, solver, calib, config, batch_size, device, progress, seed,
+              checkpoint=cache.cache_dir() / "runs" / f"{key}.safetensors", resume=resume, key=key,
+              base_key=base_key, result_cache=cache.cache_dir() / "results" if use_cache else None)
+    t1 = time.perf_counter()
+    calibrate(run, mconfig)
+    if mconfig.is_default():  # a later run may start from this result (AccuQuant's init)
+        save_result(run, mconfig, {"method": mconfig.NAME, "seconds": round(time.perf_counter() - t1, 2), **run.log})
+    run.checkpoint.unlink(missing_ok=True)
+    freeze_model(pipe.model)
+    pipe.model.eval()
+    pipe.quant = {
+        "config": config.to_dict(),
+        "splits": report.split,
+        "report": report.to_dict(),
+        "method": mconfig.NAME,
+        "method_version": mconfig.VERSION,
+        "method_options": method_options,
+        "method_config": mconfig.to_dict(),
+        "calibration": {"samples": calib.num_samples, "seed": calib.meta.get("seed"), "solver": solver.name,
+                        "steps": steps, "guidance_scale": den.guidance_scale},
+        "method_log": run.log,
+        "timing_s": {"calibration_data": round(t1 - t0, 3), "method": round(time.perf_counter() - t1, 3)},
+        "accuquant_version": __version__,
+    }
+    return pipe

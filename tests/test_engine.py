@@ -1,0 +1,91 @@
+"""The calibration engine's own pieces: method configs, the optimiser, generated flags."""
+
+import json
+
+import pytest
+import torch
+
+import accuquant as aq
+from accuquant.cache import cache_dir
+from accuquant.cli import build_parser, method_flags
+from accuquant.engine import Adam, Group
+from accuquant.methods.accuquant import AccuQuantConfig
+from accuquant.methods.base import method_config
+from accuquant.methods.per_step import PerStepConfig
+from conftest import class_pipeline
+
+
+def test_method_configs_validate_round_trip_and_carry_their_version():
+    cfg = AccuQuantConfig(group_size=2, grad="approx", lr=3e-3)
+    d = json.loads(cfg.to_json())
+    assert d["method"] == "accuquant" and d["version"] == AccuQuantConfig.VERSION and d["group_size"] == 2
+    assert AccuQuantConfig.from_json(cfg.to_json()) == cfg
+    assert PerStepConfig(lr=1).lr == 1.0 and isinstance(PerStepConfig(lr=1).lr, float)
+    for bad, field in [({"group_size": 0}, "group_size"), ({"grad": "magic"}, "grad"), ({"lr": -1.0}, "lr"),
+                       ({"iters": 2.5}, "iters"), ({"traj_batch": True}, "traj_batch"), ({"init": "x"}, "init")]:
+        with pytest.raises(aq.ConfigError, match=field):
+            AccuQuantConfig(**bad)
+    with pytest.raises(aq.AccuQuantError, match="version 1; this accuquant has version"):
+        AccuQuantConfig.from_dict({**cfg.to_dict(), "version": 1})
+    with pytest.raises(aq.AccuQuantError, match="method 'per-step': unknown option.*group_size"):
+        method_config("per-step", {"group_size": 2})
+
+
+def test_bad_options_are_refused_before_any_work():
+    """A group size below 1 is refused before the per-step initialisation runs (nothing cached)."""
+    with pytest.raises(aq.ConfigError, match="group_size"):
+        aq.quantize(class_pipeline(), aq.QuantConfig(weight_bits=4), "accuquant", steps=2, calib_samples=2,
+                    progress=False, group_size=0)
+    assert not cache_dir().exists()
+
+
+def test_a_method_config_object_is_the_same_as_its_keywords():
+    kw = dict(steps=2, calib_samples=2, progress=False, use_cache=False)
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
+    a = aq.quantize(class_pipeline(), cfg, "per-step", iters=3, act_iters=2, samples_per_step=1, **kw)
+    b = aq.quantize(class_pipeline(), cfg, PerStepConfig(iters=3, act_iters=2, samples_per_step=1), **kw)
+    assert a.quant["method_config"] == b.quant["method_config"]
+    assert torch.equal(a.sample(2, steps=2, progress=False), b.sample(2, steps=2, progress=False))
+    with pytest.raises(aq.AccuQuantError, match="not both"):
+        aq.quantize(class_pipeline(), cfg, PerStepConfig(), iters=3, **kw)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_adam_is_torch_adam_to_the_bit(relative):
+    """Plain rates and per-tensor relative rates (lr times the initial magnitude, as the
+    per-step method has always used torch's Adam) give exactly torch.optim.Adam's floats."""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.rand((), generator=g) + 0.1 for _ in range(3)] + ([] if relative else [torch.randn(5, generator=g)])
+    ours = [p.clone().requires_grad_(True) for p in ps]
+    theirs = [p.clone().requires_grad_(True) for p in ps]
+    lr = 1e-2
+    opt = Adam([Group({f"p{k}": p for k, p in enumerate(ours)}, lr, relative)])
+    ref = torch.optim.Adam([{"params": [p], "lr": lr * (float(p.detach().abs()) if relative else 1.0)}
+                            for p in theirs])
+    for _ in range(20):
+        grads = [torch.randn(p.shape, generator=g) for p in ps]
+        for a, b, gr in zip(ours, theirs, grads):
+            a.grad, b.grad = gr.clone(), gr.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_adam_relative_rates_move_each_element_by_its_own_scale():
+    p = torch.tensor([1e-3, 1.0, 1e3], requires_grad=True)
+    opt = Adam([Group({"s": p}, 1e-2, relative=True)])
+    p.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([1e-3, 1.0, 1e3]) * (1 - 1e-2), rtol=1e-5, atol=0)
+
+
+def test_command_line_flags_come_from_the_configs():
+    flags = method_flags()
+    assert {"iters", "lr", "group-size", "grad", "init", "schedule", "rounding", "act-iters", "act-lr",
+            "samples-per-step", "batch-size"} == set(flags)
+    assert {m for m, _ in flags["iters"]} == {"per-step", "accuquant"}
+    helptext = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
+    assert "per-step: AdaRound iterations per block (default 300)" in " ".join(helptext.split())
+    assert "save-every" not in helptext  # fields not marked for the command line stay off it
