@@ -33,8 +33,28 @@ def _norm_bits(name: str, value: Any, allow_act: bool = False) -> int | str | No
     return value
 
 
+class JSONConfig:
+    """JSON round trip of a config dataclass with ``to_dict`` / ``from_dict``; ``WHAT`` names
+    it in error messages."""
+
+    WHAT = "config"
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cls.WHAT}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.WHAT}: expected a JSON object")
+        return cls.from_dict(d)
+
+
 @dataclass
-class QuantConfig:
+class QuantConfig(JSONConfig):
     """What to quantize and how.
 
     Args:
@@ -75,6 +95,8 @@ class QuantConfig:
     act_init: str = "mse"
     percentile: float = 99.99
     format_version: int = FORMAT_VERSION
+
+    WHAT = "quantization config"
 
     def __post_init__(self) -> None:
         self.weight_bits = _norm_bits("weight_bits", self.weight_bits)
@@ -121,16 +143,3 @@ class QuantConfig:
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown quantization config field")
         return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "QuantConfig":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"quantization config: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise ConfigError("quantization config: expected a JSON object")
-        return cls.from_dict(d)

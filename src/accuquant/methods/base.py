@@ -12,11 +12,11 @@ The registry maps a name to the method class; it imports no method (the package'
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..config import JSONConfig
 from ..errors import AccuQuantError, ConfigError
 
 
@@ -29,10 +29,11 @@ def option(default, help: str, *, cli: bool = True, flag: str | None = None, cho
 
 
 @dataclass
-class MethodConfig:
+class MethodConfig(JSONConfig):
     """Base of every method's options. ``VERSION`` goes up when the same options give
     another result; it is part of run and cache keys."""
 
+    WHAT = "method config"
     NAME: ClassVar[str] = ""
     VERSION: ClassVar[int] = 1
 
@@ -67,19 +68,6 @@ class MethodConfig:
         if version != cls.VERSION:
             raise ConfigError(f"method config: {cls.NAME} version {version}; this accuquant has version {cls.VERSION}")
         return options_of(cls.NAME, d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "MethodConfig":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"method config: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise ConfigError("method config: expected a JSON object")
-        return cls.from_dict(d)
 
     def is_default(self) -> bool:
         return self == type(self)()
