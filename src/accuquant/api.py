@@ -132,7 +132,7 @@ def quantize(
     den.check_conditions(calib.cond, "calibration data")
     if config.keep_fp is None:  # the family's defaults, written out so that the saved config says them
         config = dataclasses.replace(config, keep_fp=den.keep_fp)
-    report = wrap_model(pipe.model, config, den.shortcut_splits(), den.attention_processors)
+    report = wrap_model(pipe.model, config, den.shortcut_splits())
     cache.forget(pipe.model)  # changed in place: not the FP model any more
     pipe.to(device)
     key, base_key = keys(fingerprint, config, mconfig, calib, seed, batch_size, den.guidance_scale)

@@ -224,17 +224,16 @@ def calibrate(run: Run, config: MethodConfig) -> None:
         if state is None:
             pos, tensors = _Position(), {}
             method.initialise(run)
-            units = method.units(run)
-            if units:
-                _save(run, pos)
         else:
             _, tensors, extra = state
             load_quantizers(run.model, tensors)
             run.log.update(extra.get("log", {}))
             pos = _Position.decode(extra["at"])
             run.log["resumed_at"] = dataclasses.asdict(pos)
-            units = method.units(run)
+        units = method.units(run)
         if units:
+            if state is None:
+                _save(run, pos)
             _run_units(run, method, units, pos, tensors)
 
 

@@ -40,13 +40,18 @@ def _act_quantizers(model) -> dict:
     return {n: q for n, q in all_quantizers(model).items() if id(q) not in weight_ids}
 
 
+def _points_per_step(run: Run, max_pairs: int | None) -> int:
+    n, s = run.calib.num_samples, run.calib.num_steps
+    return n if max_pairs is None else max(1, min(n, max_pairs // s))
+
+
 def calibration_batches(run: Run, max_pairs: int | None = None, seed: int = 0):
     """Yield ``(x_t, t, cond)`` batches of FP trajectory points, one step at a time; with
     ``max_pairs`` a seeded random subset of the (sample, step) pairs, spread evenly over steps."""
     calib = run.calib
     n, s = calib.num_samples, calib.num_steps
     g = torch.Generator().manual_seed(seed)
-    per_step = n if max_pairs is None else max(1, min(n, max_pairs // s))
+    per_step = _points_per_step(run, max_pairs)
     for i in range(s):
         idx = torch.randperm(n, generator=g)[:per_step].sort().values
         for start in range(0, len(idx), run.batch_size):
@@ -63,10 +68,9 @@ def init_act_ranges(run: Run, max_pairs: int | None = None) -> None:
     observers = {}
     for k, (name, q) in enumerate(quants.items()):
         q.observer = observers[name] = RangeObserver(seed=run.seed + k)
-    n, s = run.calib.num_samples, run.calib.num_steps
-    per_step = n if max_pairs is None else max(1, min(n, max_pairs // s))
+    batches = run.calib.num_steps * -(-_points_per_step(run, max_pairs) // run.batch_size)
     try:
-        with progress_bar(s * -(-per_step // run.batch_size), "activation ranges", disable=not run.progress) as bar:
+        with progress_bar(batches, "activation ranges", disable=not run.progress) as bar:
             for x, t, cond in calibration_batches(run, max_pairs, run.seed):
                 run.denoiser(x, t, cond)
                 bar.update(1)
