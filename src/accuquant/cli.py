@@ -90,14 +90,10 @@ def _flag_help(entries) -> str:
 
 
 def _flag_type(entries):
-    kinds = {typing.get_type_hints(_config_of(m))[f.name] for m, f in entries}
+    from .methods.base import config_class
+
+    kinds = {typing.get_type_hints(config_class(m))[f.name] for m, f in entries}
     return float if kinds & {float} else int if kinds & {int} else str
-
-
-def _config_of(method: str):
-    from .api import METHODS
-
-    return METHODS[method].Config
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) -> None:
