@@ -112,3 +112,65 @@ def digit_pipeline_dir(tmp_path):
     (path / "accuquant_sampling.json").write_text(json.dumps({"guidance_scale": 2.0, "num_classes": 10,
                                                               "null_class": 10}))
     return path
+
+
+def tiny_vae(seed: int = 0):
+    """1x16x16 images to 4x8x8 latents."""
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
+                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                   layers_per_block=1, norm_num_groups=4, sample_size=16).eval()
+
+
+def tiny_text_encoder(vocab_size: int, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+
+
+def tokenizer():
+    """The bundled text model's tokenizer, as its training script builds it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
+    from captions import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture
+def sd_pipeline_dir(tmp_path):
+    """A tiny standard StableDiffusionPipeline directory (VAE, CLIP text encoder and tokenizer,
+    cross-attention UNet), with default prompts and their digits."""
+    import json
+
+    tok = tokenizer()
+    path = tmp_path / "tiny-sd"
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tok)), tokenizer=tok, unet=tiny_cond_unet(),
+        scheduler=diffusers.DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(str(path))
+    (path / "accuquant_sampling.json").write_text(json.dumps({
+        "guidance_scale": 2.0, "prompts": ["a handwritten one", "the digit 7"], "prompt_labels": [1, 7]}))
+    return path
+
+
+@pytest.fixture
+def dit_pipeline_dir(tmp_path):
+    """A tiny standard DiTPipeline directory whose unconditional label is DiTPipeline's 1000."""
+    import json
+
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                          num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+    path = tmp_path / "tiny-dit"
+    diffusers.DiTPipeline(transformer=dit, vae=tiny_vae(), scheduler=diffusers.DDIMScheduler(clip_sample=False)
+                          ).save_pretrained(str(path))
+    (path / "accuquant_sampling.json").write_text(json.dumps({"guidance_scale": 2.0, "num_classes": 10,
+                                                              "null_class": 1000}))
+    return path

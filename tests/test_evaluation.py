@@ -97,3 +97,18 @@ def test_lpips_without_its_package_or_weights_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lpips)
     with pytest.raises(aq.AccuQuantError, match="LPIPS"):
         evaluation.lpips_distance(torch.rand(2, 1, 28, 28), torch.rand(2, 1, 28, 28))
+
+
+def test_digit_features_read_padded_32x32_digits_as_the_28x28_ones():
+    from accuquant import bundled
+
+    real, labels = bundled.heldout()
+    real, labels = real[:50], labels[:50]
+    feats = evaluation.DigitFeatures()
+    padded = torch.nn.functional.pad(real, (2, 2, 2, 2))  # background is 0 in [0, 1]
+    a, b = feats(real), feats(padded)
+    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["pool"], b["pool"])
+    assert (a["logits"].argmax(1) == labels).float().mean() > 0.95
+    assert evaluation.feature_extractor("auto", (1, 32, 32)).name == "digits"
+    with pytest.raises(aq.AccuQuantError, match="1x28x28 or 1x32x32"):
+        feats(torch.zeros(2, 1, 16, 16))

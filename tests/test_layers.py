@@ -143,6 +143,10 @@ def test_custom_attention_processors_are_left_alone():
     assert "mid_block.attentions.0" not in report.attention and report.attention
 
 
-def test_half_precision_models_are_refused():
-    with pytest.raises(aq.AccuQuantError, match="fp32"):
-        aq.quantize(tiny_unet().half(), steps=2, calib_samples=2, progress=False)
+def test_float64_and_mixed_precision_models_are_refused():
+    with pytest.raises(aq.AccuQuantError, match="expected one of float32, float16, bfloat16"):
+        aq.quantize(tiny_unet().double(), steps=2, calib_samples=2, progress=False)
+    mixed = tiny_unet()
+    mixed.conv_out.half()
+    with pytest.raises(aq.AccuQuantError, match="expected one of"):
+        aq.quantize(mixed, steps=2, calib_samples=2, progress=False)

@@ -32,6 +32,8 @@ def split_indices(labels: np.ndarray, per_class: int = HELDOUT_PER_CLASS, seed: 
     return train, held
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) in [0, 255] -> float (N, 1, 28, 28) in [-1, 1]."""
-    return torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
+def to_tensor(images: np.ndarray, pad: int = 0) -> torch.Tensor:
+    """uint8 (N, 28, 28) in [0, 255] -> float (N, 1, 28 + 2 pad, 28 + 2 pad) in [-1, 1]
+    (the padding is background, -1)."""
+    x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
+    return torch.nn.functional.pad(x, (pad,) * 4, value=-1.0) if pad else x

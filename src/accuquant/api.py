@@ -21,10 +21,11 @@ from .config import QuantConfig
 from .engine import Run, calibrate, save_result
 from .errors import AccuQuantError
 from .layers import freeze_model, wrap_model
-from .loading import as_pipeline
+from .loading import DTYPES, as_pipeline
 from .methods import accuquant, naive, per_step  # noqa: F401  (the built-in methods register themselves)
 from .methods.base import METHODS, MethodConfig, method_config
 from .pipeline import Pipeline
+from .quantizers import UniformQuantizer
 from .safety import check_device, check_finite
 from .sampling import make_scheduler
 from .version import __version__
@@ -108,9 +109,13 @@ def quantize(
         raise AccuQuantError("the model is already quantized")
     check_finite(pipe.model, type(pipe.model).__name__)
     dtypes = {t.dtype for t in pipe.model.parameters()}
-    if dtypes != {torch.float32}:
-        raise AccuQuantError(f"the denoiser is {', '.join(sorted(map(str, dtypes)))}: quantize an fp32 model "
-                             "(load it without torch_dtype)")
+    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES.values():
+        raise AccuQuantError(f"the denoiser's parameters are {', '.join(sorted(map(str, dtypes)))}: expected one "
+                             "of float32, float16, bfloat16")
+    dtype = dtypes.pop()
+    if dtype != torch.float32:  # calibrated in float32 (step-size gradients underflow in half precision)
+        pipe.model.float()
+        cache.forget(pipe.model)
     pipe.to(device)
     solver = make_scheduler(scheduler, pipe.scheduler_config, steps)
     den = pipe.denoiser(guidance_scale)
@@ -145,6 +150,14 @@ def quantize(
         save_result(run, mconfig, {"method": mconfig.NAME, "seconds": round(time.perf_counter() - t1, 2), **run.log})
     run.checkpoint.unlink(missing_ok=True)
     freeze_model(pipe.model)
+    if dtype != torch.float32:  # back to the user's dtype, the kernels rebuilt from the codes in it
+        pipe.model.to(dtype)
+        bad = [n for n, q in pipe.model.named_modules() if isinstance(q, UniformQuantizer) and q.scale is not None
+               and not (torch.isfinite(q.scale).all() and (q.scale > 0).all())]
+        if bad:
+            raise AccuQuantError(f"{len(bad)} step sizes (first: {bad[0]}) are not representable in {dtype}: "
+                                 "quantize the model in float32 or bfloat16")
+        freeze_model(pipe.model)
     pipe.model.eval()
     pipe.quant = {
         "config": config.to_dict(),
@@ -159,5 +172,6 @@ def quantize(
         "method_log": run.log,
         "timing_s": {"calibration_data": round(t1 - t0, 3), "method": round(time.perf_counter() - t1, 3)},
         "accuquant_version": __version__,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     return pipe

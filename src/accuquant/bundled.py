@@ -1,5 +1,7 @@
-"""The bundled domain: a class-conditional MNIST diffusion model, its digit classifier,
-and the held-out digits that are the evaluation's real-data reference.
+"""The bundled domain: MNIST diffusion models (``mnist-ddpm``, a class-conditional pixel
+UNet, the default; ``mnist-sd``, a Stable Diffusion pipeline; ``mnist-dit``, a DiT
+pipeline), the digit classifier, and the held-out digits that are the evaluation's
+real-data reference.
 
 All of it ships inside the package (``accuquant/assets``); nothing is read from outside.
 """
@@ -12,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_MODEL = ASSETS / "mnist-ddpm"
+#: the bundled models, chosen by name (``--model mnist-sd``); the first is the default
+MODELS = ("mnist-ddpm", "mnist-sd", "mnist-dit")
+DEFAULT_MODEL = ASSETS / MODELS[0]
 CLASSIFIER = ASSETS / "mnist-classifier"
 HELDOUT = ASSETS / "mnist_heldout.safetensors"
 BUNDLED_PREFIX = "bundled:"
@@ -22,14 +26,20 @@ def model_ref(path) -> str:
     """``bundled:<name>`` for a bundled model directory (valid wherever the package is
     installed), else the absolute path."""
     p = Path(path).resolve()
-    if p.parent == ASSETS.resolve():
-        return BUNDLED_PREFIX + p.name
-    return str(p)
+    return BUNDLED_PREFIX + p.name if is_bundled(p) else str(p)
+
+
+def is_bundled(path) -> bool:
+    return Path(path).resolve().parent == ASSETS.resolve()
 
 
 def resolve_ref(ref: str) -> str:
+    """The directory of ``bundled:<name>`` or of a bundled model's bare name (unless a local
+    path has that name); any other reference unchanged."""
     if ref.startswith(BUNDLED_PREFIX):
         return str(ASSETS / ref[len(BUNDLED_PREFIX):])
+    if ref in MODELS and not Path(ref).exists():
+        return str(ASSETS / ref)
     return ref
 
 

@@ -106,7 +106,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) ->
                        "model's)")
         p.add_argument("--labels", type=_labels, default=None, help="class labels, comma-separated (default: balanced)")
         p.add_argument("--prompt", action="append", default=None, help="prompt for text-conditioned models "
-                       "(repeatable)")
+                       "(repeatable; default: the model's own prompts, if it has them)")
+        p.add_argument("--prompt-file", default=None, help="a text file of prompts, one per line (with --prompt: "
+                       "both)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--batch-size", type=_positive, default=None, help="samples per forward pass (default 32); "
                    "accuquant: trajectories per optimisation step (default 8)")
@@ -114,14 +116,21 @@ def _add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) ->
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _bundled_help() -> str:
+    from .bundled import MODELS
+
+    return f"a bundled model ({MODELS[0]}, the default; {'; '.join(MODELS[1:])})"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    bundled_help = _bundled_help()
     parser = _Parser(prog="accuquant", description="Post-training quantization of diffusion models.")
     parser.add_argument("--version", action="version", version=f"accuquant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a diffusers model and save it")
-    q.add_argument("--model", default=None, help="diffusers pipeline or model directory, or hub id "
-                   "(default: the bundled MNIST model)")
+    q.add_argument("--model", default=None, help="diffusers pipeline or model directory, hub id, or "
+                   + bundled_help)
     from .api import METHODS
 
     q.add_argument("--method", default="accuquant", help=f"calibration method: {', '.join(METHODS)} "
@@ -153,15 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(q)
 
     s = sub.add_parser("sample", help="sample a grid of images from a (quantized) model")
-    s.add_argument("--model", default=None, help="accuquant output directory, or a diffusers model "
-                   "(default: the bundled MNIST model)")
+    s.add_argument("--model", default=None, help="accuquant output directory, a diffusers model, or "
+                   + bundled_help)
     s.add_argument("--num", type=_positive, default=16, help="number of samples (default 16)")
     s.add_argument("--nrow", type=_positive, default=None, help="images per grid row")
     s.add_argument("--out", required=True, help="output PNG file")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     _add_sampling_args(s)
     e = sub.add_parser("evaluate", help="paired metrics of a quantized model against its FP base")
-    e.add_argument("--model", default=None, help="accuquant output directory, or an FP model (default: bundled)")
+    e.add_argument("--model", default=None, help="accuquant output directory, an FP model, or "
+                   + bundled_help)
     e.add_argument("--base", default=None, help="the FP base model (default: the one recorded at quantization)")
     e.add_argument("--num", type=_positive, default=1000, help="paired samples (default 1000)")
     e.add_argument("--features", default="auto", help="feature network: auto, digits or inception")
@@ -180,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(a, conditioning=False)
 
     c = sub.add_parser("compare", help="quantize with several methods and bit widths and write one report")
-    c.add_argument("--model", default=None, help="diffusers pipeline or model directory (default: the bundled "
-                   "MNIST model)")
+    c.add_argument("--model", default=None, help="diffusers pipeline or model directory, or "
+                   + bundled_help)
     c.add_argument("--methods", default="naive,per-step,accuquant", help="comma-separated methods (default "
                    "naive,per-step,accuquant)")
     c.add_argument("--bits", default="w8a8,w4a8,w3a8,w4a6", help="comma-separated bit widths w<W>a<A> (default "
@@ -223,9 +233,24 @@ def _compare(args) -> None:
 
 
 def _model_arg(args) -> str:
-    from .bundled import DEFAULT_MODEL
+    from .bundled import DEFAULT_MODEL, resolve_ref
 
-    return args.model if args.model is not None else str(DEFAULT_MODEL)
+    return resolve_ref(args.model) if args.model is not None else str(DEFAULT_MODEL)
+
+
+def _prompts(args) -> list[str] | None:
+    """``--prompt`` values, then the lines of ``--prompt-file`` (blank lines skipped)."""
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise AccuQuantError(f"{args.prompt_file}: cannot read the prompt file ({type(e).__name__})") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if not lines:
+            raise AccuQuantError(f"{args.prompt_file}: no prompts in the file")
+        prompts += lines
+    return prompts or None
 
 
 def _check_scheduler(name: str | None) -> None:
@@ -313,14 +338,16 @@ def _quantize(args) -> None:
     mconfig = method_config(args.method, _method_options(args))  # validated before any work
     _check_scheduler(args.scheduler)
     model_path = _model_arg(args)
-    bundled = args.model is None
+    from .bundled import is_bundled
+
+    bundled = is_bundled(model_path)
     bits = f"w{cfg.weight_bits or 'fp'}a{cfg.act_bits or 'fp'}"
     out = Path(args.out) if args.out else Path("runs") / f"{Path(model_path).name}-{args.method}-{bits}"
     summary = args.summary if args.summary is not None else (300 if bundled else 0)
     check_out_dir(out, args.overwrite)  # refuse before the long work, not after
     t0 = time.perf_counter()
     common = dict(steps=args.steps, scheduler=args.scheduler, calib_samples=args.calib_samples, seed=args.seed,
-                  guidance_scale=args.guidance_scale, labels=args.labels, prompts=args.prompt,
+                  guidance_scale=args.guidance_scale, labels=args.labels, prompts=_prompts(args),
                   batch_size=args.batch_size, device=args.device, progress=not args.quiet,
                   use_cache=not args.no_cache)
     pipe = quantize(model_path, cfg, mconfig, args.calib, inplace=True, resume=args.resume, **common)
@@ -341,6 +368,9 @@ def _summary(pipe, model_path: str, cfg, args, common: dict, num: int) -> None:
     from .evaluation import evaluate
     from .loading import load_pipeline
 
+    if pipe.denoiser(1.0).conditioning == "text" and not pipe.defaults.prompts:
+        print("no quality summary: the evaluation samples from a text model's own default prompts, and it has none")
+        return
     fp = load_pipeline(model_path, device=args.device)
     ev = dict(num=num, steps=args.steps, seed=args.seed, scheduler=args.scheduler, batch_size=args.batch_size,
               device=args.device, progress=not args.quiet)
@@ -364,10 +394,11 @@ def _sample(args) -> None:
         raise AccuQuantError(f"{out}: exists (pass --overwrite to replace it)")
     if out.suffix.lower() != ".png":
         raise AccuQuantError(f"{out}: the grid is written as PNG; use a .png name")
+    prompts = _prompts(args)  # a bad prompt file is refused before the model loads
     pipe = load_pipeline(_model_arg(args), device=args.device)
     args.steps, args.scheduler = pipe.sampling_settings(args.steps, args.scheduler)
     x = pipe.sample(args.num, seed=args.seed, steps=args.steps, scheduler=args.scheduler, labels=args.labels,
-                    prompts=args.prompt, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                    prompts=prompts, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
                     device=args.device, progress=not args.quiet)
     save_grid(pipe.decode(x.to(args.device)), out, args.nrow)
     print(f"wrote {out} ({args.num} samples, {args.steps} {args.scheduler} steps)")

@@ -44,8 +44,13 @@ class FeatureExtractor:
         raise NotImplementedError
 
 
+#: image shapes the digit features take: MNIST's, and MNIST padded by 2 pixels (the latent
+#: models' 32x32, as diffusers' Stable Diffusion pipeline wants sizes divisible by 8)
+DIGIT_SHAPES = ((1, 28, 28), (1, 32, 32))
+
+
 class DigitFeatures(FeatureExtractor):
-    """The bundled digit classifier (1 x 28 x 28 images)."""
+    """The bundled digit classifier (1 x 28 x 28 images; 32 x 32 ones are center-cropped)."""
 
     name = "digits"
 
@@ -56,8 +61,11 @@ class DigitFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def extract(self, images):
-        if images.shape[1:] != (1, 28, 28):
-            raise AccuQuantError(f"the digit feature network takes 1x28x28 images, got {tuple(images.shape[1:])}")
+        if tuple(images.shape[1:]) not in DIGIT_SHAPES:
+            raise AccuQuantError(f"the digit feature network takes 1x28x28 or 1x32x32 images, got "
+                                 f"{tuple(images.shape[1:])}")
+        if images.shape[-1] == 32:
+            images = images[..., 2:30, 2:30]
         return self.net.features(images.float().cpu() * 2 - 1)
 
 
@@ -89,9 +97,9 @@ class InceptionFeatures(FeatureExtractor):
 
 
 def feature_extractor(kind: str, image_shape: tuple[int, ...]) -> FeatureExtractor:
-    """``"digits"``, ``"inception"``, or ``"auto"`` (digits for 1x28x28 images, else Inception)."""
+    """``"digits"``, ``"inception"``, or ``"auto"`` (digits for 1x28x28 and 1x32x32 images, else Inception)."""
     if kind == "auto":
-        kind = "digits" if tuple(image_shape) == (1, 28, 28) else "inception"
+        kind = "digits" if tuple(image_shape) in DIGIT_SHAPES else "inception"
     if kind == "digits":
         return DigitFeatures()
     if kind == "inception":
@@ -209,7 +217,7 @@ def evaluate(
         f_real = extractor(real)
         result["fid"] = fid_from_features(f_q["pool"], f_real["pool"])
         result["sfid"] = fid_from_features(f_q["spatial"], f_real["spatial"])
-        labels = model.conditions(num).get("labels")
+        labels = model.class_labels(num)
         if labels is not None:
             result["class_accuracy"] = (f_q["logits"].argmax(1) == labels).float().mean().item()
     cfg = (model.quant or {}).get("config", {})

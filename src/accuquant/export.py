@@ -70,11 +70,17 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
     return parts[:n].to(torch.uint8).reshape(shape)
 
 
+def _dtype(component):
+    """The floating dtype of a module component, else ``None``."""
+    if not isinstance(component, torch.nn.Module):
+        return None
+    return next((p.dtype for p in component.parameters() if p.is_floating_point()), None)
+
+
 def _save_components(pipe, root: Path) -> None:
     import diffusers
 
-    sched_cls = pipe.scheduler_config.get("_class_name", "DDIMScheduler")
-    sched = getattr(diffusers, sched_cls, diffusers.DDIMScheduler).from_config(pipe.scheduler_config)
+    sched = pipe.diffusers_scheduler()
     sched.save_pretrained(str(root / "scheduler"))
     for name, comp in pipe.components.items():
         if hasattr(comp, "save_pretrained"):
@@ -126,8 +132,9 @@ def save_quantized(pipe, out: str | Path, overwrite: bool = False) -> None:
             "format": FORMAT,
             "denoiser": pipe.denoiser_name,
             "denoiser_class": type(pipe.model).__name__,
-            "sampling": {"guidance_scale": pipe.defaults.guidance_scale, "num_classes": pipe.defaults.num_classes,
-                         "null_class": pipe.defaults.null_class},
+            "sampling": pipe.defaults.to_dict(),
+            "component_dtypes": {k: str(_dtype(c)).removeprefix("torch.") for k, c in pipe.components.items()
+                                 if _dtype(c) is not None},
             "base_model": pipe.source,
             **pipe.quant,
         }

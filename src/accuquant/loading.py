@@ -31,6 +31,10 @@ from .pipeline import DENOISER_NAMES, SAMPLING_FILE, Pipeline, SamplingDefaults
 from .safety import check_finite, check_safetensors
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: pipeline components accuquant neither uses nor saves (a safety checker is 1.2 GB)
+SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+#: the floating dtypes a denoiser can be quantized in, and saved and loaded back in, by name
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _load_component(path: Path, library: str, class_name: str):
@@ -65,7 +69,7 @@ def _read_json(path: Path) -> dict:
 
 def _defaults(root: Path) -> SamplingDefaults:
     f = root / SAMPLING_FILE
-    return SamplingDefaults.from_dict(_read_json(f)) if f.is_file() else SamplingDefaults()
+    return SamplingDefaults.from_dict(_read_json(f), str(f)) if f.is_file() else SamplingDefaults()
 
 
 def _default_scheduler_config() -> dict:
@@ -114,7 +118,7 @@ def load_pipeline(path: str | Path, device: str = "cpu", backend: str = "fake") 
                 continue
             if comp == name and spec[1] not in ADAPTERS:
                 raise AccuQuantError(f"{path}: unsupported denoiser {spec[1]}; supported: {', '.join(sorted(ADAPTERS))}")
-            if comp in ("safety_checker", "feature_extractor", "image_encoder"):
+            if comp in SKIPPED_COMPONENTS:
                 continue
             components[comp] = _load_component(root / comp, spec[0], spec[1])
         model = components.pop(name)
@@ -148,9 +152,12 @@ def as_pipeline(source, copy_model: bool = True) -> Pipeline:
     for name in DENOISER_NAMES:
         model = getattr(source, name, None)
         if isinstance(model, nn.Module):
-            comps = {k: v for k, v in getattr(source, "components", {}).items() if k not in (name, "scheduler") and v is not None}
+            comps = {k: v for k, v in getattr(source, "components", {}).items()
+                     if k not in (name, "scheduler", *SKIPPED_COMPONENTS) and v is not None}
             model = copy.deepcopy(model) if copy_model else model
-            return Pipeline(model.eval(), dict(source.scheduler.config), comps, name)
+            index = {k: v for k, v in dict(getattr(source, "config", {}) or {}).items() if k not in SKIPPED_COMPONENTS}
+            index["_class_name"] = type(source).__name__
+            return Pipeline(model.eval(), dict(source.scheduler.config), comps, name, model_index=index)
     raise AccuQuantError(f"cannot quantize a {type(source).__name__}: expected a path, a diffusers pipeline or model")
 
 
@@ -205,16 +212,25 @@ def _load_quantized(root: Path, device: str, backend: str) -> Pipeline:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise AccuQuantError(f"{wfile}: does not match the model ({str(e).splitlines()[0]})") from None
+    dtype = meta.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise AccuQuantError(f"{root / QUANT_FILE}: unknown dtype {dtype!r}")
+    model.to(DTYPES[dtype])
     freeze_model(model, backend)
     components = {}
     index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else None
+    saved_dtypes = meta.get("component_dtypes", {})
     for comp, spec in (index or {}).items():
-        if comp.startswith("_") or comp in (name, "scheduler") or not isinstance(spec, list) or spec[0] is None:
+        if comp.startswith("_") or comp in (name, "scheduler", *SKIPPED_COMPONENTS) or not isinstance(spec, list) \
+                or spec[0] is None:
             continue
         if (root / comp).is_dir():
-            components[comp] = _load_component(root / comp, spec[0], spec[1])
+            c = _load_component(root / comp, spec[0], spec[1])
+            if isinstance(c, nn.Module) and saved_dtypes.get(comp) in DTYPES:  # each in the dtype it had
+                c = c.to(DTYPES[saved_dtypes[comp]])
+            components[comp] = c
     sched = dict(_read_json(root / "scheduler" / "scheduler_config.json"))
     quant = {k: v for k, v in meta.items() if k not in ("format", "denoiser", "denoiser_class", "sampling")}
-    pipe = Pipeline(model.eval(), sched, components, name, SamplingDefaults.from_dict(meta.get("sampling", {})),
+    pipe = Pipeline(model.eval(), sched, components, name, SamplingDefaults.from_dict(meta.get("sampling", {}), str(root / QUANT_FILE)),
                     index, quant=quant, source=str(root))
     return pipe.to(device)

@@ -20,6 +20,7 @@ from torch import nn
 from . import cache
 from .adapters import ADAPTERS, Conditions, Denoiser, make_denoiser
 from .calibration import noise_batches
+from .errors import AccuQuantError
 from .export import save_quantized
 from .progress import progress_bar
 from .sampling import make_scheduler, run_trajectory
@@ -38,15 +39,36 @@ class SamplingDefaults:
         num_classes: number of real classes of a class-conditional model.
         null_class: the label of the unconditional branch, if the model was trained with
             label dropout.
+        prompts: default prompts of a text-conditioned model (calibration, evaluation and
+            sampling when none are given), cycled over the samples.
+        prompt_labels: the class each default prompt asks for (the evaluation's class accuracy).
     """
 
     guidance_scale: float = 1.0
     num_classes: int | None = None
     null_class: int | None = None
+    prompts: list[str] | None = None
+    prompt_labels: list[int] | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SamplingDefaults":
-        return cls(**{k: d[k] for k in ("guidance_scale", "num_classes", "null_class") if k in d})
+    def from_dict(cls, d: dict, source: str = SAMPLING_FILE) -> "SamplingDefaults":
+        """Read from ``d`` (found in ``source``, named in errors)."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        out = cls(**{k: d[k] for k in fields if k in d})
+        if out.prompts is not None and (not isinstance(out.prompts, list)
+                                        or not all(isinstance(t, str) for t in out.prompts)):
+            raise AccuQuantError(f"{source}: 'prompts' must be a list of strings")
+        if out.prompt_labels is not None and (
+                not isinstance(out.prompt_labels, list) or not all(isinstance(v, int) for v in out.prompt_labels)
+                or len(out.prompt_labels) != len(out.prompts or [])):
+            raise AccuQuantError(f"{source}: 'prompt_labels' must be a list of integers, one per prompt")
+        return out
+
+    def to_dict(self) -> dict:
+        """All fields but the default prompts when there are none (so a model without them
+        keeps the cache keys it had before they existed)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None or k not in ("prompts", "prompt_labels")}
 
 
 @dataclass
@@ -74,8 +96,22 @@ class Pipeline:
 
     def conditions(self, num: int, labels=None, prompts: list[str] | None = None, device="cpu") -> Conditions:
         """Conditions for ``num`` samples, as the model's family makes them (balanced or given
-        labels, encoded prompts, or none)."""
-        return self.denoiser(1.0).conditions(num, labels, prompts, device)
+        labels, encoded prompts (the model's default prompts when none are given), or none)."""
+        den = self.denoiser(1.0)
+        if den.conditioning == "text" and not prompts:
+            prompts = self.defaults.prompts
+        return den.conditions(num, labels, prompts, device)
+
+    def class_labels(self, num: int) -> torch.Tensor | None:
+        """The class each of ``num`` default samples asks for: the balanced labels of a
+        class-conditional model, the labels of a text model's default prompts, else ``None``."""
+        den = self.denoiser(1.0)
+        if den.conditioning == "class":
+            return den.conditions(num)["labels"]
+        if den.conditioning == "text" and self.defaults.prompts and self.defaults.prompt_labels:
+            lab = self.defaults.prompt_labels
+            return torch.tensor([lab[k % len(lab)] for k in range(num)])
+        return None
 
     # ------------------------------------------------------------ sampling
     def to(self, device) -> "Pipeline":
@@ -121,6 +157,47 @@ class Pipeline:
                 out.append(x.cpu())
         return torch.cat(out)
 
+    def diffusers_scheduler(self):
+        """The diffusers scheduler object of :attr:`scheduler_config` (DDIM if its class is unknown)."""
+        import diffusers
+
+        cls = getattr(diffusers, self.scheduler_config.get("_class_name", ""), diffusers.DDIMScheduler)
+        return cls.from_config(self.scheduler_config)
+
+    def to_diffusers(self):
+        """A diffusers pipeline object of the source's class (``StableDiffusionPipeline``,
+        ``DiTPipeline``, ...) holding this pipeline's denoiser, quantized layers included,
+        and its other components: ``pipe.to_diffusers()(prompt).images`` runs diffusers' own
+        sampling loop on the quantized model. A quantized pipeline gets the scheduler it was
+        calibrated for (pass the calibrated step count as ``num_inference_steps``)."""
+        import inspect
+
+        import diffusers
+
+        name = (self.model_index or {}).get("_class_name") or ADAPTERS[type(self.model).__name__].pipeline_class
+        cls = getattr(diffusers, name, None)
+        if cls is None:
+            raise AccuQuantError(f"diffusers has no pipeline class {name}")
+        if not self.denoiser(1.0).diffusers_conditioning:
+            raise AccuQuantError(f"diffusers' {name} cannot condition this {type(self.model).__name__} (class labels): "
+                                 "sample with accuquant (Pipeline.sample)")
+        if self.quant:  # the scheduler it was calibrated for (call it with the calibrated step count)
+            steps, solver = self.sampling_settings()
+            sched = make_scheduler(solver, self.scheduler_config, steps).scheduler
+        else:
+            sched = self.diffusers_scheduler()
+        given = {**self.components, self.denoiser_name: self.model, "scheduler": sched}
+        kwargs = {}
+        for pname, param in inspect.signature(cls.__init__).parameters.items():
+            if pname in given:
+                kwargs[pname] = given[pname]
+            elif pname == "requires_safety_checker":
+                kwargs[pname] = False  # no safety checker is bundled or quantized
+            elif param.default is inspect.Parameter.empty and param.kind is param.POSITIONAL_OR_KEYWORD \
+                    and pname != "self":
+                kwargs[pname] = None  # an optional component this pipeline does not have
+        return cls(**kwargs)
+
     def save(self, out, overwrite: bool = False) -> None:
         """Save a quantized pipeline as a directory (see :mod:`accuquant.export`)."""
         save_quantized(self, out, overwrite=overwrite)
@@ -133,7 +210,7 @@ class Pipeline:
     def fingerprint(self) -> str:
         """A hash of the denoiser (class, config, weights: computed once per model object) and
         the sampling defaults, for caches."""
-        return cache.digest({"model": cache.fingerprint(self.model), "defaults": dataclasses.asdict(self.defaults)})
+        return cache.digest({"model": cache.fingerprint(self.model), "defaults": self.defaults.to_dict()})
 
     def copy(self) -> "Pipeline":
         """A pipeline with its own copy of the denoiser (other components are shared)."""

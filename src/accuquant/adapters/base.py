@@ -83,6 +83,8 @@ class Denoiser(nn.Module):
     attention_processors: tuple[str, ...] = ("AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor")
     #: ``"none"``, ``"class"`` or ``"text"``
     conditioning = "none"
+    #: whether the family's diffusers pipeline class can pass the model its conditions
+    diffusers_conditioning = True
 
     def __init__(self, model: nn.Module, guidance_scale: float = 1.0, null_class: int | None = None,
                  components: dict | None = None, num_classes: int | None = None):
@@ -108,7 +110,14 @@ class Denoiser(nn.Module):
     def guided(self) -> bool:
         return self.guidance_scale != 1.0
 
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The floating dtype the model computes in (a half-precision model's inputs are cast to it)."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+
     def forward(self, x: torch.Tensor, t, cond: Conditions | None = None) -> torch.Tensor:
+        """The guided model output, in ``x``'s dtype whatever the model's: samplers keep their
+        state in float32 while a half-precision model runs in its own dtype."""
         cond = cond if cond is not None else Conditions()
         rows = x.shape[0] * (2 if self.guided else 1)
         self.evaluations["forward"] += rows
@@ -116,6 +125,13 @@ class Denoiser(nn.Module):
             self.evaluations["backward"] += rows
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        dtype = self.model_dtype
+        if dtype != x.dtype:
+            cond = Conditions({k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()})
+            return self._guided(x.to(dtype), t, cond).to(x.dtype)
+        return self._guided(x, t, cond)
+
+    def _guided(self, x, t, cond):
         if not self.guided:
             return self.raw(x, t, cond)
         uncond = self.unconditional(cond)
@@ -162,7 +178,7 @@ class Denoiser(nn.Module):
         """Images in [0, 1] from final samples (decoded by the VAE for latent models)."""
         vae = self.components.get("vae")
         if vae is not None:
-            x = vae.decode(x / vae.config.scaling_factor).sample
+            x = vae.decode((x / vae.config.scaling_factor).to(vae.dtype)).sample
         return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
     # ---------------------------------------------------------------- quantization

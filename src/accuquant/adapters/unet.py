@@ -64,6 +64,10 @@ class UNet2DAdapter(ClassConditional, _UNet):
     def num_classes(self):
         return self._label_count(self.config.num_class_embeds)
 
+    @property
+    def diffusers_conditioning(self):
+        return self.conditioning == "none"  # DDPMPipeline / DDIMPipeline pass no class labels
+
     def conditions(self, num, labels=None, prompts=None, device="cpu"):
         return super().conditions(num, labels, prompts, device) if self.conditioning == "class" else Conditions()
 
@@ -95,7 +99,8 @@ class UNet2DConditionAdapter(_UNet):
 
     def conditions(self, num, labels=None, prompts=None, device="cpu"):
         if not prompts:
-            raise AccuQuantError("this model is text-conditioned: pass prompts (--prompt)")
+            raise AccuQuantError("this model is text-conditioned and has no default prompts: pass prompts "
+                                 "(--prompt, --prompt-file)")
         prompts = [prompts[k % len(prompts)] for k in range(num)]
         return Conditions(embeds=self.encode_prompts(prompts, device),
                           negative_embeds=self.encode_prompts([""] * num, device))
@@ -106,4 +111,4 @@ class UNet2DConditionAdapter(_UNet):
         if tok is None or enc is None:
             raise AccuQuantError("prompts given, but the pipeline has no tokenizer and text encoder")
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        return enc.to(device)(ids.input_ids.to(device))[0].cpu()
+        return enc.to(device)(ids.input_ids.to(device))[0].float().cpu()  # conditions are kept in float32

@@ -1,0 +1,233 @@
+"""Train the bundled latent diffusion models on the VAE's 4x8x8 latents of 32x32 MNIST digits:
+
+* ``--family sd``: ``mnist-sd``, a standard ``StableDiffusionPipeline`` directory. A
+  ``UNet2DConditionModel`` (blocks of 32 and 64 channels at 8x8 and 4x4, one resnet and one
+  transformer block with self- and cross-attention (dimension 64) per level and in the mid
+  block), a tiny ``CLIPTextModel`` (2 layers, width 64, 16 tokens) and a ``CLIPTokenizer``
+  whose vocabulary is written here (:mod:`captions`). Captions are drawn from templates
+  such as "a handwritten seven" or "the digit 7"; 10% are empty, for classifier-free
+  guidance. The text encoder is trained with the UNet (there is no pretrained CLIP to
+  freeze).
+* ``--family dit``: ``mnist-dit``, a standard ``DiTPipeline`` directory. A class-conditional
+  ``DiTTransformer2DModel`` (patch size 2, so 16 tokens; 6 blocks of width 128, 4 heads,
+  adaLN-zero). Its label table has diffusers' 1,000 ImageNet rows plus the null row, as
+  ``DiTPipeline`` hard-codes label 1000 for the unconditional branch; only rows 0 to 9 and
+  1000 are trained (the model's own 10% label dropout).
+
+Shared recipe: cosine noise schedule (1,000 steps), noise prediction, MSE loss, latents
+sampled from the VAE posterior and multiplied by its ``scaling_factor``; AdamW (lr 1e-3,
+200 warm-up iterations, cosine decay), batch 128, gradient clipping at 1, EMA of the weights
+(decay 0.999) is what is saved; DDIM sampling with "leading" spacing and no clipping, as the
+bundled pixel model (see train_mnist_unet.py). Training split: the 9,000 digits not held out.
+
+    python training/train_mnist_latent.py --family sd --vae runs/mnist-vae --data path/to/mnist10k.npz \
+        --out src/accuquant/assets/mnist-sd
+
+Everything is seeded; the pipeline is rewritten (atomically) after every epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import diffusers
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from captions import DIGIT_WORDS, build_tokenizer, caption, eval_prompts, write_vocabulary  # noqa: E402
+from mnist_data import load_npz, split_indices, to_tensor  # noqa: E402
+
+DIT_NULL_CLASS = 1000  # DiTPipeline's unconditional label
+
+
+def noise_schedule() -> diffusers.DDPMScheduler:
+    return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                   prediction_type="epsilon", clip_sample=False)
+
+
+def sampling_scheduler() -> diffusers.DDIMScheduler:
+    return diffusers.DDIMScheduler.from_config(noise_schedule().config, timestep_spacing="leading", steps_offset=1,
+                                               clip_sample=False)
+
+
+def build_text_encoder(vocab_size: int):
+    import transformers
+
+    cfg = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                      projection_dim=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return transformers.CLIPTextModel(cfg)
+
+
+def build_unet() -> diffusers.UNet2DConditionModel:
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=4,  # the number of heads, in this class's naming
+        norm_num_groups=8,
+    )
+
+
+def build_dit() -> diffusers.DiTTransformer2DModel:
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        num_layers=6,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=DIT_NULL_CLASS,
+    )
+
+
+def half(module):
+    """A float16 copy, for storage: the package ships its models in half the space, and
+    diffusers loads them back as float32. (The tiny text encoder is kept in float32, as
+    recent transformers would load a float16 file as float16.)"""
+    return copy.deepcopy(module).half()
+
+
+class SD:
+    """The text-to-image family: the UNet and the text encoder learn together."""
+
+    def __init__(self, args):
+        self.tokenizer = build_tokenizer()
+        self.text_encoder = build_text_encoder(len(self.tokenizer))
+        self.unet = build_unet()
+        self.trained = torch.nn.ModuleDict({"unet": self.unet, "text_encoder": self.text_encoder})
+        self.empty = args.label_dropout
+
+    def loss(self, xt, t, labels, noise, g):
+        texts = [caption(int(y), g) if torch.rand((), generator=g) >= self.empty else "" for y in labels]
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        embeds = self.text_encoder(ids)[0]
+        return F.mse_loss(self.unet(xt, t, encoder_hidden_states=embeds).sample, noise)
+
+    def save(self, ema, vae, tmp, args):
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=half(vae), text_encoder=ema["text_encoder"], tokenizer=self.tokenizer, unet=half(ema["unet"]),
+            scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        pipe.save_pretrained(tmp)
+        # the slow tokenizer files as well, for transformers versions that read only those
+        write_vocabulary(os.path.join(tmp, "tokenizer"))
+        prompts, labels = eval_prompts()
+        return {"guidance_scale": args.guidance_scale, "prompts": prompts, "prompt_labels": labels}
+
+
+class DiT:
+    """The class-conditional transformer family."""
+
+    def __init__(self, args):
+        self.dit = build_dit()
+        self.trained = torch.nn.ModuleDict({"transformer": self.dit})
+
+    def loss(self, xt, t, labels, noise, g):
+        return F.mse_loss(self.dit(xt, timestep=t, class_labels=labels).sample, noise)
+
+    def save(self, ema, vae, tmp, args):
+        id2label = {i: w for i, w in enumerate(DIGIT_WORDS)}
+        diffusers.DiTPipeline(transformer=half(ema["transformer"]), vae=half(vae), scheduler=sampling_scheduler(),
+                              id2label=id2label).save_pretrained(tmp)
+        return {"guidance_scale": args.guidance_scale, "num_classes": 10, "null_class": DIT_NULL_CLASS}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--family", choices=("sd", "dit"), required=True)
+    p.add_argument("--vae", required=True, help="the VAE directory written by train_mnist_vae.py")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--label-dropout", type=float, default=0.1, help="share of empty prompts (sd)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="default guidance stored with the model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    images, labels = load_npz(args.data)
+    train, _ = split_indices(labels)
+    vae = diffusers.AutoencoderKL.from_pretrained(args.vae, low_cpu_mem_usage=False).eval().requires_grad_(False)
+    with torch.no_grad():
+        x = to_tensor(images[train], pad=2)
+        post = [vae.encode(x[i : i + 500]).latent_dist for i in range(0, len(x), 500)]
+        mean, std = torch.cat([q.mean for q in post]), torch.cat([q.std for q in post])
+    scale = vae.config.scaling_factor
+    y_all = torch.from_numpy(labels[train])
+    fam = SD(args) if args.family == "sd" else DiT(args)
+    ema = copy.deepcopy(fam.trained).eval().requires_grad_(False)
+    acp = noise_schedule().alphas_cumprod
+    opt = torch.optim.AdamW(fam.trained.parameters(), lr=args.lr, weight_decay=0.0)
+    iters = math.ceil(len(mean) / args.batch_size)
+    total = iters * args.epochs
+    warmup = 200
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+    g = torch.Generator().manual_seed(args.seed)
+    n_params = {k: sum(q.numel() for q in m.parameters()) for k, m in fam.trained.items()}
+    print(f"training {n_params} parameters on {len(mean)} latents, {total} iterations", flush=True)
+    t0 = time.time()
+    step = 0
+    for epoch in range(args.epochs):
+        perm = torch.randperm(len(mean), generator=g)
+        fam.trained.train()
+        losses = []
+        for b in range(iters):
+            idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
+            z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+            t = torch.randint(0, 1000, (len(idx),), generator=g)
+            noise = torch.randn(z0.shape, generator=g)
+            a = acp[t].view(-1, 1, 1, 1)
+            loss = fam.loss(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, y_all[idx], noise, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(fam.trained.parameters(), 1.0)
+            opt.step()
+            lr_sched.step()
+            step += 1
+            decay = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), fam.trained.parameters()):
+                    pe.lerp_(pm, 1 - decay)
+            losses.append(loss.item())
+        elapsed = time.time() - t0
+        meta = {"epochs_done": epoch + 1, "iterations": step, "seconds": round(elapsed, 1),
+                "final_epoch_loss": sum(losses) / len(losses), "parameters": n_params,
+                "args": vars(args) | {"data": "mnist10k.npz", "vae": "mnist-vae"},
+                "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads}
+        tmp = args.out.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        sampling = fam.save(ema, vae, tmp, args)
+        with open(os.path.join(tmp, "accuquant_sampling.json"), "w") as f:
+            json.dump(sampling, f, indent=2)
+        with open(os.path.join(tmp, "training.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        shutil.rmtree(args.out, ignore_errors=True)
+        os.replace(tmp, args.out)
+        print(f"epoch {epoch + 1}/{args.epochs} loss {meta['final_epoch_loss']:.4f} time {elapsed / 60:.1f} min",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
