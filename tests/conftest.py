@@ -132,14 +132,12 @@ def tiny_text_encoder(vocab_size: int, seed: int = 0):
 
 
 def tokenizer():
-    """The bundled text model's tokenizer, as its training script builds it."""
-    import sys
-    from pathlib import Path
+    """The bundled text model's tokenizer (CLIP's byte-pair encoding over a digit vocabulary)."""
+    import transformers
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
-    from captions import build_tokenizer
+    from accuquant import bundled
 
-    return build_tokenizer()
+    return transformers.CLIPTokenizer.from_pretrained(str(bundled.ASSETS / "mnist-sd" / "tokenizer"))
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import diffusers
+import pytest
 import torch
 
 import accuquant as aq
@@ -36,8 +38,9 @@ def test_default_model_is_a_guided_class_conditional_unet_with_attention():
 
 
 def test_shipped_weights_stay_small_and_the_package_reads_nothing_outside():
-    total = sum(p.stat().st_size for p in bundled.ASSETS.rglob("*") if p.is_file())
-    assert total < 10 * 2**20
+    files = [p for p in bundled.ASSETS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 30 * 2**20
+    assert max(p.stat().st_size for p in files) < 10 * 2**20
     src = Path(aq.__file__).parent
     for f in src.rglob("*.py"):
         assert "../shared" not in f.read_text() and "mnist10k" not in f.read_text(), f
@@ -53,3 +56,18 @@ def test_commands_default_to_the_bundled_model(tmp_path, capsys):
     assert main(["evaluate", "--model", str(out), "--num", "20", "--json", "--quiet"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["weight_bits"] == 8 and r["class_accuracy"] is not None
+
+
+@pytest.mark.parametrize("name, cls, call", [
+    ("mnist-sd", diffusers.StableDiffusionPipeline, lambda p, **kw: p("the digit 7", **kw)),
+    ("mnist-dit", diffusers.DiTPipeline, lambda p, **kw: p([7], **kw)),
+])
+def test_bundled_latent_models_are_standard_diffusers_pipelines(name, cls, call):
+    pipe = cls.from_pretrained(str(bundled.ASSETS / name))  # stored in float16, loaded as float32
+    denoiser = pipe.unet if name == "mnist-sd" else pipe.transformer
+    assert denoiser.dtype == torch.float32 and 0.5e6 < sum(p.numel() for p in denoiser.parameters()) < 5e6
+    images = call(pipe, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    assert images.shape == (1, 1, 32, 32) and torch.isfinite(images).all()
+    ours = aq.load(name)
+    assert ours.denoiser(1.0).image_shape == (1, 32, 32) and ours.class_labels(12)[:3].tolist() == [0, 1, 2]

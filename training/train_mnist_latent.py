@@ -3,7 +3,10 @@
 * ``--family sd``: ``mnist-sd``, a standard ``StableDiffusionPipeline`` directory. A
   ``UNet2DConditionModel`` (blocks of 32 and 64 channels at 8x8 and 4x4, one resnet and one
   transformer block with self- and cross-attention (dimension 64) per level and in the mid
-  block), a tiny ``CLIPTextModel`` (2 layers, width 64, 16 tokens) and a ``CLIPTokenizer``
+  block; the prompt embedding, attention-pooled, is also added to the timestep embedding,
+  diffusers' ``addition_embed_type="text"``: through cross-attention alone the model had
+  learned to follow the prompt for 26% of digits after 10 epochs, against 78% for the DiT's
+  adaLN labels), a tiny ``CLIPTextModel`` (2 layers, width 64, 16 tokens) and a ``CLIPTokenizer``
   whose vocabulary is written here (:mod:`captions`). Captions are drawn from templates
   such as "a handwritten seven" or "the digit 7"; 10% are empty, for classifier-free
   guidance. The text encoder is trained with the UNet (there is no pretrained CLIP to
@@ -79,6 +82,8 @@ def build_unet() -> diffusers.UNet2DConditionModel:
         cross_attention_dim=64,
         attention_head_dim=4,  # the number of heads, in this class's naming
         norm_num_groups=8,
+        addition_embed_type="text",  # the prompt, attention-pooled, added to the timestep embedding
+        addition_embed_type_num_heads=4,
     )
 
 

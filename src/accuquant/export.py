@@ -70,7 +70,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
     return parts[:n].to(torch.uint8).reshape(shape)
 
 
-def _dtype(component):
+def module_dtype(component):
     """The floating dtype of a module component, else ``None``."""
     if not isinstance(component, torch.nn.Module):
         return None
@@ -133,8 +133,8 @@ def save_quantized(pipe, out: str | Path, overwrite: bool = False) -> None:
             "denoiser": pipe.denoiser_name,
             "denoiser_class": type(pipe.model).__name__,
             "sampling": pipe.defaults.to_dict(),
-            "component_dtypes": {k: str(_dtype(c)).removeprefix("torch.") for k, c in pipe.components.items()
-                                 if _dtype(c) is not None},
+            "component_dtypes": {k: str(module_dtype(c)).removeprefix("torch.") for k, c in pipe.components.items()
+                                 if module_dtype(c) is not None},
             "base_model": pipe.source,
             **pipe.quant,
         }

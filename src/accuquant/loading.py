@@ -25,7 +25,7 @@ from .backends import get_backend
 from .bundled import model_ref, resolve_ref
 from .config import QuantConfig
 from .errors import AccuQuantError
-from .export import FORMAT, QUANT_FILE, SCALARS, WEIGHTS_FILE, unpack_codes
+from .export import FORMAT, QUANT_FILE, SCALARS, WEIGHTS_FILE, module_dtype, unpack_codes
 from .layers import freeze_model, quant_layers, wrap_model
 from .pipeline import DENOISER_NAMES, SAMPLING_FILE, Pipeline, SamplingDefaults
 from .safety import check_finite, check_safetensors
@@ -215,7 +215,8 @@ def _load_quantized(root: Path, device: str, backend: str) -> Pipeline:
     dtype = meta.get("dtype", "float32")
     if dtype not in DTYPES:
         raise AccuQuantError(f"{root / QUANT_FILE}: unknown dtype {dtype!r}")
-    model.to(DTYPES[dtype])
+    if DTYPES[dtype] != torch.float32:  # (diffusers warns at any .to(dtype), even a no-op)
+        model.to(DTYPES[dtype])
     freeze_model(model, backend)
     components = {}
     index = _read_json(root / "model_index.json") if (root / "model_index.json").is_file() else None
@@ -226,8 +227,9 @@ def _load_quantized(root: Path, device: str, backend: str) -> Pipeline:
             continue
         if (root / comp).is_dir():
             c = _load_component(root / comp, spec[0], spec[1])
-            if isinstance(c, nn.Module) and saved_dtypes.get(comp) in DTYPES:  # each in the dtype it had
-                c = c.to(DTYPES[saved_dtypes[comp]])
+            want = DTYPES.get(saved_dtypes.get(comp))
+            if isinstance(c, nn.Module) and want is not None and want != module_dtype(c):  # each in the dtype it had
+                c = c.to(want)
             components[comp] = c
     sched = dict(_read_json(root / "scheduler" / "scheduler_config.json"))
     quant = {k: v for k, v in meta.items() if k not in ("format", "denoiser", "denoiser_class", "sampling")}
