@@ -105,12 +105,12 @@ OTHER_TABLES = [
      "calibration seeds 0, 1, 2 on 200 paired samples. Unless a label says otherwise, variants get the same "
      "compute (iterations x M = 400) and start from the same per-step result of their seed. " + VERSION_NOTE),
     ("compare_mnist-dit.md", "mnist-dit (latent DiT): all methods",
-     "`python benchmarks/families.py --model mnist-dit --bits w4a8,w3a8 --seeds 0 --num 500` (one `accuquant "
-     "compare` per seed; `benchmarks/results/compare_mnist-dit*.{md,json}`, grids in `docs/compare/mnist-dit/`). "
-     "AccuQuant's calibration time excludes the per-step initialisation it starts from (cached from the per-step "
-     "pair). One calibration seed so far."),
+     "`python benchmarks/families.py --model mnist-dit --bits w4a8,w3a8 --seeds 0,1,2 --num 500` (one `accuquant "
+     "compare` per calibration seed; `benchmarks/results/compare_mnist-dit*.{md,json}`, grids in "
+     "`docs/compare/mnist-dit/`): each seed, then the mean (min..max) over seeds. AccuQuant's calibration time "
+     "excludes the per-step initialisation it starts from (cached from the per-step pair)."),
     ("compare_mnist-sd.md", "mnist-sd (latent text-to-image): all methods",
-     "`python benchmarks/families.py --model mnist-sd --bits w4a8 --seeds 0 --num 500` "
+     "`python benchmarks/families.py --model mnist-sd --bits w4a8,w3a8 --seeds 0 --num 500` "
      "(`benchmarks/results/compare_mnist-sd*.{md,json}`). The FP model is undertrained (see \"The bundled models\"): "
      "these figures measure fidelity to it. One calibration seed so far."),
     ("memory.md", "Memory of one AccuQuant step",
