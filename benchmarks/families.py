@@ -69,7 +69,7 @@ def table(model: str) -> str:
                              f"{m['ssim']:.4f} | {m['class_accuracy']:.3f} | {c['calibration_s']:.0f} | "
                              f"{c['peak_rss_mb']:.0f} | {ratio} |")
     if len(seeds) > 1:
-        lines += ["", "| bits | method | " + " | ".join(COLS) + " (mean, min..max over seeds) |",
+        lines += ["", "| bits | method: mean (min..max) over seeds | " + " | ".join(COLS) + " |",
                   "|" + " --- |" * (len(COLS) + 2)]
         for bits in s0["bits"]:
             for method in s0["methods"]:
