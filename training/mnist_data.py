@@ -37,3 +37,13 @@ def to_tensor(images: np.ndarray, pad: int = 0) -> torch.Tensor:
     (the padding is background, -1)."""
     x = torch.from_numpy(images).float().div(127.5).sub(1).unsqueeze(1)
     return torch.nn.functional.pad(x, (pad,) * 4, value=-1.0) if pad else x
+
+
+def start(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What every training script does first: seed torch, set its threads, read the data
+    (``args.seed``, ``args.threads``, ``args.data``); returns images, labels and the
+    (train, held-out) indices."""
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    images, labels = load_npz(args.data)
+    return (images, labels, *split_indices(labels))

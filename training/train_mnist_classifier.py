@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from mnist_data import load_npz, split_indices, to_tensor  # noqa: E402
+from mnist_data import start, to_tensor  # noqa: E402
 
 from accuquant.feature_nets import DigitClassifier  # noqa: E402
 
@@ -52,10 +52,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    images, labels = load_npz(args.data)
-    train, held = split_indices(labels)
+    images, labels, train, held = start(args)
     x_tr, y_tr = to_tensor(images[train]), torch.from_numpy(labels[train])
     x_te, y_te = to_tensor(images[held]), torch.from_numpy(labels[held])
     save_file({"images": torch.from_numpy(images[held]).contiguous(), "labels": y_te.to(torch.uint8).contiguous()},

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from captions import DIGIT_WORDS, build_tokenizer, caption, eval_prompts, write_vocabulary  # noqa: E402
-from mnist_data import load_npz, split_indices, to_tensor  # noqa: E402
+from mnist_data import start, to_tensor  # noqa: E402
 
 DIT_NULL_CLASS = 1000  # DiTPipeline's unconditional label
 
@@ -169,10 +169,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    images, labels = load_npz(args.data)
-    train, _ = split_indices(labels)
+    images, labels, train, _ = start(args)
     vae = diffusers.AutoencoderKL.from_pretrained(args.vae, low_cpu_mem_usage=False).eval().requires_grad_(False)
     with torch.no_grad():
         x = to_tensor(images[train], pad=2)

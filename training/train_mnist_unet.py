@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from mnist_data import load_npz, split_indices, to_tensor  # noqa: E402
+from mnist_data import start, to_tensor  # noqa: E402
 
 NULL_CLASS = 10
 
@@ -89,10 +89,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    images, labels = load_npz(args.data)
-    train, _ = split_indices(labels)
+    images, labels, train, _ = start(args)
     x_all = to_tensor(images[train])
     y_all = torch.from_numpy(labels[train])
     unet = build_unet()

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from mnist_data import load_npz, split_indices, to_tensor  # noqa: E402
+from mnist_data import start, to_tensor  # noqa: E402
 
 
 def build_vae() -> diffusers.AutoencoderKL:
@@ -82,10 +82,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    images, labels = load_npz(args.data)
-    train, held = split_indices(labels)
+    images, labels, train, held = start(args)
     x_all, x_held = to_tensor(images[train], pad=2), to_tensor(images[held], pad=2)
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
