@@ -1,4 +1,4 @@
-"""AccuQuant ablations on the bundled model: group size, gradient mode, initialisation.
+"""AccuQuant ablations on a bundled model: group size, gradient mode, initialisation.
 
 Every variant is calibrated with several calibration seeds (the calibration trajectories
 and every random draw of the method change with the seed) and scored on the same paired
@@ -10,9 +10,11 @@ both branches of the guided step counted).
     python benchmarks/ablation.py --bits w4a8 --num 300 --seeds 0,1,2 \\
         --variants "per-step;M=1:group_size=1;M=4:group_size=4;approx:group_size=4,grad=approx"
     # writes benchmarks/results/ablation.json and ablation.md (rows of other runs are kept)
+    python benchmarks/ablation.py --model mnist-dit ...   # ablation_mnist-dit.json and .md
 
-A variant is ``label:key=value,key=value`` (accuquant options); ``naive`` and ``per-step``
-are the baselines (AccuQuant with no optimisation step, i.e. its initialisation alone). The per-step initialisation is computed once per (bits, seed) and
+A variant is ``label:key=value,key=value`` (accuquant options, and ``keep_fp=a|b``: the modules
+left in full precision, fnmatch patterns joined by ``|``, empty for none, instead of the
+family's defaults); ``naive`` and ``per-step`` are the baselines (AccuQuant with no optimisation step, i.e. its initialisation alone). The per-step initialisation is computed once per (bits, seed) and
 shared through the result cache.
 """
 
@@ -36,10 +38,21 @@ from accuquant.api import METHODS
 
 from common import ROOT, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
-#: what the mark on rows of an older method version means (also quoted by readme_results.py)
-VERSION_NOTE = ("‡: measured with version 1 of the method, whose result for these options is the same as the "
-                "current version's (version 2 keeps a learned rounding as fixed integer codes while the step sizes "
-                "move; these rows start from naive ranges, learn the rounding, or make no optimisation step).")
+#: the mark on rows measured with an older version of the method, and what it means (also quoted by
+#: readme_results.py)
+VERSION_MARKS = {1: "‡", 2: "†"}
+VERSION_NOTES = {
+    1: "‡: measured with version 1 of the method, whose result for these options is the same as version 2's "
+       "(version 2 keeps a learned rounding as fixed integer codes while the step sizes move; these rows start "
+       "from naive ranges, learn the rounding, or make no optimisation step).",
+    2: "†: measured with version 2 of the method; version 3 runs the same optimisation in the shared engine "
+       "(its Adam, one random stream per run): the same objective and parameters, other random draws.",
+}
+
+
+def version_note(versions) -> str:
+    """The notes of the marks that ``versions`` (method versions of the rows shown) carry."""
+    return " ".join(VERSION_NOTES[v] for v in sorted(set(versions)) if v in VERSION_NOTES)
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -50,6 +63,15 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     return label, "accuquant", parse_options(rest)
 
 
+def quant_config(bits: str, opts: dict) -> tuple[aq.QuantConfig, dict]:
+    """The quantization config of a variant at ``bits`` ("w4a8"), and its method options."""
+    w, a = (int(v) for v in bits.lower().lstrip("w").split("a"))
+    opts = dict(opts)
+    keep = opts.pop("keep_fp", None)
+    keep_fp = None if keep is None else tuple(p for p in str(keep).split("|") if p)
+    return aq.QuantConfig(weight_bits=w, act_bits=a, keep_fp=keep_fp), opts
+
+
 def denoiser_evals(q: aq.Pipeline) -> int:
     log = q.quant["method_log"]
     ev = log.get("evaluations", {})
@@ -58,32 +80,36 @@ def denoiser_evals(q: aq.Pipeline) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--model", default=bundled.MODELS[0], choices=bundled.MODELS)
     p.add_argument("--bits", default="w4a8")
     p.add_argument("--variants", default="", help="';'-separated label:key=value,... (see the docstring)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--num", type=int, default=300)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/ablation"))
+    p.add_argument("--out", default=None, help="results path without extension (default: "
+                   "benchmarks/results/ablation, with _MODEL for a model other than the default)")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json, run nothing")
     p.add_argument("--drop", default="", help="';'-separated bits/label rows to delete from the results, "
                    "e.g. 'w4a8/M=2 lr 3e-4' (superseded rows); nothing is run")
     args = p.parse_args()
+    if args.out is None:
+        suffix = "" if args.model == bundled.MODELS[0] else f"_{args.model}"
+        args.out = str(ROOT / f"benchmarks/results/ablation{suffix}")
     if args.render_only or args.drop:
         write({}, args, drop={tuple(x.split("/", 1)) for x in args.drop.split(";") if x})
         return
-    fp = aq.load(bundled.DEFAULT_MODEL)
+    fp = aq.load(args.model)
     rows = {}  # this run's rows; write() merges them with the file's
     for bits in args.bits.split(","):
-        w, a = (int(v) for v in bits.lower().lstrip("w").split("a"))
-        cfg = aq.QuantConfig(weight_bits=w, act_bits=a)
         for text in args.variants.split(";"):
             label, method, opts = parse_variant(text)
+            cfg, method_opts = quant_config(bits, opts)
             runs = []
             for seed in (int(s) for s in args.seeds.split(",")):
                 t0 = time.perf_counter()
                 q = aq.quantize(fp, cfg, method, steps=args.steps, calib_samples=args.calib_samples, seed=seed,
-                                progress=False, **opts)
+                                progress=False, **method_opts)
                 wall = time.perf_counter() - t0
                 log = q.quant["method_log"]
                 r = evaluate(q, base=fp, num=args.num, steps=args.steps, progress=False)
@@ -133,10 +159,12 @@ def _is_default(row: dict) -> bool:
     from accuquant.methods.accuquant import AccuQuantConfig
 
     opts, DEFAULTS = row["options"], dataclasses.asdict(AccuQuantConfig())
-    return row["method"] == "accuquant" and all(opts.get(k, v) == v for k, v in DEFAULTS.items())
+    return (row["method"] == "accuquant" and "keep_fp" not in opts
+            and all(opts.get(k, v) == v for k, v in DEFAULTS.items()))
 
 
 def _write_md(out: list, args) -> None:
+    old = []  # versions of the rows marked as measured with an older method
     lines = ["| bits | variant | " + " | ".join(COLS) + " | method s (median) | denoiser evals | seeds |",
              "|" + " --- |" * (len(COLS) + 5)]
     for r in out:
@@ -147,19 +175,21 @@ def _write_md(out: list, args) -> None:
         else:
             secs, evals = r["method_s"], f"{r['evals']:.3g}"
         label = r["label"] + (" (default)" if _is_default(r) else "")
-        if r.get("method_version", 1) < METHODS[r["method"]].Config.VERSION:
-            label += " ‡"
+        version = r.get("method_version", 1)
+        if version < METHODS[r["method"]].Config.VERSION:
+            label += " " + VERSION_MARKS[version]
+            old.append(version)
         lines.append(f"| {r['bits']} | {label} | " + " | ".join(cells)
                      + f" | {secs:.0f} | {evals} | {len(r['runs'])} |")
     Path(args.out + ".md").write_text(
-        f"AccuQuant variants on the bundled model; {args.num} paired samples per run, DDIM {args.steps} steps, "
+        f"AccuQuant variants on {args.model}; {args.num} paired samples per run, DDIM {args.steps} steps, "
         f"calibration on {args.calib_samples} trajectories; mean (min..max) over calibration seeds; written by "
         "benchmarks/ablation.py. Options of each variant are in ablation.json. 'method s' is the time of the "
         "variant's own optimisation (AccuQuant rows exclude the shared per-step initialisation, which runs once "
         "per (bits, seed); the per-step row gives that initialisation's time); 'denoiser evals' counts forward "
         "and backward passes of one sample through the denoiser, both guidance branches counted. Times are "
         "single-thread processes on a shared 2-core machine."
-        + (" " + VERSION_NOTE if any("‡" in x for x in lines) else "")
+        + (" " + version_note(old) if old else "")
         + "\n\n" + "\n".join(lines) + "\n")
 
 

@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from ablation import VERSION_NOTE
+from ablation import version_note
 from common import ROOT  # noqa: E402  (benchmarks/ is on the path when run)
 
 from accuquant.report import NOTES, markdown_table
@@ -103,7 +103,7 @@ OTHER_TABLES = [
      "`python benchmarks/ablation.py --bits w4a8 --num 200 --seeds 0,1,2 --variants ...` (and `--bits w3a8`; "
      "`benchmarks/results/ablation.md`, options of each variant in `ablation.json`): mean (min..max) over "
      "calibration seeds 0, 1, 2 on 200 paired samples. Unless a label says otherwise, variants get the same "
-     "compute (iterations x M = 400) and start from the same per-step result of their seed. " + VERSION_NOTE),
+     "compute (iterations x M = 400) and start from the same per-step result of their seed. " + version_note([1, 2])),
     ("compare_mnist-dit.md", "mnist-dit (latent DiT): all methods",
      "`python benchmarks/families.py --model mnist-dit --bits w4a8,w3a8 --seeds 0,1,2 --num 500` (one `accuquant "
      "compare` per calibration seed; `benchmarks/results/compare_mnist-dit*.{md,json}`, grids in "

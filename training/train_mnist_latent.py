@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -47,6 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from captions import DIGIT_WORDS, build_tokenizer, caption, eval_prompts, write_vocabulary  # noqa: E402
 from mnist_data import start, to_tensor  # noqa: E402
+from recipe import cosine_lr, ema_update, save_atomically  # noqa: E402
 
 DIT_NULL_CLASS = 1000  # DiTPipeline's unconditional label
 
@@ -124,7 +123,7 @@ class SD:
         embeds = self.text_encoder(ids)[0]
         return F.mse_loss(self.unet(xt, t, encoder_hidden_states=embeds).sample, noise)
 
-    def save(self, ema, vae, tmp, args):
+    def save(self, ema, vae, tmp):
         pipe = diffusers.StableDiffusionPipeline(
             vae=half(vae), text_encoder=ema["text_encoder"], tokenizer=self.tokenizer, unet=half(ema["unet"]),
             scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
@@ -132,6 +131,8 @@ class SD:
         pipe.save_pretrained(tmp)
         # the slow tokenizer files as well, for transformers versions that read only those
         write_vocabulary(os.path.join(tmp, "tokenizer"))
+
+    def sampling(self, args) -> dict:
         prompts, labels = eval_prompts()
         return {"guidance_scale": args.guidance_scale, "prompts": prompts, "prompt_labels": labels}
 
@@ -146,10 +147,12 @@ class DiT:
     def loss(self, xt, t, labels, noise, g):
         return F.mse_loss(self.dit(xt, timestep=t, class_labels=labels).sample, noise)
 
-    def save(self, ema, vae, tmp, args):
+    def save(self, ema, vae, tmp):
         id2label = {i: w for i, w in enumerate(DIGIT_WORDS)}
         diffusers.DiTPipeline(transformer=half(ema["transformer"]), vae=half(vae), scheduler=sampling_scheduler(),
                               id2label=id2label).save_pretrained(tmp)
+
+    def sampling(self, args) -> dict:
         return {"guidance_scale": args.guidance_scale, "num_classes": 10, "null_class": DIT_NULL_CLASS}
 
 
@@ -183,9 +186,7 @@ def main() -> None:
     opt = torch.optim.AdamW(fam.trained.parameters(), lr=args.lr, weight_decay=0.0)
     iters = math.ceil(len(mean) / args.batch_size)
     total = iters * args.epochs
-    warmup = 200
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+    lr_sched = cosine_lr(opt, total, warmup=200)
     g = torch.Generator().manual_seed(args.seed)
     n_params = {k: sum(q.numel() for q in m.parameters()) for k, m in fam.trained.items()}
     print(f"training {n_params} parameters on {len(mean)} latents, {total} iterations", flush=True)
@@ -208,25 +209,15 @@ def main() -> None:
             opt.step()
             lr_sched.step()
             step += 1
-            decay = min(args.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), fam.trained.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+            ema_update(ema, fam.trained, step, args.ema)
             losses.append(loss.item())
         elapsed = time.time() - t0
         meta = {"epochs_done": epoch + 1, "iterations": step, "seconds": round(elapsed, 1),
                 "final_epoch_loss": sum(losses) / len(losses), "parameters": n_params,
                 "args": vars(args) | {"data": "mnist10k.npz", "vae": "mnist-vae"},
                 "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads}
-        tmp = args.out.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        sampling = fam.save(ema, vae, tmp, args)
-        with open(os.path.join(tmp, "accuquant_sampling.json"), "w") as f:
-            json.dump(sampling, f, indent=2)
-        with open(os.path.join(tmp, "training.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        shutil.rmtree(args.out, ignore_errors=True)
-        os.replace(tmp, args.out)
+        save_atomically(args.out, lambda tmp: fam.save(ema, vae, tmp),
+                        {"accuquant_sampling.json": fam.sampling(args), "training.json": meta})
         print(f"epoch {epoch + 1}/{args.epochs} loss {meta['final_epoch_loss']:.4f} time {elapsed / 60:.1f} min",
               flush=True)
 

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from mnist_data import start, to_tensor  # noqa: E402
+from recipe import cosine_lr, ema_update, save_atomically  # noqa: E402
 
 NULL_CLASS = 10
 
@@ -62,17 +61,12 @@ def noise_schedule() -> diffusers.DDPMScheduler:
 
 
 def save_pipeline(unet, out: str, guidance_scale: float, meta: dict) -> None:
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     sched = diffusers.DDIMScheduler.from_config(noise_schedule().config, timestep_spacing="leading", steps_offset=1,
                                                 clip_sample=False)
-    diffusers.DDIMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp)
-    with open(os.path.join(tmp, "accuquant_sampling.json"), "w") as f:
-        json.dump({"guidance_scale": guidance_scale, "num_classes": 10, "null_class": NULL_CLASS}, f, indent=2)
-    with open(os.path.join(tmp, "training.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    save_atomically(out, diffusers.DDIMPipeline(unet=unet, scheduler=sched).save_pretrained,
+                    {"accuquant_sampling.json": {"guidance_scale": guidance_scale, "num_classes": 10,
+                                                 "null_class": NULL_CLASS},
+                     "training.json": meta})
 
 
 def main() -> None:
@@ -99,9 +93,7 @@ def main() -> None:
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     iters_per_epoch = math.ceil(len(x_all) / args.batch_size)
     total = iters_per_epoch * args.epochs
-    warmup = 200
-    sched_lr = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+    sched_lr = cosine_lr(opt, total, warmup=200)
     g = torch.Generator().manual_seed(args.seed)
     n_params = sum(q.numel() for q in unet.parameters())
     print(f"training {n_params / 1e6:.2f} M parameters on {len(x_all)} images, {total} iterations", flush=True)
@@ -127,10 +119,7 @@ def main() -> None:
             opt.step()
             sched_lr.step()
             step += 1
-            decay = min(args.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), unet.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+            ema_update(ema, unet, step, args.ema)
             losses.append(loss.item())
         elapsed = time.time() - t0
         meta = {"epochs_done": epoch + 1, "iterations": step, "seconds": round(elapsed, 1),

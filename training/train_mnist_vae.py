@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from mnist_data import start, to_tensor  # noqa: E402
+from recipe import cosine_lr, save_atomically  # noqa: E402
 
 
 def build_vae() -> diffusers.AutoencoderKL:
@@ -88,7 +88,7 @@ def main() -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     iters = math.ceil(len(x_all) / args.batch_size)
     total = iters * args.epochs
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+    lr_sched = cosine_lr(opt, total)
     g = torch.Generator().manual_seed(args.seed)
     n_params = sum(q.numel() for q in vae.parameters())
     print(f"training a {n_params / 1e6:.2f} M-parameter VAE on {len(x_all)} images, {total} iterations", flush=True)
@@ -129,13 +129,7 @@ def main() -> None:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
     }
-    tmp = args.out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp)
-    with open(os.path.join(tmp, "training.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.replace(tmp, args.out)
+    save_atomically(args.out, vae.save_pretrained, {"training.json": meta})
     print(json.dumps({k: meta[k] for k in ("seconds", "scaling_factor", "heldout_psnr_db", "train_psnr_db")}), flush=True)
 
 
