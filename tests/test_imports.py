@@ -72,3 +72,33 @@ def test_the_import_graph_is_complete_enough_to_mean_something():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+BANNED_MODULES = {"pickle", "cPickle", "dill", "joblib", "marshal", "shelve"}
+
+
+def unsafe_loads(source: str) -> list[int]:
+    """Lines of ``source`` that could run code when a file is read: an import of pickle (or
+    its wrappers), ``torch.load``, ``allow_pickle`` not ``False``, ``use_safetensors=False``."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            lines += [node.lineno for a in node.names if a.name.split(".")[0] in BANNED_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in BANNED_MODULES:
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            if node.func.attr == "load" and ast.unparse(node.func.value) == "torch":
+                lines.append(node.lineno)
+            if kw.get("allow_pickle", "False") != "False" or kw.get("use_safetensors") == "False":
+                lines.append(node.lineno)
+    return lines
+
+
+def test_nothing_runs_code_on_load():
+    """Saved files are safetensors and JSON only: no module of the package can unpickle."""
+    probe = ("import pickle\nfrom joblib import load\ntorch.load('m.pt')\nnp.load('a.npy', allow_pickle=True)\n"
+             "M.from_pretrained('d', use_safetensors=False)\nnp.load('a.npy')\nsafetensors.torch.load_file('f')\n")
+    assert unsafe_loads(probe) == [1, 2, 3, 4, 5]
+    offenders = {str(p.relative_to(ROOT)): unsafe_loads(p.read_text()) for p in ROOT.rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
