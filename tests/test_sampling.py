@@ -90,3 +90,52 @@ def test_guidance_without_an_unconditional_branch_is_refused():
     pipe = aq.Pipeline(class_pipeline().model, dict(diffusers.DDIMScheduler().config))
     with pytest.raises(aq.AccuQuantError, match="unconditional"):
         pipe.sample(2, steps=2, guidance_scale=2.0, labels=[1], progress=False)
+
+
+FLOW = {"shift": 3.0}  # as Stable Diffusion 3's scheduler
+FLOW_DYNAMIC = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}  # as FLUX's
+
+
+@pytest.mark.parametrize("extra, mu", [(FLOW, None), (FLOW_DYNAMIC, 0.8)])
+@pytest.mark.parametrize("steps", [4, 28])
+def test_flow_euler_matches_the_diffusers_loop(extra, mu, steps):
+    config = dict(diffusers.FlowMatchEulerDiscreteScheduler(**extra).config)
+    solver = aq.make_scheduler("flow-euler", config, steps, **({} if mu is None else {"mu": mu}))
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    ours, xs, outs = aq.run_trajectory(toy_model, solver, noise, keep=True)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    sched.set_timesteps(steps, **({} if mu is None else {"mu": mu}))
+    x = noise
+    for t in sched.timesteps:
+        x = sched.step(toy_model(x, t), t, x).prev_sample
+    assert torch.equal(solver.timesteps, sched.timesteps)
+    assert torch.allclose(ours, x, atol=1e-6), (ours - x).abs().max()
+    # stateless: restarts from any stored point to the same end
+    for start in (1, steps // 2, steps - 1):
+        y, state = xs[:, start], solver.state_at(start, xs, outs)
+        for i in range(start, steps):
+            y, state = solver.step(i, y, toy_model(y, solver.timesteps[i]), state)
+        assert torch.equal(y, ours)
+
+
+def test_flow_euler_is_differentiable_and_predicts_x0():
+    solver = aq.make_scheduler("flow-euler", dict(diffusers.FlowMatchEulerDiscreteScheduler(**FLOW).config), 6)
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    s = solver.sigmas[2]
+    xt = (1 - s) * x0 + s * eps
+    assert torch.allclose(solver.predicted_x0(2, xt, eps - x0), x0, atol=1e-5)  # the exact velocity gives x0
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    y, state = x, solver.init_state()
+    for i in range(3):
+        y, state = solver.step(i, y, toy_model(y, solver.timesteps[i]), state)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_flow_euler_refuses_what_it_cannot_reproduce():
+    dyn = dict(diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_DYNAMIC).config)
+    with pytest.raises(aq.AccuQuantError, match="must give mu"):
+        aq.make_scheduler("flow-euler", dyn, 10)
+    stoch = dict(diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).config)
+    with pytest.raises(aq.AccuQuantError, match="stochastic_sampling"):
+        aq.make_scheduler("flow-euler", stoch, 10)

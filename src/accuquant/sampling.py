@@ -9,7 +9,9 @@ outputs) and differentiates through the step.
 
 Supported: DDIM and DDPM (diffusers' own ``step``, which keeps no state), PNDM in its
 PLMS form and DPM-Solver++ (2M), whose multistep updates are written out here from
-the schedulers' tables and checked against diffusers' own loops in the tests.
+the schedulers' tables and checked against diffusers' own loops in the tests, and the
+Euler step of flow matching (``FlowMatchEulerDiscreteScheduler``, as Stable Diffusion 3
+and FLUX sample), also written out.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Solver:
     overrides: dict = {}
     stochastic = False
 
-    def __init__(self, scheduler_config: dict, num_steps: int):
+    def __init__(self, scheduler_config: dict, num_steps: int, **timestep_kwargs):
         import diffusers
 
         # As diffusers users switch schedulers: keys the source left at their defaults
@@ -41,7 +43,7 @@ class Solver:
         self.check_config(self.scheduler.config)
         if num_steps < 1 or num_steps > self.scheduler.config.num_train_timesteps:
             raise AccuQuantError(f"steps: {num_steps} is out of range (1 to {self.scheduler.config.num_train_timesteps})")
-        self.scheduler.set_timesteps(num_steps)
+        self.scheduler.set_timesteps(num_steps, **timestep_kwargs)
         self.timesteps = self.scheduler.timesteps.clone()
         self.requested_steps = num_steps
 
@@ -216,6 +218,46 @@ class DPMSolverPP(Solver):
         return x_next.to(out.dtype), (m0,)
 
 
+class FlowEulerSolver(Solver):
+    """The Euler step of a flow-matching model (rectified flow: ``x_t = (1 - s) x_0 + s eps``,
+    the model predicts the velocity ``eps - x_0``), as diffusers' ``FlowMatchEulerDiscreteScheduler``
+    computes it: ``x_{i+1} = x_i + (s_{i+1} - s_i) v`` over the scheduler's sigmas (its
+    ``shift``, or the dynamic shift ``mu`` a pipeline computes from the image size, passed as
+    ``make_scheduler(..., mu=...)``). Stateless, so it restarts anywhere."""
+
+    name = "flow-euler"
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+
+    def __init__(self, scheduler_config: dict, num_steps: int, mu: float | None = None):
+        self._mu = mu
+        super().__init__(scheduler_config, num_steps, **({} if mu is None else {"mu": mu}))
+
+    def check_config(self, config):
+        if config.get("stochastic_sampling"):
+            raise AccuQuantError("flow-euler: stochastic_sampling is not supported")
+        if config.get("use_dynamic_shifting") and self._mu is None:
+            raise AccuQuantError("flow-euler: this scheduler shifts its sigmas with the image size "
+                                 "(use_dynamic_shifting); the pipeline must give mu")
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.scheduler.sigmas
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0  # sampling starts from the noise itself (sigma 1)
+
+    def step(self, i, x, out, state, generator=None):
+        dt = self.sigmas[i + 1] - self.sigmas[i]
+        return (x.to(torch.float32) + dt * out).to(out.dtype), state
+
+    def predicted_x0(self, i, x, out):
+        return x - self.sigmas[i].to(x.dtype) * out
+
+    def describe(self):
+        return {**super().describe(), **({} if self._mu is None else {"mu": self._mu})}
+
+
 SOLVERS: dict[str, type[Solver]] = {
     "ddim": DDIMSolver,
     "ddpm": DDPMSolver,
@@ -223,6 +265,7 @@ SOLVERS: dict[str, type[Solver]] = {
     "plms": PLMSSolver,
     "dpm++": DPMSolverPP,
     "dpmsolver++": DPMSolverPP,
+    "flow-euler": FlowEulerSolver,
 }
 
 
@@ -233,10 +276,11 @@ def solver_class(name: str) -> type[Solver]:
     return SOLVERS[name.lower()]
 
 
-def make_scheduler(name: str, scheduler_config: dict, num_steps: int) -> Solver:
+def make_scheduler(name: str, scheduler_config: dict, num_steps: int, **kwargs) -> Solver:
     """The functional step (:class:`Solver`) of scheduler ``name`` (``ddim``, ``ddpm``, ``pndm``/``plms``,
-    ``dpm++``) with ``num_steps`` steps, built from a diffusers scheduler config."""
-    return solver_class(name)(scheduler_config, num_steps)
+    ``dpm++``, ``flow-euler``) with ``num_steps`` steps, built from a diffusers scheduler config
+    (``kwargs``: the solver's own, such as a flow model's ``mu``)."""
+    return solver_class(name)(scheduler_config, num_steps, **kwargs)
 
 
 def run_trajectory(
