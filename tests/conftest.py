@@ -172,3 +172,44 @@ def dit_pipeline_dir(tmp_path):
     (path / "accuquant_sampling.json").write_text(json.dumps({"guidance_scale": 2.0, "num_classes": 10,
                                                               "null_class": 1000}))
     return path
+
+
+def tiny_text_encoder_with_projection(vocab_size: int, hidden: int, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, projection_dim=hidden, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1)).eval()
+
+
+def tiny_sd3_transformer(seed: int = 0):
+    """An MMDiT of two joint blocks (the last one context_pre_only) on 4x8x8 latents; the
+    joint sequence is the two CLIP encoders' hidden states (8 + 8 wide, zero-padded to 16)."""
+    torch.manual_seed(seed)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+        pos_embed_max_size=8).eval()
+
+
+@pytest.fixture
+def sd3_pipeline_dir(tmp_path):
+    """A tiny standard StableDiffusion3Pipeline directory (flow matching; two CLIP encoders with
+    projection, no T5), with default prompts and their digits."""
+    import json
+
+    tok = tokenizer()
+    path = tmp_path / "tiny-sd3"
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.1)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=tiny_text_encoder_with_projection(len(tok), 8, 1), tokenizer=tok,
+        text_encoder_2=tiny_text_encoder_with_projection(len(tok), 8, 2), tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(str(path))
+    (path / "accuquant_sampling.json").write_text(json.dumps({
+        "guidance_scale": 3.0, "prompts": ["a handwritten one", "the digit 7"], "prompt_labels": [1, 7]}))
+    return path

@@ -64,7 +64,7 @@ def quantize(
     calib: Trajectories | str | Path | None = None,
     *,
     steps: int = 20,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     calib_samples: int = 64,
     seed: int = 0,
     guidance_scale: float | None = None,
@@ -129,7 +129,7 @@ def quantize(
         calib = Trajectories.load(calib)
     if calib.num_steps != solver.num_steps or not torch.equal(calib.timesteps, solver.timesteps.cpu()):
         raise AccuQuantError(
-            f"calibration data: its {calib.num_steps} steps do not match the {scheduler} solver's {solver.num_steps}"
+            f"calibration data: its {calib.num_steps} steps do not match the {solver.name} solver's {solver.num_steps}"
         )
     if tuple(calib.xs.shape[2:]) != den.sample_shape:
         raise AccuQuantError(f"calibration data: samples of shape {tuple(calib.xs.shape[2:])} do not fit this model "

@@ -1,10 +1,11 @@
-"""A diffusers attention processor that quantizes the inputs of both attention matmuls.
+"""Diffusers attention processors that quantize the inputs of both attention matmuls.
 
-It computes what diffusers' ``AttnProcessor`` computes, with explicit matmuls so that
-their inputs can be fake-quantized: Q and K before ``Q.K^T``, the softmax output and V
-before ``softmax.V``. The projections (``to_q``, ``to_k``, ``to_v``, ``to_out``) are
-ordinary linear layers, wrapped like every other layer. Installed with
-``Attention.set_processor``; no library source is touched.
+They compute what diffusers' ``AttnProcessor`` (and, for MMDiTs such as Stable Diffusion 3,
+``JointAttnProcessor2_0``) computes, with explicit matmuls so that their inputs can be
+fake-quantized: Q and K before ``Q.K^T``, the softmax output and V before ``softmax.V``.
+The projections (``to_q``, ``to_k``, ``to_v``, ``to_out``, and the text stream's
+``add_*_proj``, ``to_add_out``) are ordinary linear layers, wrapped like every other layer.
+Installed with ``Attention.set_processor``; no library source is touched.
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ class QuantAttnProcessor(nn.Module):
         names = ("q_quant", "k_quant", "v_quant", "probs_quant")
         return {n: getattr(self, n) for n in names if isinstance(getattr(self, n), UniformQuantizer)}
 
+    def attend(self, attn, query, key, value, attention_mask, scale: float) -> torch.Tensor:
+        """``softmax(Q K^T scale + mask) V`` with quantized Q, K, V and probabilities, over the
+        last two dimensions (any leading batch and head dimensions)."""
+        query, key, value = _quant(self.q_quant, query), _quant(self.k_quant, key), _quant(self.v_quant, value)
+        dtype = query.dtype
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        if attn.upcast_softmax:
+            scores = scores.float()
+        probs = scores.softmax(dim=-1).to(dtype)
+        probs = _quant(self.probs_quant, probs)
+        return torch.matmul(probs, value)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -82,19 +99,7 @@ class QuantAttnProcessor(nn.Module):
         if getattr(attn, "norm_k", None) is not None:
             key = attn.norm_k(key)
 
-        query, key, value = _quant(self.q_quant, query), _quant(self.k_quant, key), _quant(self.v_quant, value)
-        dtype = query.dtype
-        if attn.upcast_attention:
-            query, key = query.float(), key.float()
-        scores = torch.bmm(query, key.transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        if attn.upcast_softmax:
-            scores = scores.float()
-        probs = scores.softmax(dim=-1).to(dtype)
-        probs = _quant(self.probs_quant, probs)
-
-        hidden_states = torch.bmm(probs, value)
+        hidden_states = self.attend(attn, query, key, value, attention_mask, attn.scale)
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -103,3 +108,50 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class QuantJointAttnProcessor(QuantAttnProcessor):
+    """Joint attention of MMDiT blocks (Stable Diffusion 3), as ``JointAttnProcessor2_0``:
+    image and text tokens are projected by their own layers, attend together, and are split
+    again. Q, K and V are quantized after the two streams are joined (one grid each, as one
+    matmul reads them)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(t):
+            return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), \
+            heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            cq, ck, cv = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)), \
+                heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            query, key, value = torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2), torch.cat([value, cv], dim=2)
+        # scaled_dot_product_attention's default scale, which the diffusers processor uses
+        out = self.attend(attn, query, key, value, None, query.shape[-1] ** -0.5)
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[-1]).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, encoder_hidden_states = out[:, :n_img], out[:, n_img:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return (out, encoder_hidden_states) if encoder_hidden_states is not None else out
+
+
+#: diffusers processor class name -> the quantized processor that computes the same
+QUANT_PROCESSORS = {
+    "AttnProcessor": QuantAttnProcessor,
+    "AttnProcessor2_0": QuantAttnProcessor,
+    "QuantAttnProcessor": QuantAttnProcessor,
+    "JointAttnProcessor2_0": QuantJointAttnProcessor,
+    "QuantJointAttnProcessor": QuantJointAttnProcessor,
+}

@@ -39,9 +39,18 @@ def quantization_disabled(model: nn.Module):
             q.enabled = e
 
 
+def block_outputs(out) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """What a block's output is reconstructed on: the tensor, or the tensors of a tuple
+    (an MMDiT block returns its text and image streams; ``None`` entries are left out)."""
+    if isinstance(out, (tuple, list)):
+        tensors = tuple(o for o in out if torch.is_tensor(o))
+        return tensors[0] if len(tensors) == 1 else tensors
+    return out
+
+
 def capture(module: nn.Module, run_forward, what: str):
     """Run ``run_forward()`` until ``module`` is first called and return its ``(args, kwargs)``
-    (``what="input"``) or its output (``what="output"``)."""
+    (``what="input"``) or its output (``what="output"``, as :func:`block_outputs`)."""
     box = {}
 
     def pre(mod, args, kwargs):
@@ -49,7 +58,7 @@ def capture(module: nn.Module, run_forward, what: str):
         raise _Stop
 
     def post(mod, args, kwargs, out):
-        box["value"] = out[0] if isinstance(out, (tuple, list)) else out
+        box["value"] = block_outputs(out)
         raise _Stop
 
     if what == "input":
@@ -69,7 +78,8 @@ def capture(module: nn.Module, run_forward, what: str):
 
 
 class BlockData:
-    """Captured ``(inputs, target)`` rows of one block.
+    """Captured ``(inputs, target)`` rows of one block (the target: a tensor, or a tuple of
+    tensors for a block with several outputs).
 
     Tensor arguments whose first dimension is the batch are stored row-wise; every other
     argument (flags, ``None``, shared tensors) is kept once. Rows are grouped in chunks of
@@ -86,14 +96,18 @@ class BlockData:
         self.ram_bytes = 0
         self.rows = 0
         self.spec: tuple | None = None  # (arg slots, kwarg slots, constants)
+        self.n_targets: int | None = None  # outputs of a block with several; None: one tensor
         self._pending: list[dict[str, torch.Tensor]] = []
         self._pending_rows = 0
         self._loaded: tuple[int, dict] | None = None
 
     # ------------------------------------------------------------------ filling
-    def add(self, args: tuple, kwargs: dict, target: torch.Tensor) -> None:
-        rows = target.shape[0]
-        tensors = {"target": target.detach().cpu()}
+    def add(self, args: tuple, kwargs: dict, target) -> None:
+        targets = target if isinstance(target, tuple) else (target,)
+        rows = targets[0].shape[0]
+        if self.spec is None:
+            self.n_targets = len(targets) if isinstance(target, tuple) else None
+        tensors = {f"target{i}": t.detach().cpu() for i, t in enumerate(targets)}
         if self.spec is None:
             arg_slots, kw_slots, consts = [], {}, {}
             for i, a in enumerate(args):
@@ -166,7 +180,7 @@ class BlockData:
         Returns ``(args, kwargs, target)`` on ``device``."""
         i = int(torch.randint(len(self.chunks), (1,), generator=generator))
         chunk = self._chunk(i)
-        n = chunk["target"].shape[0]
+        n = chunk["target0"].shape[0]
         idx = torch.randperm(n, generator=generator)[: min(size, n)]
         return self._rows(chunk, idx, device)
 
@@ -174,7 +188,9 @@ class BlockData:
         arg_slots, kw_slots, consts = self.spec
         args = [chunk[s][idx].to(device) if s is not None else consts[f"a{i}"] for i, s in enumerate(arg_slots)]
         kwargs = {k: chunk[s][idx].to(device) if s is not None else consts[f"k.{k}"] for k, s in kw_slots.items()}
-        return args, kwargs, chunk["target"][idx].to(device)
+        if self.n_targets is None:
+            return args, kwargs, chunk["target0"][idx].to(device)
+        return args, kwargs, tuple(chunk[f"target{i}"][idx].to(device) for i in range(self.n_targets))
 
 
 def collect(denoiser, module: nn.Module, batches, chunk_rows: int = 256, max_ram_mb: float = 2048,

@@ -99,8 +99,8 @@ def _flag_type(entries):
 def _add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) -> None:
     p.add_argument("--steps", type=_positive, default=None, help="sampling steps (default 20, or those a quantized "
                    "model was calibrated for)")
-    p.add_argument("--scheduler", default=None, help="ddim, ddpm, pndm (plms) or dpm++ (default ddim, or the one "
-                   "a quantized model was calibrated for)")
+    p.add_argument("--scheduler", default=None, help="ddim, ddpm, pndm (plms), dpm++ or flow-euler (default: the "
+                   "one a quantized model was calibrated for, else flow-euler for a flow-matching model, else ddim)")
     if conditioning:  # evaluation always uses the model's own guidance and balanced labels
         p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (default: the "
                        "model's)")
@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 256)")
     c.add_argument("--grid", type=_positive, default=10, help="samples per row of the sample grids (default 10)")
     c.add_argument("--steps", type=_positive, default=20, help="sampling steps (default 20)")
-    c.add_argument("--scheduler", default="ddim", help="ddim (default), ddpm, pndm (plms) or dpm++")
+    c.add_argument("--scheduler", default=None, help="ddim, ddpm, pndm (plms), dpm++ or flow-euler (default: "
+                   "flow-euler for a flow-matching model, else ddim)")
     c.add_argument("--calib-samples", type=_positive, default=64, help="calibration trajectories (default 64)")
     c.add_argument("--seed", type=int, default=0, help="calibration and noise seed (default 0)")
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare); a rerun with "
@@ -322,7 +323,6 @@ def _quantize(args) -> None:
 
     check_device(args.device)
     args.steps = args.steps or 20
-    args.scheduler = args.scheduler or "ddim"
     kw = {}
     if args.keep_fp is not None:
         kw["keep_fp"] = tuple(args.keep_fp)
@@ -378,7 +378,8 @@ def _summary(pipe, model_path: str, cfg, args, common: dict, num: int) -> None:
     if args.method != "naive":
         naive = quantize(fp, cfg, "naive", args.calib, **{**common, "progress": False})
         rows["naive"] = evaluate(naive, fp, **ev)
-    print(f"quality against FP on {num} paired samples ({args.steps} {args.scheduler} steps, seed {args.seed}):")
+    steps, solver = pipe.sampling_settings(args.steps, args.scheduler)
+    print(f"quality against FP on {num} paired samples ({steps} {solver} steps, seed {args.seed}):")
     for name, r in rows.items():
         print(f"  {name:>10}: fid2fp {r['fid2fp']:8.3f}  psnr {r['psnr']:6.2f} dB  ssim {r['ssim']:.4f}")
 

@@ -56,7 +56,7 @@ class CompareSettings:
     bits: list[str]
     num: int = 1000  # paired samples per evaluation
     steps: int = 20
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the model's default solver (resolved before anything is written)
     calib_samples: int = 64
     seed: int = 0
     analyze_num: int = 256  # paired samples for the error curves
@@ -190,11 +190,13 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
 
     settings.check()
     out = Path(out)
+    t_start = time.perf_counter()
+    fp = load_pipeline(resolve_ref(settings.model)).to(settings.device)
+    if settings.scheduler is None:
+        settings = dataclasses.replace(settings, scheduler=fp.sampling_settings()[1])
     prepare_out(out, settings)
     cached = sum(1 for _ in cache_dir().rglob("*.safetensors")) if cache_dir().is_dir() else 0
     key = settings.run_key()
-    t_start = time.perf_counter()
-    fp = load_pipeline(resolve_ref(settings.model)).to(settings.device)
     ev = dict(num=settings.num, steps=settings.steps, seed=settings.seed, scheduler=settings.scheduler,
               device=settings.device, progress=not quiet)
     an = dict(num=settings.analyze_num, steps=settings.steps, seed=settings.seed, scheduler=settings.scheduler,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ADAPTERS, Denoiser
-from .attention import QuantAttnProcessor
+from .attention import QUANT_PROCESSORS
 from .backends import Grid, LayerSpec, get_backend
 from .config import QuantConfig
 from .quantizers import UniformQuantizer
@@ -228,8 +228,9 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
         for name, mod in model.named_modules():
             if not (hasattr(mod, "set_processor") and hasattr(mod, "to_q") and hasattr(mod, "head_to_batch_dim")):
                 continue
-            if type(mod.processor).__name__ in processors:
-                mod.set_processor(QuantAttnProcessor(attn_bits, sm_bits, cfg.act_symmetric))
+            kind = type(mod.processor).__name__
+            if kind in processors and kind in QUANT_PROCESSORS:
+                mod.set_processor(QUANT_PROCESSORS[kind](attn_bits, sm_bits, cfg.act_symmetric))
                 report.attention.append(name)
             else:
                 report.attention_fp.append(name)

@@ -23,7 +23,7 @@ from .calibration import noise_batches
 from .errors import AccuQuantError
 from .export import save_quantized
 from .progress import progress_bar
-from .sampling import make_scheduler, run_trajectory
+from .sampling import default_solver, make_scheduler, run_trajectory
 
 #: pipeline components that can hold the denoiser, as the families name them
 DENOISER_NAMES = tuple(dict.fromkeys(cls.component for cls in ADAPTERS.values()))
@@ -131,7 +131,7 @@ class Pipeline:
         num: int,
         seed: int = 0,
         steps: int = 20,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         labels=None,
         prompts: list[str] | None = None,
         guidance_scale: float | None = None,
@@ -203,9 +203,10 @@ class Pipeline:
         save_quantized(self, out, overwrite=overwrite)
 
     def sampling_settings(self, steps: int | None = None, scheduler: str | None = None) -> tuple[int, str]:
-        """Steps and scheduler: as given, else those a quantized model was calibrated for, else 20 DDIM steps."""
+        """Steps and scheduler: as given, else those a quantized model was calibrated for, else 20
+        steps of the model's default solver (:func:`~accuquant.sampling.default_solver`)."""
         cal = (self.quant or {}).get("calibration", {})
-        return steps or cal.get("steps", 20), scheduler or cal.get("solver", "ddim")
+        return steps or cal.get("steps", 20), scheduler or cal.get("solver") or default_solver(self.scheduler_config)
 
     def fingerprint(self) -> str:
         """A hash of the denoiser (class, config, weights: computed once per model object) and

@@ -276,11 +276,17 @@ def solver_class(name: str) -> type[Solver]:
     return SOLVERS[name.lower()]
 
 
-def make_scheduler(name: str, scheduler_config: dict, num_steps: int, **kwargs) -> Solver:
+def default_solver(scheduler_config: dict) -> str:
+    """The solver of a model when none is named: ``flow-euler`` for a flow-matching model
+    (its scheduler is a ``FlowMatch*`` one), else ``ddim``."""
+    return "flow-euler" if "FlowMatch" in str(scheduler_config.get("_class_name", "")) else "ddim"
+
+
+def make_scheduler(name: str | None, scheduler_config: dict, num_steps: int, **kwargs) -> Solver:
     """The functional step (:class:`Solver`) of scheduler ``name`` (``ddim``, ``ddpm``, ``pndm``/``plms``,
-    ``dpm++``, ``flow-euler``) with ``num_steps`` steps, built from a diffusers scheduler config
-    (``kwargs``: the solver's own, such as a flow model's ``mu``)."""
-    return solver_class(name)(scheduler_config, num_steps, **kwargs)
+    ``dpm++``, ``flow-euler``; ``None``: :func:`default_solver`) with ``num_steps`` steps, built
+    from a diffusers scheduler config (``kwargs``: the solver's own, such as a flow model's ``mu``)."""
+    return solver_class(name or default_solver(scheduler_config))(scheduler_config, num_steps, **kwargs)
 
 
 def run_trajectory(

@@ -6,6 +6,7 @@ is one module here and its import below.
 
 from . import unet  # noqa: I001  (the families register themselves; unet first: DENOISER_NAMES order)
 from . import dit  # noqa: F401
+from . import sd3  # noqa: F401
 from .base import ADAPTERS, ClassConditional, Conditions, Denoiser, adapter_class, make_denoiser, register_adapter
 from .unet import shortcut_splits
 

@@ -178,7 +178,8 @@ class Denoiser(nn.Module):
         """Images in [0, 1] from final samples (decoded by the VAE for latent models)."""
         vae = self.components.get("vae")
         if vae is not None:
-            x = vae.decode((x / vae.config.scaling_factor).to(vae.dtype)).sample
+            shift = getattr(vae.config, "shift_factor", None) or 0.0  # latents of SD3-style VAEs are shifted
+            x = vae.decode((x / vae.config.scaling_factor + shift).to(vae.dtype)).sample
         return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
     # ---------------------------------------------------------------- quantization

@@ -24,7 +24,7 @@ from functools import partial
 
 import torch
 
-from ..block_data import collect
+from ..block_data import block_outputs, collect
 from ..blocks import Block, find_blocks
 from ..cache import derive_seed
 from ..engine import Group, Method, Phase, Run, Unit
@@ -57,9 +57,13 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _block_loss(block: Block, batch) -> torch.Tensor:
+    """The reconstruction loss of a block; of a block with several outputs (an MMDiT block's
+    image and text streams), the sum over them."""
     args, kwargs, target = batch
-    out = block.module(*args, **kwargs)
-    return _rec_loss(out[0] if isinstance(out, (tuple, list)) else out, target)
+    out = block_outputs(block.module(*args, **kwargs))
+    if isinstance(target, tuple):
+        return sum(_rec_loss(o, t) for o, t in zip(out, target))
+    return _rec_loss(out, target)
 
 
 @register_method

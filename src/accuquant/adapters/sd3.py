@@ -1,0 +1,67 @@
+"""Multimodal diffusion transformers trained with flow matching: ``SD3Transformer2DModel``
+(Stable Diffusion 3 and 3.5)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import AccuQuantError
+from .base import Conditions, Denoiser, register_adapter
+
+
+@register_adapter("SD3Transformer2DModel")
+class SD3Adapter(Denoiser):
+    """Text-conditioned through the joint sequence (``cond["embeds"]``) and the pooled text
+    embedding (``cond["pooled"]``); the unconditional branch: ``negative_embeds`` and
+    ``negative_pooled``. Prompts are encoded by diffusers' own ``StableDiffusion3Pipeline``
+    code (its CLIP encoders, and T5 where the pipeline has one), so the embeddings are the
+    ones a diffusers user gets. The model predicts the flow velocity: sample with
+    ``flow-euler``."""
+
+    component = "transformer"
+    pipeline_class = "StableDiffusion3Pipeline"
+    conditioning = "text"
+    block_types = ("JointTransformerBlock", "SD3SingleTransformerBlock", "TimestepEmbedding",
+                   "PixArtAlphaTextProjection")
+    keep_fp = ("pos_embed.proj", "norm_out.linear", "proj_out")  # patch embedding and final layer, as DiT
+    attention_processors = Denoiser.attention_processors + ("JointAttnProcessor2_0", "QuantJointAttnProcessor")
+
+    def raw(self, x, t, cond):
+        if "embeds" not in cond or "pooled" not in cond:
+            raise AccuQuantError("this model is text-conditioned: it needs prompt embeddings and pooled embeddings")
+        return self.model(hidden_states=x, timestep=t, encoder_hidden_states=cond["embeds"],
+                          pooled_projections=cond["pooled"]).sample
+
+    def unconditional(self, cond):
+        if "negative_embeds" not in cond or "negative_pooled" not in cond:
+            return super().unconditional(cond)
+        return Conditions(embeds=cond["negative_embeds"], pooled=cond["negative_pooled"])
+
+    def conditions(self, num, labels=None, prompts=None, device="cpu"):
+        if not prompts:
+            raise AccuQuantError("this model is text-conditioned and has no default prompts: pass prompts "
+                                 "(--prompt, --prompt-file)")
+        prompts = [prompts[k % len(prompts)] for k in range(num)]
+        embeds, neg, pooled, neg_pooled = self.encode_prompts(prompts, device)
+        return Conditions(embeds=embeds, negative_embeds=neg, pooled=pooled, negative_pooled=neg_pooled)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device="cpu"):
+        """``(embeds, negative_embeds, pooled, negative_pooled)`` of ``prompts`` (negative: the
+        empty prompt), in float32 on the CPU."""
+        import diffusers
+
+        c = self.components
+        needed = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        missing = [k for k in needed if c.get(k) is None]
+        if missing:
+            raise AccuQuantError(f"prompts given, but the pipeline has no {', '.join(missing)}")
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=self.model, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=c.get("vae"),
+            text_encoder=c["text_encoder"].to(device), tokenizer=c["tokenizer"],
+            text_encoder_2=c["text_encoder_2"].to(device), tokenizer_2=c["tokenizer_2"],
+            text_encoder_3=c["text_encoder_3"].to(device) if c.get("text_encoder_3") is not None else None,
+            tokenizer_3=c.get("tokenizer_3"))
+        out = pipe.encode_prompt(prompts, None, None, device=torch.device(device), do_classifier_free_guidance=True,
+                                 negative_prompt=[""] * len(prompts))
+        return tuple(t.float().cpu() for t in out)
