@@ -105,14 +105,22 @@ OTHER_TABLES = [
      "calibration seeds 0, 1, 2 on 200 paired samples. Unless a label says otherwise, variants get the same "
      "compute (iterations x M = 400) and start from the same per-step result of their seed. " + version_note([1, 2])),
     ("compare_mnist-dit.md", "mnist-dit (latent DiT): all methods",
-     "`python benchmarks/families.py --model mnist-dit --bits w4a8,w3a8 --seeds 0,1,2 --num 500` (one `accuquant "
-     "compare` per calibration seed; `benchmarks/results/compare_mnist-dit*.{md,json}`, grids in "
-     "`docs/compare/mnist-dit/`): each seed, then the mean (min..max) over seeds. AccuQuant's calibration time "
-     "excludes the per-step initialisation it starts from (cached from the per-step pair)."),
+     "`python benchmarks/families.py --model mnist-dit --bits w4a8,w3a8 --seeds 0,1,2 --num 500`, and W8A8 for seed 0 "
+     "(`--bits w8a8,w4a8,w3a8 --seeds 0`; one `accuquant compare` per calibration seed; "
+     "`benchmarks/results/compare_mnist-dit*.{md,json}`, grids in `docs/compare/mnist-dit/`): each seed, then the "
+     "mean (min..max) over seeds. AccuQuant's calibration time excludes the per-step initialisation it starts from "
+     "(cached from the per-step pair)."),
+    ("ablation_mnist-dit.md", "mnist-dit: group size at equal compute, and what stays in full precision",
+     "`python benchmarks/ablation.py --model mnist-dit --bits w4a8 --num 300 --seeds 0,1,2 --variants ...` "
+     "(`benchmarks/results/ablation_mnist-dit.{md,json}`): AccuQuant with M = 1, 2, 4, 8 and the whole 20-step "
+     "trajectory at the same compute (iterations x M = 400; M = 8 cuts the trajectory into 8 + 8 + 4, so slightly "
+     "fewer evaluations), each from the per-step result of its seed; and per-step with every layer quantized, or "
+     "with the timestep and adaLN MLPs of every block also kept in full precision, against the default (patch "
+     "embedding and output projections in full precision)."),
     ("compare_mnist-sd.md", "mnist-sd (latent text-to-image): all methods",
-     "`python benchmarks/families.py --model mnist-sd --bits w4a8,w3a8 --seeds 0 --num 500` "
-     "(`benchmarks/results/compare_mnist-sd*.{md,json}`). The FP model is undertrained (see \"The bundled models\"): "
-     "these figures measure fidelity to it. One calibration seed so far."),
+     "`python benchmarks/families.py --model mnist-sd --bits w8a8,w4a8,w3a8 --seeds 0 --num 500`, then "
+     "`--bits w4a8,w3a8 --seeds 1,2` (`benchmarks/results/compare_mnist-sd*.{md,json}`, grids in "
+     "`docs/compare/mnist-sd/`): each seed, then the mean (min..max) over seeds."),
     ("memory.md", "Memory of one AccuQuant step",
      "`python benchmarks/memory.py` (`benchmarks/results/memory.md`): one optimisation step over M steps, 8 "
      "trajectories (16 rows with guidance), W4A8; peak resident memory during the step minus the memory before "
