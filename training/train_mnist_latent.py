@@ -17,7 +17,18 @@
   ``DiTPipeline`` hard-codes label 1000 for the unconditional branch; only rows 0 to 9 and
   1000 are trained (the model's own 10% label dropout).
 
-Shared recipe: cosine noise schedule (1,000 steps), noise prediction, MSE loss, latents
+* ``--family sd3``: ``mnist-sd3``, a standard ``StableDiffusion3Pipeline`` directory trained
+  with flow matching. An ``SD3Transformer2DModel`` (MMDiT: 4 joint blocks of width 128, 4
+  heads, patch size 2; image and text tokens attend together), two tiny
+  ``CLIPTextModelWithProjection`` encoders (2 layers, width 64) sharing the tokenizer of
+  ``mnist-sd``, no T5 (the pipeline pads the joint sequence with zeros in its place); the
+  VAE's latents are shifted by their mean (``shift_factor``, as SD3's VAE). Rectified flow:
+  ``x_s = (1 - s) x_0 + s eps`` with ``s`` drawn from a logit-normal distribution (SD3's),
+  the model predicts ``eps - x_0``; sampled with ``FlowMatchEulerDiscreteScheduler``
+  (shift 1). The prompt embeddings come from the pipeline's own ``encode_prompt`` during
+  training, so training and sampling encode prompts the same way.
+
+Shared recipe (sd, dit): cosine noise schedule (1,000 steps), noise prediction, MSE loss, latents
 sampled from the VAE posterior and multiplied by its ``scaling_factor``; AdamW (lr 1e-3,
 200 warm-up iterations, cosine decay), batch 128, gradient clipping at 1, EMA of the weights
 (decay 0.999) is what is saved; DDIM sampling with "leading" spacing and no clipping, as the
@@ -99,6 +110,33 @@ def build_dit() -> diffusers.DiTTransformer2DModel:
     )
 
 
+_ACP = noise_schedule().alphas_cumprod
+
+
+def noised(z0, g):
+    """A uniform timestep per row and ``z0`` noised to it: ``(x_t, t, noise)``."""
+    t = torch.randint(0, 1000, (len(z0),), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    a = _ACP[t].view(-1, 1, 1, 1)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise, t, noise
+
+
+def build_sd3() -> diffusers.SD3Transformer2DModel:
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=128,
+        pos_embed_max_size=8)
+
+
+def build_text_encoder_with_projection(vocab_size: int):
+    import transformers
+
+    cfg = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                      projection_dim=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return transformers.CLIPTextModelWithProjection(cfg)
+
+
 def half(module):
     """A float16 copy, for storage: the package ships its models in half the space, and
     diffusers loads them back as float32. (The tiny text encoder is kept in float32, as
@@ -116,7 +154,8 @@ class SD:
         self.trained = torch.nn.ModuleDict({"unet": self.unet, "text_encoder": self.text_encoder})
         self.empty = args.label_dropout
 
-    def loss(self, xt, t, labels, noise, g):
+    def loss(self, z0, labels, g):
+        xt, t, noise = noised(z0, g)
         texts = [caption(int(y), g) if torch.rand((), generator=g) >= self.empty else "" for y in labels]
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
@@ -144,7 +183,8 @@ class DiT:
         self.dit = build_dit()
         self.trained = torch.nn.ModuleDict({"transformer": self.dit})
 
-    def loss(self, xt, t, labels, noise, g):
+    def loss(self, z0, labels, g):
+        xt, t, noise = noised(z0, g)
         return F.mse_loss(self.dit(xt, timestep=t, class_labels=labels).sample, noise)
 
     def save(self, ema, vae, tmp):
@@ -156,9 +196,54 @@ class DiT:
         return {"guidance_scale": args.guidance_scale, "num_classes": 10, "null_class": DIT_NULL_CLASS}
 
 
+class SD3:
+    """The flow-matching MMDiT family: the transformer and both text encoders learn together."""
+
+    def __init__(self, args):
+        self.tokenizer = build_tokenizer()
+        self.transformer = build_sd3()
+        self.text_encoder = build_text_encoder_with_projection(len(self.tokenizer))
+        self.text_encoder_2 = build_text_encoder_with_projection(len(self.tokenizer))
+        self.trained = torch.nn.ModuleDict({"transformer": self.transformer, "text_encoder": self.text_encoder,
+                                            "text_encoder_2": self.text_encoder_2})
+        self.empty = args.label_dropout
+        self.pipe = self.pipeline(self.trained, None)  # its encode_prompt, on the modules being trained
+
+    def pipeline(self, modules, vae):
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=modules["transformer"], scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0),
+            vae=vae, text_encoder=modules["text_encoder"], tokenizer=self.tokenizer,
+            text_encoder_2=modules["text_encoder_2"], tokenizer_2=self.tokenizer, text_encoder_3=None,
+            tokenizer_3=None)
+
+    def loss(self, z0, labels, g):
+        s = torch.sigmoid(torch.randn(len(z0), generator=g)).view(-1, 1, 1, 1)  # logit-normal, as SD3
+        noise = torch.randn(z0.shape, generator=g)
+        texts = [caption(int(y), g) if torch.rand((), generator=g) >= self.empty else "" for y in labels]
+        embeds, _, pooled, _ = self.pipe.encode_prompt(texts, None, None, device=torch.device("cpu"),
+                                                       do_classifier_free_guidance=False)
+        out = self.transformer((1 - s) * z0 + s * noise, encoder_hidden_states=embeds, pooled_projections=pooled,
+                               timestep=s.flatten() * 1000).sample
+        return F.mse_loss(out, noise - z0)
+
+    def save(self, ema, vae, tmp):
+        pipe = self.pipeline({"transformer": half(ema["transformer"]), "text_encoder": ema["text_encoder"],
+                              "text_encoder_2": ema["text_encoder_2"]}, half(vae))
+        pipe.save_pretrained(tmp)
+        write_vocabulary(os.path.join(tmp, "tokenizer"))
+        write_vocabulary(os.path.join(tmp, "tokenizer_2"))
+
+    def sampling(self, args) -> dict:
+        prompts, labels = eval_prompts()
+        return {"guidance_scale": args.guidance_scale, "prompts": prompts, "prompt_labels": labels}
+
+
+FAMILIES = {"sd": SD, "dit": DiT, "sd3": SD3}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--family", choices=("sd", "dit"), required=True)
+    p.add_argument("--family", choices=tuple(FAMILIES), required=True)
     p.add_argument("--vae", required=True, help="the VAE directory written by train_mnist_vae.py")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
@@ -180,9 +265,12 @@ def main() -> None:
         mean, std = torch.cat([q.mean for q in post]), torch.cat([q.std for q in post])
     scale = vae.config.scaling_factor
     y_all = torch.from_numpy(labels[train])
-    fam = SD(args) if args.family == "sd" else DiT(args)
+    if args.family == "sd3":  # SD3's VAE shifts latents by their mean before scaling them
+        shift = mean.mean().item()
+        vae.register_to_config(shift_factor=shift)
+        mean = mean - shift
+    fam = FAMILIES[args.family](args)
     ema = copy.deepcopy(fam.trained).eval().requires_grad_(False)
-    acp = noise_schedule().alphas_cumprod
     opt = torch.optim.AdamW(fam.trained.parameters(), lr=args.lr, weight_decay=0.0)
     iters = math.ceil(len(mean) / args.batch_size)
     total = iters * args.epochs
@@ -199,10 +287,7 @@ def main() -> None:
         for b in range(iters):
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
             z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
-            t = torch.randint(0, 1000, (len(idx),), generator=g)
-            noise = torch.randn(z0.shape, generator=g)
-            a = acp[t].view(-1, 1, 1, 1)
-            loss = fam.loss(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, y_all[idx], noise, g)
+            loss = fam.loss(z0, y_all[idx], g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(fam.trained.parameters(), 1.0)
