@@ -89,3 +89,33 @@ def test_command_line_flags_come_from_the_configs():
     helptext = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
     assert "per-step: AdaRound iterations per block (default 300)" in " ".join(helptext.split())
     assert "save-every" not in helptext  # fields not marked for the command line stay off it
+
+
+def test_divergence_stops_where_it_starts_and_keeps_the_checkpoint(digit_pipeline_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    """A loss that turns non-finite at iteration 2 (forced): AccuQuant stops there with one
+    line naming method, phase, iteration and quantity, writes no output, and keeps its last
+    checkpoint; --resume (the fault gone) finishes."""
+    import accuquant.methods.accuquant as aqm
+    from accuquant.cli import main
+
+    real, calls = aqm.multistep_backward, []
+
+    def faulty(*a, **k):
+        loss = real(*a, **k)
+        calls.append(loss)
+        return float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(aqm, "multistep_backward", faulty)
+    args = ["quantize", "--model", str(digit_pipeline_dir), "--method", "accuquant", "--init", "naive",
+            "--iters", "4", "--group-size", "2", "--batch-size", "2", "--steps", "4", "--calib-samples", "4",
+            "--weight-bits", "4", "--act-bits", "8", "--out", str(tmp_path / "q"), "--quiet", "--summary", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert "accuquant" in err[0] and "iteration 2" in err[0] and "the loss (nan) is not finite" in err[0]
+    assert not (tmp_path / "q").exists()  # nothing half-written
+    monkeypatch.setattr(aqm, "multistep_backward", real)
+    assert main(args + ["--resume"]) == 0
+    assert (tmp_path / "q" / "unet" / "accuquant_weights.safetensors").is_file()
+    assert aq.load(tmp_path / "q").quant["method_log"]["resumed_at"] == {"unit": 0, "phase": 0, "iteration": 0}

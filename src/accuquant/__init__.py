@@ -7,7 +7,7 @@ from .backends import LayerSpec, register_backend  # noqa: E402
 from .calibration import Trajectories, collect_trajectories  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 from .api import quantize  # noqa: E402
-from .errors import AccuQuantError, ConfigError  # noqa: E402
+from .errors import AccuQuantError, ConfigError, DivergenceError  # noqa: E402
 from .loading import load_pipeline  # noqa: E402
 from .pipeline import Pipeline, SamplingDefaults  # noqa: E402
 from .sampling import make_scheduler, run_trajectory  # noqa: E402
@@ -18,6 +18,7 @@ __all__ = [
     "AccuQuantError",
     "Conditions",
     "ConfigError",
+    "DivergenceError",
     "Denoiser",
     "LayerSpec",
     "Pipeline",

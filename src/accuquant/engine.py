@@ -21,6 +21,7 @@ the loss on a batch. The engine owns everything else:
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from .cache import derive_seed, digest
 from .calibration import Trajectories
 from .checkpoint import load_quantizers, read_checkpoint, save_checkpoint
 from .config import QuantConfig
+from .errors import DivergenceError
 from .methods.base import MethodConfig, config_class, method_class
 from .progress import progress_bar
 from .sampling import Solver
@@ -247,16 +249,33 @@ def _run_units(run: Run, method: Method, units: list[Unit], pos: _Position, tens
             gen = torch.Generator().manual_seed(derive_seed(name, run.seed, u))
             if here and "engine.generator" in tensors:
                 gen.set_state(tensors["engine.generator"])
-            bar.set_description(f"{name} {unit.name}" if len(units) > 1 else name)
+            label = f"{name} {unit.name}" if len(units) > 1 else name
+            bar.set_description(label)
             with unit.open(u) as phases:
                 for p in range(pos.phase if here else 0, len(phases)):
                     at = _Position(u, p, pos.iteration if here and p == pos.phase else 0)
-                    _run_phase(run, phases[p], gen, at, tensors if at.iteration else None, bar)
+                    _run_phase(run, phases[p], gen, at, tensors if at.iteration else None, bar, label)
             _save(run, _Position(u + 1))
     run.log["seconds"] = round(time.perf_counter() - t0, 2)
 
 
-def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resumed: dict | None, bar) -> None:
+def _check_finite(where: str, loss: float, groups: list[Group], what: str) -> None:
+    """Stop at the first non-finite loss, gradient (``what="gradient"``) or parameter."""
+    def stop(quantity: str):
+        raise DivergenceError(f"{where}: {quantity} is not finite; stopped there, the last checkpoint is kept "
+                              "(continue with --resume and a smaller learning rate)")
+
+    if not math.isfinite(loss):
+        stop(f"the loss ({loss})")
+    for g in groups:
+        for name, p in g.params.items():
+            t = p.grad if what == "gradient" else p
+            if t is not None and not bool(torch.isfinite(t).all()):
+                stop(f"the {what} of {name}")
+
+
+def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resumed: dict | None, bar,
+               label: str = "") -> None:
     groups = phase.groups(resumed is not None)
     params = [p for g in groups for p in g.params.values()]
     if not params or phase.iters <= 0:
@@ -279,9 +298,12 @@ def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resu
                 if torch.is_tensor(out):
                     out.backward()
                     out = out.item()
+            where = f"{label or 'calibration'}, phase {phase.name}, iteration {it}"
+            _check_finite(where, out, groups, "gradient")
             combine_gradients(params)
             opt.step()
             opt.zero_grad()
+            _check_finite(where, out, groups, "value")
             if counts != before:
                 ev = run.log.setdefault("evaluations", {"forward": 0, "backward": 0})
                 for k in ev:

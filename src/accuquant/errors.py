@@ -8,5 +8,10 @@ class AccuQuantError(Exception):
     """
 
 
+class DivergenceError(AccuQuantError):
+    """Calibration produced a non-finite loss, gradient or quantizer parameter; the message
+    names the method, unit, iteration and quantity. The last checkpoint is kept."""
+
+
 class ConfigError(AccuQuantError, ValueError):
     """An invalid configuration value; the message names the field."""
