@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import accuquant as aq
@@ -48,3 +49,22 @@ def test_quantize_reuses_cached_calibration(tmp_path, monkeypatch):
     cond = aq.Conditions(labels=torch.tensor([1, 2]))
     with torch.no_grad():
         assert torch.equal(q1.denoiser()(x, 300, cond), q2.denoiser()(x, 300, cond))
+
+
+def test_an_fp_model_that_produces_nan_is_refused_naming_the_step():
+    """Trajectory collection stops with the first step whose model output is not finite."""
+    import accuquant as aq
+    from conftest import class_pipeline
+
+    pipe = class_pipeline()
+    den = pipe.denoiser(1.0)
+    solver = aq.make_scheduler("ddim", pipe.scheduler_config, 5)
+    raw = den.raw
+
+    def broken(x, t, cond):
+        out = raw(x, t, cond)
+        return out * float("nan") if float(t.flatten()[0]) < float(solver.timesteps[2]) + 1e-3 else out
+
+    den.raw = broken
+    with pytest.raises(aq.AccuQuantError, match=r"not finite \(NaN or inf\) at sampling step 2 "):
+        aq.collect_trajectories(den, solver, 4, cond=pipe.conditions(4), progress=False)

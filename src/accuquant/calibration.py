@@ -149,6 +149,11 @@ def collect_trajectories(
     with progress_bar(total=n_batches * scheduler.num_steps, desc="FP trajectories", disable=not progress) as bar:
         for _, noise, c in noise_batches(denoiser.sample_shape, cond, num, batch_size, seed, stream, device):
             _, x, o = run_trajectory(denoiser, scheduler, noise, c, keep=True, callback=lambda i: bar.update(1))
+            bad = ~torch.isfinite(o.flatten(2)).all(2).all(0)  # per step: a non-finite model output
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise AccuQuantError(f"the FP model's output is not finite (NaN or inf) at sampling step {i} "
+                                     f"(timestep {float(scheduler.timesteps[i]):g}): it cannot be calibrated on")
             xs.append(x.cpu())
             outs.append(o.cpu())
     meta = {
