@@ -119,22 +119,18 @@ class QuantJointAttnProcessor(QuantAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         batch, n_img = hidden_states.shape[0], hidden_states.shape[1]
 
-        def heads(t):
-            return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+        def project(states, q, k, v, norm_q, norm_k):
+            """One stream's Q, K, V as (batch, heads, tokens, head_dim), Q and K normalised."""
+            query, key, value = (p(states) for p in (q, k, v))
+            query, key, value = (t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+                                 for t in (query, key, value))
+            return (norm_q(query) if norm_q is not None else query, norm_k(key) if norm_k is not None else key,
+                    value)
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), \
-            heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         if encoder_hidden_states is not None:
-            cq, ck, cv = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)), \
-                heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                cq = attn.norm_added_q(cq)
-            if attn.norm_added_k is not None:
-                ck = attn.norm_added_k(ck)
+            cq, ck, cv = project(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                                 attn.norm_added_q, attn.norm_added_k)
             query, key, value = torch.cat([query, cq], dim=2), torch.cat([key, ck], dim=2), torch.cat([value, cv], dim=2)
         # scaled_dot_product_attention's default scale, which the diffusers processor uses
         out = self.attend(attn, query, key, value, None, query.shape[-1] ** -0.5)
