@@ -35,6 +35,7 @@ import accuquant as aq
 from accuquant import bundled
 from accuquant.evaluation import evaluate, to_json_safe
 from accuquant.api import METHODS
+from accuquant.compare import parse_bits
 
 from common import ROOT, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
@@ -65,7 +66,7 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
 
 def quant_config(bits: str, opts: dict) -> tuple[aq.QuantConfig, dict]:
     """The quantization config of a variant at ``bits`` ("w4a8"), and its method options."""
-    w, a = (int(v) for v in bits.lower().lstrip("w").split("a"))
+    w, a = parse_bits(bits)
     opts = dict(opts)
     keep = opts.pop("keep_fp", None)
     keep_fp = None if keep is None else tuple(p for p in str(keep).split("|") if p)
