@@ -1,6 +1,8 @@
 """The calibration engine's own pieces: method configs, the optimiser, generated flags."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +118,13 @@ def test_divergence_stops_where_it_starts_and_keeps_the_checkpoint(digit_pipelin
     assert "accuquant" in err[0] and "iteration 2" in err[0] and "the loss (nan) is not finite" in err[0]
     assert not (tmp_path / "q").exists()  # nothing half-written
     monkeypatch.setattr(aqm, "multistep_backward", real)
+    # a checkpoint damaged on the disk is refused by its checksum, not resumed from
+    (ckpt,) = (Path(os.environ["ACCUQUANT_CACHE"]) / "runs").glob("*[0-9a-f].safetensors")
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[:-1] + bytes([good[-1] ^ 0x40]))
+    assert main(args + ["--resume"]) == 2
+    assert "do not match their checksum" in capsys.readouterr().err
+    ckpt.write_bytes(good)
     assert main(args + ["--resume"]) == 0
     assert (tmp_path / "q" / "unet" / "accuquant_weights.safetensors").is_file()
     assert aq.load(tmp_path / "q").quant["method_log"]["resumed_at"] == {"unit": 0, "phase": 0, "iteration": 0}

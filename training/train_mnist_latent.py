@@ -25,7 +25,10 @@
   VAE's latents are shifted by their mean (``shift_factor``, as SD3's VAE). Rectified flow:
   ``x_s = (1 - s) x_0 + s eps`` with ``s`` drawn from a logit-normal distribution (SD3's),
   the model predicts ``eps - x_0``; sampled with ``FlowMatchEulerDiscreteScheduler``
-  (shift 1). The prompt embeddings come from the pipeline's own ``encode_prompt`` during
+  (shift 1). Without T5, diffusers fills its slot of the joint sequence with
+  ``max_sequence_length`` zero tokens (256 by default: 17 times the image's 16 tokens, and
+  11 minutes an epoch here); the model is trained and sampled with 1
+  (``accuquant_sampling.json``; plain diffusers: ``pipe(prompt, max_sequence_length=1)``). The prompt embeddings come from the pipeline's own ``encode_prompt`` during
   training, so training and sampling encode prompts the same way.
 
 Shared recipe (sd, dit): cosine noise schedule (1,000 steps), noise prediction, MSE loss, latents
@@ -207,6 +210,7 @@ class SD3:
         self.trained = torch.nn.ModuleDict({"transformer": self.transformer, "text_encoder": self.text_encoder,
                                             "text_encoder_2": self.text_encoder_2})
         self.empty = args.label_dropout
+        self.seq = args.max_sequence_length
         self.pipe = self.pipeline(self.trained, None)  # its encode_prompt, on the modules being trained
 
     def pipeline(self, modules, vae):
@@ -221,7 +225,7 @@ class SD3:
         noise = torch.randn(z0.shape, generator=g)
         texts = [caption(int(y), g) if torch.rand((), generator=g) >= self.empty else "" for y in labels]
         embeds, _, pooled, _ = self.pipe.encode_prompt(texts, None, None, device=torch.device("cpu"),
-                                                       do_classifier_free_guidance=False)
+                                                       do_classifier_free_guidance=False, max_sequence_length=self.seq)
         out = self.transformer((1 - s) * z0 + s * noise, encoder_hidden_states=embeds, pooled_projections=pooled,
                                timestep=s.flatten() * 1000).sample
         return F.mse_loss(out, noise - z0)
@@ -235,7 +239,8 @@ class SD3:
 
     def sampling(self, args) -> dict:
         prompts, labels = eval_prompts()
-        return {"guidance_scale": args.guidance_scale, "prompts": prompts, "prompt_labels": labels}
+        return {"guidance_scale": args.guidance_scale, "prompts": prompts, "prompt_labels": labels,
+                "max_sequence_length": args.max_sequence_length}
 
 
 FAMILIES = {"sd": SD, "dit": DiT, "sd3": SD3}
@@ -253,6 +258,9 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--label-dropout", type=float, default=0.1, help="share of empty prompts (sd)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="default guidance stored with the model")
+    p.add_argument("--max-sequence-length", type=int, default=1, help="sd3: zero tokens in the absent T5 "
+                   "encoder's slot (diffusers' default is 256; 1 keeps the joint sequence at 16 + 17 tokens, "
+                   "and is stored with the model as its sampling default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

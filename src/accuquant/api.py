@@ -31,6 +31,23 @@ from .sampling import make_scheduler
 from .version import __version__
 
 
+def _check_calibration(calib: Trajectories, solver, fingerprint: str) -> None:
+    """Refuse trajectories of another model, sampler or step count than this calibration's."""
+    made_by = calib.meta.get("model")
+    if made_by is not None and made_by != fingerprint:
+        raise AccuQuantError(f"calibration data: collected from another model (fingerprint {made_by}, this model's "
+                             f"{fingerprint}); collect trajectories of this model (omit --calib)")
+    if calib.meta.get("solver", solver.name) != solver.name:
+        raise AccuQuantError(f"calibration data: collected with the {calib.meta['solver']} sampler, not the "
+                             f"{solver.name} sampler this calibration uses (--scheduler)")
+    if calib.num_steps != solver.num_steps:
+        raise AccuQuantError(f"calibration data: its {calib.num_steps} steps do not match the {solver.name} "
+                             f"sampler's {solver.num_steps} (--steps)")
+    if not torch.equal(calib.timesteps, solver.timesteps.cpu()):
+        raise AccuQuantError(f"calibration data: its timesteps {calib.timesteps.tolist()} are not the {solver.name} "
+                             f"sampler's {solver.timesteps.cpu().tolist()} (another scheduler config)")
+
+
 def calibration_data(pipe: Pipeline, solver, num: int, seed: int, guidance_scale: float | None, cond, batch_size: int,
                      device, progress: bool, use_cache: bool = True) -> Trajectories:
     """FP trajectories for calibration, from the cache when the same set was collected before."""
@@ -43,6 +60,7 @@ def calibration_data(pipe: Pipeline, solver, num: int, seed: int, guidance_scale
         except AccuQuantError:
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
     traj = collect_trajectories(den, solver, num, seed, cond, batch_size, device, progress)
+    traj.meta["model"] = pipe.fingerprint()  # a saved set passed to another model is refused
     if use_cache:
         traj.save(path)
     return traj
@@ -127,10 +145,7 @@ def quantize(
                                  use_cache)
     elif not isinstance(calib, Trajectories):
         calib = Trajectories.load(calib)
-    if calib.num_steps != solver.num_steps or not torch.equal(calib.timesteps, solver.timesteps.cpu()):
-        raise AccuQuantError(
-            f"calibration data: its {calib.num_steps} steps do not match the {solver.name} solver's {solver.num_steps}"
-        )
+    _check_calibration(calib, solver, fingerprint)
     if tuple(calib.xs.shape[2:]) != den.sample_shape:
         raise AccuQuantError(f"calibration data: samples of shape {tuple(calib.xs.shape[2:])} do not fit this model "
                              f"({den.sample_shape})")

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .errors import AccuQuantError
+
 ASSETS = Path(__file__).parent / "assets"
 #: the bundled models, chosen by name (``--model mnist-sd``); the first is the default
 MODELS = ("mnist-ddpm", "mnist-sd", "mnist-dit")
@@ -22,15 +24,23 @@ HELDOUT = ASSETS / "mnist_heldout.safetensors"
 BUNDLED_PREFIX = "bundled:"
 
 
+def real_path(path) -> Path:
+    """``path`` with its symbolic links resolved; a link loop is the user's error, not a crash."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError on a loop
+        raise AccuQuantError(f"{path}: a loop of symbolic links") from None
+
+
 def model_ref(path) -> str:
     """``bundled:<name>`` for a bundled model directory (valid wherever the package is
     installed), else the absolute path."""
-    p = Path(path).resolve()
+    p = real_path(path)
     return BUNDLED_PREFIX + p.name if is_bundled(p) else str(p)
 
 
 def is_bundled(path) -> bool:
-    return Path(path).resolve().parent == ASSETS.resolve()
+    return real_path(path).parent == ASSETS.resolve()
 
 
 def resolve_ref(ref: str) -> str:

@@ -3,14 +3,16 @@
 A checkpoint is one safetensors file: for each quantizer its step size, zero point and,
 when learned rounding is on, its rounding variables, or its integer codes when they are
 fixed; the metadata says how far the
-method got (``done``) and under which settings (``key``). Writing is atomic, so an
-interruption leaves the previous checkpoint intact. A method that resumes loads the
+method got (``done``), under which settings (``key``), and the SHA-256 of every tensor
+(``sha256``), which resuming verifies. Writing is atomic (written beside, flushed to the
+disk, renamed), so an interruption leaves the previous checkpoint intact. A method that resumes loads the
 quantizers and skips the finished units; with per-unit seeds the result is the same as
 an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from .errors import AccuQuantError
 from .layers import all_quantizers
 from .safety import atomic_path
 
-FORMAT = "accuquant.checkpoint/2"
+FORMAT = "accuquant.checkpoint/3"
 
 
 def save_checkpoint(path: Path, model: nn.Module, key: str, done: int, extra: dict | None = None,
@@ -38,7 +40,8 @@ def save_checkpoint(path: Path, model: nn.Module, key: str, done: int, extra: di
             tensors[f"{name}.alpha"] = q.alpha.detach().cpu().contiguous()
         if q.codes is not None:
             tensors[f"{name}.codes"] = q.codes.cpu().contiguous()
-    meta = {"format": FORMAT, "key": key, "done": str(done), "extra": json.dumps(extra or {})}
+    meta = {"format": FORMAT, "key": key, "done": str(done), "extra": json.dumps(extra or {}),
+            "sha256": checksum(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -53,9 +56,22 @@ def read_checkpoint(path: Path, key: str) -> tuple[int, dict, dict] | None:
             meta = f.metadata() or {}
         if meta.get("format") != FORMAT or meta.get("key") != key:
             return None
-        return int(meta["done"]), load_file(str(path)), json.loads(meta.get("extra", "{}"))
+        tensors = load_file(str(path))
+        if checksum(tensors) != meta.get("sha256"):
+            raise ValueError("its tensors do not match their checksum")
+        return int(meta["done"]), tensors, json.loads(meta.get("extra", "{}"))
     except Exception as e:  # a damaged file: say so rather than resume from garbage
         raise AccuQuantError(f"{path}: unreadable checkpoint ({e}); delete it to start over") from None
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors``."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @torch.no_grad()

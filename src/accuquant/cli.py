@@ -1,7 +1,8 @@
 """The ``accuquant`` command line: ``quantize``, ``sample``, ``evaluate`` and ``analyze``.
 
-Every problem with the input ends with one line on stderr and exit status 2; a failure
-of the machine (a full disk, a permission) with one line and exit status 1.
+Every problem with the input, and every failed write (a full disk, a permission), ends with
+one line on stderr and exit status 2, and leaves nothing half-written; an interrupt exits
+with status 130.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .version import __version__
 from .errors import AccuQuantError
-from .safety import check_device
+from .safety import check_device, check_writable
 
 EXIT_USAGE = 2
 
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "settings from its last checkpoint")
     _add_sampling_args(q)
 
+    backend_help = "what runs a quantized model's layers (default fake: the calibrated float arithmetic)"
     s = sub.add_parser("sample", help="sample a grid of images from a (quantized) model")
     s.add_argument("--model", default=None, help="accuquant output directory, a diffusers model, or "
                    + bundled_help)
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=_positive, default=None, help="images per grid row")
     s.add_argument("--out", required=True, help="output PNG file")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    s.add_argument("--backend", default="fake", help=backend_help)
     _add_sampling_args(s)
     e = sub.add_parser("evaluate", help="paired metrics of a quantized model against its FP base")
     e.add_argument("--model", default=None, help="accuquant output directory, an FP model, or "
@@ -178,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package and its weights)")
     e.add_argument("--no-cache", action="store_true", help="do not reuse or cache FP samples")
+    e.add_argument("--backend", default="fake", help=backend_help)
     _add_sampling_args(e, conditioning=False)
 
     a = sub.add_parser("analyze", help="error accumulation per sampling step (CSV and plot)")
@@ -264,12 +268,14 @@ def _check_scheduler(name: str | None) -> None:
 def _evaluate(args) -> None:
     import json
 
+    from .backends import get_backend
     from .evaluation import evaluate, format_table, to_json_safe
     from .loading import load_pipeline
 
     check_device(args.device)
     _check_scheduler(args.scheduler)
-    model = load_pipeline(_model_arg(args), device=args.device)
+    get_backend(args.backend)
+    model = load_pipeline(_model_arg(args), device=args.device, backend=args.backend)
     r = evaluate(model, args.base, num=args.num, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
                  features=args.features, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
                  use_cache=not args.no_cache, lpips=args.lpips)
@@ -286,6 +292,7 @@ def _analyze(args) -> None:
     for p in (csv_path, png_path):
         if p.exists() and not args.overwrite:
             raise AccuQuantError(f"{p}: exists (pass --overwrite to replace it)")
+        check_writable(p)
     model = load_pipeline(args.model, device=args.device)
     rows = error_accumulation(model, args.base, num=args.num, steps=args.steps, seed=args.seed,
                               scheduler=args.scheduler, features=args.features, batch_size=args.batch_size,
@@ -385,6 +392,7 @@ def _summary(pipe, model_path: str, cfg, args, common: dict, num: int) -> None:
 
 
 def _sample(args) -> None:
+    from .backends import get_backend
     from .images import save_grid
     from .loading import load_pipeline
 
@@ -395,8 +403,10 @@ def _sample(args) -> None:
         raise AccuQuantError(f"{out}: exists (pass --overwrite to replace it)")
     if out.suffix.lower() != ".png":
         raise AccuQuantError(f"{out}: the grid is written as PNG; use a .png name")
+    check_writable(out)
+    get_backend(args.backend)  # an unknown backend is refused before the model loads
     prompts = _prompts(args)  # a bad prompt file is refused before the model loads
-    pipe = load_pipeline(_model_arg(args), device=args.device)
+    pipe = load_pipeline(_model_arg(args), device=args.device, backend=args.backend)
     args.steps, args.scheduler = pipe.sampling_settings(args.steps, args.scheduler)
     x = pipe.sample(args.num, seed=args.seed, steps=args.steps, scheduler=args.scheduler, labels=args.labels,
                     prompts=prompts, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
@@ -412,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     args.batch_size_given = getattr(args, "batch_size", None)
     args.batch_size = args.batch_size_given or 32
+    _quiet_libraries()
     try:
         {"quantize": _quantize, "sample": _sample, "evaluate": _evaluate, "analyze": _analyze,
          "compare": _compare}[args.command](args)
@@ -427,10 +438,24 @@ def main(argv: list[str] | None = None) -> int:
                    "interrupted calibration continues from its checkpoint)"
         print(f"accuquant: interrupted; nothing was written{hint}", file=sys.stderr)
         return 130
-    except OSError as e:
-        print(f"accuquant: error: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:  # a full disk, a permission, a file that vanished: nothing was written
+        what = f"{e.filename}: {e.strerror}" if e.filename else e.strerror if e.errno and e.strerror else e
+        print(f"accuquant: error: {what}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
+
+
+def _quiet_libraries() -> None:
+    """diffusers and transformers print their own loading bars and notes on stderr; the
+    command line's stderr is its progress bars and, on failure, one line."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when they are imported
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("diffusers", "transformers"):  # already imported (the command line called from Python)
+        lib = sys.modules.get(name)
+        if lib is not None:
+            lib.utils.logging.disable_progress_bar()
+            lib.utils.logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

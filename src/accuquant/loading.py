@@ -60,7 +60,7 @@ def _load_component(path: Path, library: str, class_name: str):
 def _read_json(path: Path) -> dict:
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise AccuQuantError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise AccuQuantError(f"{path}: expected a JSON object")
@@ -178,6 +178,12 @@ def _load_quantized(root: Path, device: str, backend: str) -> Pipeline:
     meta = _read_json(root / QUANT_FILE)
     if meta.get("format") != FORMAT:
         raise AccuQuantError(f"{root / QUANT_FILE}: unknown format {meta.get('format')!r}")
+    method, version = meta.get("method"), meta.get("method_version")
+    from .api import METHODS
+
+    if method in METHODS and isinstance(version, int) and version > METHODS[method].Config.VERSION:
+        raise AccuQuantError(f"{root}: made by a newer accuquant ({method} version {version}; this one knows up to "
+                             f"{METHODS[method].Config.VERSION}): upgrade accuquant to load it")
     name, cls_name = meta["denoiser"], meta["denoiser_class"]
     if cls_name not in ADAPTERS:
         raise AccuQuantError(f"{root}: unsupported denoiser {cls_name}")

@@ -42,6 +42,9 @@ class SamplingDefaults:
         prompts: default prompts of a text-conditioned model (calibration, evaluation and
             sampling when none are given), cycled over the samples.
         prompt_labels: the class each default prompt asks for (the evaluation's class accuracy).
+        max_sequence_length: SD3-style pipelines without a third (T5) text encoder fill its
+            slot with this many zero tokens (diffusers' default 256): a model trained with
+            fewer is sampled with the same (plain diffusers: ``pipe(..., max_sequence_length=N)``).
     """
 
     guidance_scale: float = 1.0
@@ -49,12 +52,20 @@ class SamplingDefaults:
     null_class: int | None = None
     prompts: list[str] | None = None
     prompt_labels: list[int] | None = None
+    max_sequence_length: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = SAMPLING_FILE) -> "SamplingDefaults":
         """Read from ``d`` (found in ``source``, named in errors)."""
         fields = [f.name for f in dataclasses.fields(cls)]
         out = cls(**{k: d[k] for k in fields if k in d})
+        g = out.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise AccuQuantError(f"{source}: 'guidance_scale' must be a finite number >= 0, not {g!r}")
+        for k in ("num_classes", "null_class", "max_sequence_length"):
+            v = getattr(out, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise AccuQuantError(f"{source}: {k!r} must be a non-negative integer or null, not {v!r}")
         if out.prompts is not None and (not isinstance(out.prompts, list)
                                         or not all(isinstance(t, str) for t in out.prompts)):
             raise AccuQuantError(f"{source}: 'prompts' must be a list of strings")
@@ -68,7 +79,7 @@ class SamplingDefaults:
         """All fields but the default prompts when there are none (so a model without them
         keeps the cache keys it had before they existed)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if v is not None or k not in ("prompts", "prompt_labels")}
+                if v is not None or k not in ("prompts", "prompt_labels", "max_sequence_length")}
 
 
 @dataclass
@@ -88,7 +99,9 @@ class Pipeline:
     def denoiser(self, guidance_scale: float | None = None) -> Denoiser:
         """The model behind its family's adapter, with this pipeline's components and defaults."""
         g = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
-        return make_denoiser(self.model, g, self.defaults.null_class, self.components, self.defaults.num_classes)
+        d = self.defaults
+        return make_denoiser(self.model, g, d.null_class, self.components, d.num_classes,
+                             max_sequence_length=d.max_sequence_length)
 
     @property
     def num_classes(self) -> int | None:
@@ -98,6 +111,12 @@ class Pipeline:
         """Conditions for ``num`` samples, as the model's family makes them (balanced or given
         labels, encoded prompts (the model's default prompts when none are given), or none)."""
         den = self.denoiser(1.0)
+        kind = {"class": "class-conditional: pass labels (--labels)", "text": "text-conditioned: pass prompts "
+                "(--prompt, --prompt-file)", "none": "unconditional: it takes neither labels nor prompts"}
+        if prompts and den.conditioning != "text":
+            raise AccuQuantError(f"prompts given, but this model is {kind[den.conditioning]}")
+        if labels is not None and den.conditioning != "class":
+            raise AccuQuantError(f"labels given, but this model is {kind[den.conditioning]}")
         if den.conditioning == "text" and not prompts:
             prompts = self.defaults.prompts
         return den.conditions(num, labels, prompts, device)

@@ -59,18 +59,92 @@ def check_finite(model: torch.nn.Module, what: str) -> None:
 
 
 @contextlib.contextmanager
+def _write_errors_as_oserror(path: Path):
+    """A failed write (a full disk) as an ``OSError`` naming the output: safetensors reports it
+    as its own exception type, and a full disk's ``OSError`` names no file."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: cannot write ({e.strerror or e})") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise OSError(f"{path}: cannot write ({str(e).strip().splitlines()[0]})") from None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_prefix(name: str) -> str:
+    """Temporaries carry their writer's process id, so that a later run can tell the
+    leftovers of a killed writer from the files a live one is still writing."""
+    return f".{name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(path: Path) -> None:
+    """Remove the temporaries that a killed writer left beside ``path`` (those of live
+    processes, such as a second run sharing the cache, are left alone)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for p in path.parent.glob(f".{glob_escape(path.name)}.*"):
+        pid = p.name[len(path.name) + 2:].split(".", 1)[0]
+        if p.name.endswith((".tmp", ".old")) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+@contextlib.contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary file path beside ``path``; it replaces ``path`` only on success."""
+    """Yield a temporary file path beside ``path``; it replaces ``path`` only on success, once
+    flushed to the disk (a crash leaves the old file or the new one, never a part)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
+        with _write_errors_as_oserror(path):
+            yield Path(tmp)
+        _fsync(Path(tmp))
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, before any work, an output path that cannot be created: its nearest existing
+    parent is not a directory, or nothing can be written there."""
+    parent = Path(out).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise AccuQuantError(f"{out}: {parent} is not a directory")
+    try:
+        tempfile.TemporaryDirectory(prefix=".accuquant-probe-", dir=parent).cleanup()
+    except OSError as e:
+        raise AccuQuantError(f"{out}: cannot write in {parent} ({e.strerror or e})") from None
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -80,6 +154,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise AccuQuantError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise AccuQuantError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
+    check_writable(out)
 
 
 @contextlib.contextmanager
@@ -88,11 +163,16 @@ def atomic_dir(out: Path, overwrite: bool = False):
     out = Path(out)
     check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name), suffix=".tmp", dir=out.parent))
     try:
-        yield tmp
+        with _write_errors_as_oserror(out):
+            yield tmp
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files, then their directories
+            _fsync(f)
+        _fsync(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out.name), suffix=".old", dir=out.parent))
             os.replace(out, old / "x")
             try:
                 os.replace(tmp, out)
@@ -103,6 +183,7 @@ def atomic_dir(out: Path, overwrite: bool = False):
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        _fsync(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -286,7 +286,15 @@ def make_scheduler(name: str | None, scheduler_config: dict, num_steps: int, **k
     """The functional step (:class:`Solver`) of scheduler ``name`` (``ddim``, ``ddpm``, ``pndm``/``plms``,
     ``dpm++``, ``flow-euler``; ``None``: :func:`default_solver`) with ``num_steps`` steps, built
     from a diffusers scheduler config (``kwargs``: the solver's own, such as a flow model's ``mu``)."""
-    return solver_class(name or default_solver(scheduler_config))(scheduler_config, num_steps, **kwargs)
+    cls = solver_class(name or default_solver(scheduler_config))
+    try:
+        return cls(scheduler_config, num_steps, **kwargs)
+    except AccuQuantError:
+        raise
+    except Exception as e:  # a config with wrong types or values: diffusers raises many kinds
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AccuQuantError(f"scheduler config ({scheduler_config.get('_class_name', 'no class')}): cannot build "
+                             f"the {cls.name} scheduler from it ({msg})") from None
 
 
 def run_trajectory(

@@ -11,12 +11,13 @@ whose input is a channel concatenation).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ..errors import AccuQuantError
+from ..errors import AccuQuantError, ConfigError
 
 
 class Conditions(Mapping):
@@ -69,6 +70,8 @@ class Denoiser(nn.Module):
         null_class: class label of the unconditional branch (class-conditional models).
         components: the pipeline's other components (VAE, text encoders, tokenizers).
         num_classes: number of real classes, when the model's files say it.
+        max_sequence_length: text tokens of the third (T5) encoder's slot in SD3-style
+            pipelines, zeros when there is no third encoder (diffusers' default: 256).
     """
 
     #: the pipeline component that holds the model
@@ -87,10 +90,14 @@ class Denoiser(nn.Module):
     diffusers_conditioning = True
 
     def __init__(self, model: nn.Module, guidance_scale: float = 1.0, null_class: int | None = None,
-                 components: dict | None = None, num_classes: int | None = None):
+                 components: dict | None = None, num_classes: int | None = None,
+                 max_sequence_length: int | None = None):
         super().__init__()
+        self.max_sequence_length = max_sequence_length
         self.model = model
         self.guidance_scale = float(guidance_scale)
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale: must be a finite number >= 0, not {guidance_scale!r}")
         self.null_class = null_class
         self.components = components or {}
         self._num_classes = num_classes
@@ -210,9 +217,11 @@ def adapter_class(model_class: str) -> type[Denoiser]:
 
 
 def make_denoiser(model: nn.Module, guidance_scale: float = 1.0, null_class: int | None = None,
-                  components: dict | None = None, num_classes: int | None = None) -> Denoiser:
+                  components: dict | None = None, num_classes: int | None = None,
+                  max_sequence_length: int | None = None) -> Denoiser:
     """Wrap a diffusers denoiser in its family's adapter."""
-    return adapter_class(type(model).__name__)(model, guidance_scale, null_class, components, num_classes)
+    return adapter_class(type(model).__name__)(model, guidance_scale, null_class, components, num_classes,
+                                               max_sequence_length=max_sequence_length)
 
 
 class ClassConditional(Denoiser):

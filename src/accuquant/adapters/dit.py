@@ -16,10 +16,10 @@ class DiTAdapter(ClassConditional):
     block_types = ("BasicTransformerBlock", "Attention", "TimestepEmbedding")
     keep_fp = ("pos_embed.proj", "proj_out", "proj_out_1", "proj_out_2")  # patch embedding and output projections
 
-    def __init__(self, model, guidance_scale=1.0, null_class=None, components=None, num_classes=None):
+    def __init__(self, model, guidance_scale=1.0, null_class=None, components=None, num_classes=None, **kw):
         if null_class is None:
             null_class = getattr(model.config, "num_embeds_ada_norm", None)
-        super().__init__(model, guidance_scale, null_class, components, num_classes)
+        super().__init__(model, guidance_scale, null_class, components, num_classes, **kw)
 
     @property
     def num_classes(self):

@@ -62,6 +62,7 @@ class SD3Adapter(Denoiser):
             text_encoder_2=c["text_encoder_2"].to(device), tokenizer_2=c["tokenizer_2"],
             text_encoder_3=c["text_encoder_3"].to(device) if c.get("text_encoder_3") is not None else None,
             tokenizer_3=c.get("tokenizer_3"))
+        seq = {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
         out = pipe.encode_prompt(prompts, None, None, device=torch.device(device), do_classifier_free_guidance=True,
-                                 negative_prompt=[""] * len(prompts))
+                                 negative_prompt=[""] * len(prompts), **seq)
         return tuple(t.float().cpu() for t in out)

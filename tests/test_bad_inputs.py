@@ -1,0 +1,391 @@
+"""Every kind of bad input the command line refuses: one line on stderr, exit status 2, no
+traceback, and nothing written (no output, no temporary file left beside it).
+
+``CASES`` is the list the README's table gives (a test checks that the two agree): an id,
+what is wrong, and the part of the message that the user sees.
+"""
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from accuquant.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+class Ctx:
+    """The models a case needs, built on first use in the test's own folder."""
+
+    def __init__(self, tmp: Path, request):
+        self.tmp, self.request = tmp, request
+        self.out = tmp / "out"  # the output every case names; it must not appear
+        self.grid = tmp / "grid.png"
+
+    def fixture(self, name: str) -> Path:
+        return self.request.getfixturevalue(name)
+
+    def copy(self, name: str) -> Path:
+        """A copy of a fixture model, to damage."""
+        dst = self.tmp / f"{name}-copy"
+        if not dst.exists():
+            shutil.copytree(self.fixture(name), dst)
+        return dst
+
+    def quantized(self) -> Path:
+        q = self.tmp / "quantized"
+        if not q.exists():
+            code = main(quantize(self.fixture("tiny_pipeline_dir"), q))
+            assert code == 0
+        return q
+
+    def calib(self, fixture: str = "tiny_pipeline_dir", *extra) -> Path:
+        """A saved calibration set of a fixture model (4 DDIM steps unless ``extra`` says)."""
+        cache = Path(os.environ["ACCUQUANT_CACHE"]) / "calib"
+        before = set(cache.glob("*.safetensors")) if cache.exists() else set()
+        assert main(quantize(self.fixture(fixture), self.tmp / f"q-{len(before)}", *extra)) == 0
+        (new,) = set(cache.glob("*.safetensors")) - before
+        return new
+
+
+def quantize(model, out, *extra) -> list[str]:
+    return ["quantize", "--model", str(model), "--method", "naive", "--weight-bits", "4", "--act-bits", "8",
+            "--steps", "4", "--scheduler", "ddim", "--calib-samples", "4", "--summary", "0", "--out", str(out),
+            "--quiet", *map(str, extra)]
+
+
+def sample(model, out, *extra) -> list[str]:
+    return ["sample", "--model", str(model), "--num", "2", "--steps", "2", "--out", str(out), "--quiet",
+            *map(str, extra)]
+
+
+def _edit_json(path: Path, change) -> None:
+    d = json.loads(path.read_text())
+    change(d)
+    path.write_text(json.dumps(d))
+
+
+# --------------------------------------------------------------------------- the cases
+def config_missing_key(c):
+    m = c.copy("tiny_pipeline_dir")
+    _edit_json(m / "unet" / "config.json", lambda d: d.pop("block_out_channels"))
+    return quantize(m, c.out)
+
+
+def config_wrong_type(c):
+    m = c.copy("tiny_pipeline_dir")
+    _edit_json(m / "unet" / "config.json", lambda d: d.update(layers_per_block="two"))
+    return quantize(m, c.out)
+
+
+def truncated_json(c):
+    m = c.copy("tiny_pipeline_dir")
+    (m / "model_index.json").write_text('{"_class_name": "DDPMPipeline", "unet": [')
+    return quantize(m, c.out)
+
+
+def non_utf8_json(c):
+    m = c.copy("digit_pipeline_dir")
+    (m / "accuquant_sampling.json").write_bytes(b'{"guidance_scale": "\xff\xfe"}')
+    return quantize(m, c.out)
+
+
+def sampling_defaults_wrong_type(c):
+    m = c.copy("digit_pipeline_dir")
+    _edit_json(m / "accuquant_sampling.json", lambda d: d.update(guidance_scale="high"))
+    return quantize(m, c.out)
+
+
+def scheduler_config_wrong_type(c):
+    m = c.copy("tiny_pipeline_dir")
+    _edit_json(m / "scheduler" / "scheduler_config.json", lambda d: d.update(num_train_timesteps="many"))
+    return quantize(m, c.out)
+
+
+def symlink_loop(c):
+    loop = c.tmp / "loop"
+    os.symlink(loop, loop)
+    return quantize(loop, c.out)
+
+
+def not_a_model(c):
+    (c.tmp / "notes.txt").write_text("hello")
+    return quantize(c.tmp / "notes.txt", c.out)
+
+
+def truncated_safetensors(c):
+    m = c.copy("tiny_pipeline_dir")
+    w = m / "unet" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    return quantize(m, c.out)
+
+
+def nan_weights(c):
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(c.fixture("tiny_pipeline_dir")))
+    with torch.no_grad():
+        pipe.unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    pipe.save_pretrained(str(c.tmp / "nan"))
+    return quantize(c.tmp / "nan", c.out)
+
+
+def calib_other_model(c):
+    calib = c.calib("digit_pipeline_dir")
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--calib", calib)
+
+
+def calib_other_scheduler(c):
+    calib = c.calib()
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--calib", calib, "--scheduler", "pndm")
+
+
+def calib_other_steps(c):
+    calib = c.calib()
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--calib", calib, "--steps", "5")
+
+
+def calib_not_trajectories(c):
+    save_file({"x": torch.zeros(2)}, str(c.tmp / "other.safetensors"))
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--calib", c.tmp / "other.safetensors")
+
+
+def newer_format(c):
+    q = c.quantized()
+    _edit_json(q / "accuquant.json", lambda d: d.update(format="accuquant.quantized/99"))
+    return sample(q, c.grid)
+
+
+def newer_method_version(c):
+    q = c.quantized()
+    _edit_json(q / "accuquant.json", lambda d: d.update(method_version=99))
+    return sample(q, c.grid)
+
+
+def _tamper(c, change):
+    q = c.quantized()
+    f = q / "unet" / "accuquant_weights.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        md = h.metadata()
+    t = load_file(str(f))
+    change(t, md)
+    save_file(t, str(f), metadata=md)
+    return sample(q, c.grid)
+
+
+def tampered_code_shape(c):
+    def change(t, md):
+        codes = json.loads(md["codes"])
+        name = next(iter(codes))
+        codes[name]["shape"][0] += 1
+        md["codes"] = json.dumps(codes)
+    return _tamper(c, change)
+
+
+def tampered_scale_count(c):
+    def change(t, md):
+        name = next(k for k in t if k.endswith("weight_quant.0.scale") or ("weight" in k and "scale" in k))
+        t[name] = t[name].flatten()[:-1].contiguous()
+    return _tamper(c, change)
+
+
+def prompt_to_class_model(c):
+    return sample(c.fixture("digit_pipeline_dir"), c.grid, "--prompt", "a seven")
+
+
+def labels_to_text_model(c):
+    return sample(c.fixture("sd_pipeline_dir"), c.grid, "--labels", "3")
+
+
+def labels_out_of_range(c):
+    return sample(c.fixture("digit_pipeline_dir"), c.grid, "--labels", "12")
+
+
+def zero_num(c):
+    return sample(c.fixture("tiny_pipeline_dir"), c.grid, "--num", "0")
+
+
+def negative_steps(c):
+    return sample(c.fixture("tiny_pipeline_dir"), c.grid, "--steps", "-3")
+
+
+def zero_calib_samples(c):
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--calib-samples", "0")
+
+
+def negative_batch_size(c):
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--batch-size", "-8")
+
+
+def too_many_steps(c):
+    return sample(c.fixture("tiny_pipeline_dir"), c.grid, "--steps", "2000")
+
+
+def negative_guidance(c):
+    return sample(c.fixture("digit_pipeline_dir"), c.grid, "--guidance-scale", "-1")
+
+
+def non_finite_guidance(c):
+    return sample(c.fixture("digit_pipeline_dir"), c.grid, "--guidance-scale", "nan")
+
+
+def out_is_a_file(c):
+    c.out.write_text("precious")
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out)
+
+
+def out_not_empty(c):
+    c.out.mkdir()
+    (c.out / "keep.txt").write_text("precious")
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out)
+
+
+def out_read_only(c):
+    # /proc takes no new files, even from root (a chmod'ed folder does not stop root)
+    c.out = Path("/proc/accuquant-out")
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out)
+
+
+def grid_not_png(c):
+    c.grid = c.tmp / "grid.jpg"
+    return sample(c.fixture("tiny_pipeline_dir"), c.grid)
+
+
+def cuda_without_gpu(c):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--device", "cuda")
+
+
+def unknown_backend(c):
+    return sample(c.quantized(), c.grid, "--backend", "int9")
+
+
+def weight_bits_out_of_range(c):
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--weight-bits", "9")
+
+
+def unknown_method(c):
+    args = quantize(c.fixture("tiny_pipeline_dir"), c.out)
+    args[args.index("naive")] = "magic"
+    return args
+
+
+def unknown_scheduler(c):
+    return sample(c.fixture("tiny_pipeline_dir"), c.grid, "--scheduler", "euler")
+
+
+def flag_of_another_method(c):
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--iters", "10")
+
+
+def unreadable_prompt_file(c):
+    (c.tmp / "prompts.txt").write_bytes(b"\xff\xfe seven")
+    return sample(c.fixture("sd_pipeline_dir"), c.grid, "--prompt-file", c.tmp / "prompts.txt")
+
+
+#: (id, what is wrong, what the message says); the README's table lists the same
+CASES = [
+    (config_missing_key, "a model `config.json` missing a key", "cannot load UNet2DModel"),
+    (config_wrong_type, "a model `config.json` value of the wrong type", "cannot load UNet2DModel"),
+    (truncated_json, "a truncated JSON file", "not valid JSON"),
+    (non_utf8_json, "a JSON file that is not UTF-8", "not valid JSON"),
+    (sampling_defaults_wrong_type, "`accuquant_sampling.json` with a value of the wrong type",
+     "'guidance_scale' must be a finite number >= 0"),
+    (scheduler_config_wrong_type, "a scheduler config with a value of the wrong type",
+     "cannot build the ddim scheduler"),
+    (symlink_loop, "a model path that is a loop of symbolic links", "a loop of symbolic links"),
+    (not_a_model, "a model path that is not a diffusers model", "not a diffusers model directory"),
+    (truncated_safetensors, "a truncated or corrupt weight file", "corrupt or truncated safetensors"),
+    (nan_weights, "weights holding NaN or inf", "weights contain NaN or inf"),
+    (calib_other_model, "`--calib` trajectories of another model", "collected from another model"),
+    (calib_other_scheduler, "`--calib` trajectories of another sampler", "collected with the ddim sampler"),
+    (calib_other_steps, "`--calib` trajectories of another step count", "steps do not match"),
+    (calib_not_trajectories, "`--calib` with a file that is not a calibration set", "not an accuquant calibration"),
+    (newer_format, "an accuquant model of a newer file format", "unknown format"),
+    (newer_method_version, "an accuquant model made by a newer method version", "made by a newer accuquant"),
+    (tampered_code_shape, "a tampered weight-code shape", "do not match the model"),
+    (tampered_scale_count, "a tampered count of scales", "does not match the model"),
+    (prompt_to_class_model, "a prompt given to a class-conditional model", "prompts given, but this model is "
+     "class-conditional"),
+    (labels_to_text_model, "labels given to a text-conditioned model", "labels given, but this model is "
+     "text-conditioned"),
+    (labels_out_of_range, "a class label out of range", "class labels must be in 0..9"),
+    (zero_num, "`--num 0`", "expected a positive integer"),
+    (negative_steps, "negative `--steps`", "expected a positive integer"),
+    (zero_calib_samples, "`--calib-samples 0`", "expected a positive integer"),
+    (negative_batch_size, "negative `--batch-size`", "expected a positive integer"),
+    (too_many_steps, "more steps than the scheduler's training steps", "2000 is out of range (1 to 1000)"),
+    (negative_guidance, "a negative guidance scale", "guidance_scale: must be a finite number >= 0"),
+    (non_finite_guidance, "a NaN or infinite guidance scale", "guidance_scale: must be a finite number >= 0"),
+    (out_is_a_file, "an `--out` directory that is a file", "exists and is not a directory"),
+    (out_not_empty, "an `--out` directory that is not empty", "not empty (pass --overwrite"),
+    (out_read_only, "an `--out` where nothing can be written", "cannot write in /proc"),
+    (grid_not_png, "a `sample --out` that is not a .png", "use a .png name"),
+    (cuda_without_gpu, "`--device cuda` without a GPU", "no CUDA device is available"),
+    (unknown_backend, "an unknown `--backend`", "unknown backend 'int9'"),
+    (weight_bits_out_of_range, "a bit width out of range", "weight_bits: 9 bits is out of range"),
+    (unknown_method, "an unknown `--method`", "unknown method 'magic'"),
+    (unknown_scheduler, "an unknown `--scheduler`", "unknown scheduler 'euler'"),
+    (flag_of_another_method, "an option of another method (`--iters` for naive)", "not an option of the naive"),
+    (unreadable_prompt_file, "a prompt file that is not UTF-8 text", "cannot read the prompt file"),
+]
+
+
+def _leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith((".tmp", ".old"))]
+
+
+@pytest.mark.parametrize("case, what, message", CASES, ids=[f.__name__ for f, _, _ in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(case, what, message, tmp_path, request, capsys):
+    c = Ctx(tmp_path, request)
+    argv = case(c)
+    before = c.out.read_bytes() if c.out.is_file() else None
+    kept = sorted(c.out.rglob("*")) if c.out.is_dir() else None
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("accuquant: error: "), err
+    assert message in lines[0], lines[0]
+    if before is not None:
+        assert c.out.read_bytes() == before
+    elif kept is not None:
+        assert sorted(c.out.rglob("*")) == kept
+    else:
+        assert not c.out.exists()
+    assert not c.grid.exists() or c.grid.suffix != ".png"
+    assert _leftovers(tmp_path) == []
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(tiny_pipeline_dir, tmp_path):
+    """A write that fails for want of space (simulated with a file-size limit) is refused in
+    one line, after which neither the output nor a temporary file is left."""
+    out = tmp_path / "out"
+
+    def limit():  # 20 kB files: the model's config fits, its weights do not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "accuquant", *quantize(tiny_pipeline_dir, out, "--no-cache")],
+                          capture_output=True, text=True, env=env, preexec_fn=limit)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "cannot write" in lines[0] and "too large" in lines[0], lines[0]
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_readme_lists_every_bad_input():
+    text = README.read_text()
+    for case, what, message in CASES:
+        assert f"| {what} | `{message}` |" in text, f"README: no row for {case.__name__}"
