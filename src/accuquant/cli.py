@@ -276,6 +276,8 @@ def _evaluate(args) -> None:
     _check_scheduler(args.scheduler)
     get_backend(args.backend)
     model = load_pipeline(_model_arg(args), device=args.device, backend=args.backend)
+    if not args.json:
+        _print_placement(model, args.backend)
     r = evaluate(model, args.base, num=args.num, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
                  features=args.features, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
                  use_cache=not args.no_cache, lpips=args.lpips)
@@ -407,12 +409,25 @@ def _sample(args) -> None:
     get_backend(args.backend)  # an unknown backend is refused before the model loads
     prompts = _prompts(args)  # a bad prompt file is refused before the model loads
     pipe = load_pipeline(_model_arg(args), device=args.device, backend=args.backend)
+    _print_placement(pipe, args.backend)
     args.steps, args.scheduler = pipe.sampling_settings(args.steps, args.scheduler)
     x = pipe.sample(args.num, seed=args.seed, steps=args.steps, scheduler=args.scheduler, labels=args.labels,
                     prompts=prompts, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
                     device=args.device, progress=not args.quiet)
     save_grid(pipe.decode(x.to(args.device)), out, args.nrow)
     print(f"wrote {out} ({args.num} samples, {args.steps} {args.scheduler} steps)")
+
+
+def _print_placement(pipe, backend: str) -> None:
+    """Which backend runs the quantized layers, when one other than ``fake`` was asked for."""
+    from .backends import placement
+
+    if backend == "fake" or not pipe.quant:
+        return
+    where = placement(pipe.model)
+    on, off = where.get(backend, []), [n for k, v in where.items() if k != backend for n in v]
+    print(f"backend {backend}: {len(on)} layers on its kernels, {len(off)} on fake"
+          + (f" (first: {off[0]})" if off else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
