@@ -85,3 +85,23 @@ def test_loaded_int8_model_samples_close_to_fake(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "q"), "--backend", "int8", "--num", "2", "--steps", "2",
                  "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
     assert "backend int8: " in capsys.readouterr().out and (tmp_path / "g.png").is_file()
+
+
+def test_speed_times_every_variant_in_one_run(digit_pipeline_dir, tmp_path, capsys):
+    import json
+
+    from accuquant.cli import main
+
+    q = aq.quantize(str(digit_pipeline_dir), aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4, calib_samples=4,
+                    progress=False)
+    q.save(tmp_path / "q")
+    capsys.readouterr()
+    assert main(["speed", "--model", str(tmp_path / "q"), "--repeats", "2", "--steps", "2", "--threads", "1",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["variants"]) == {"fp32", "bf16", "w4a8-fake", "w4a8-int8"} and r["guided"] and r["threads"] == 1
+    for v in r["variants"].values():
+        assert 0 < v["call"]["min_ms"] <= v["call"]["median_ms"] <= v["call"]["max_ms"]
+        assert v["sample"]["median_ms"] > v["call"]["median_ms"]  # two steps cost more than one call
+    n = r["placement"]["fake"]["fake"]
+    assert r["variants"]["fp32"]["call_speedup"] == 1.0 and r["placement"]["int8"] == {"int8": n}

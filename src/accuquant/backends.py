@@ -260,4 +260,4 @@ def placement(model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
-from . import int8_backend  # noqa: E402,F401  (registers "int8")  # pyflakes: ignore
+from . import int8_backend  # noqa: E402,F401  (registers "int8")

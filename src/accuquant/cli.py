@@ -1,4 +1,4 @@
-"""The ``accuquant`` command line: ``quantize``, ``sample``, ``evaluate`` and ``analyze``.
+"""The ``accuquant`` command line: ``quantize``, ``sample``, ``evaluate``, ``analyze``, ``compare`` and ``speed``.
 
 Every problem with the input, and every failed write (a full disk, a permission), ends with
 one line on stderr and exit status 2, and leaves nothing half-written; an interrupt exits
@@ -192,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output prefix: writes PREFIX.csv and PREFIX.png")
     a.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_sampling_args(a, conditioning=False)
+
+    sp = sub.add_parser("speed", help="latency of a quantized model on each backend against its FP base (fp32, "
+                        "bf16 autocast)")
+    sp.add_argument("--model", required=True, help="accuquant output directory")
+    sp.add_argument("--base", default=None, help="the FP base model (default: the one recorded at quantization)")
+    sp.add_argument("--backend", default="fake,int8", help="backends to time, comma-separated (default fake,int8)")
+    sp.add_argument("--batch", type=_positive, default=2, help="samples per call (default 2; guided models run "
+                    "twice the rows)")
+    sp.add_argument("--steps", type=_positive, default=20, help="steps of the timed whole sample (default 20)")
+    sp.add_argument("--repeats", type=_positive, default=5, help="timed repeats; medians are reported (default 5)")
+    sp.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
 
     c = sub.add_parser("compare", help="quantize with several methods and bit widths and write one report")
     c.add_argument("--model", default=None, help="diffusers pipeline or model directory, or "
@@ -418,6 +430,20 @@ def _sample(args) -> None:
     print(f"wrote {out} ({args.num} samples, {args.steps} {args.scheduler} steps)")
 
 
+def _speed(args) -> None:
+    import json
+
+    from .backends import get_backend
+    from .speed import format_speed, measure
+
+    backends = [b for b in args.backend.split(",") if b]
+    for b in backends:
+        get_backend(b)
+    r = measure(_model_arg(args), backends, batch=args.batch, steps=args.steps, repeats=args.repeats,
+                threads=args.threads, base=args.base)
+    print(json.dumps(r) if args.json else format_speed(r))
+
+
 def _print_placement(pipe, backend: str) -> None:
     """Which backend runs the quantized layers, when one other than ``fake`` was asked for."""
     from .backends import placement
@@ -440,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         {"quantize": _quantize, "sample": _sample, "evaluate": _evaluate, "analyze": _analyze,
-         "compare": _compare}[args.command](args)
+         "compare": _compare, "speed": _speed}[args.command](args)
     except AccuQuantError as e:
         print(f"accuquant: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,84 @@
+"""``accuquant speed``: how fast a quantized model runs on each backend, against its FP base.
+
+One process times, in alternating order so that other load falls on all alike: the FP
+base in float32, the FP base under bfloat16 autocast, and the quantized model on each
+backend asked for. Per variant it reports the median (and min, max) over ``repeats`` of
+one denoiser call (the guided batch: ``2 x batch`` rows with guidance) and of a whole
+``batch``-sample run of ``steps`` steps, and the ratio of float32's median to each
+variant's (above 1: faster than float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+
+from .backends import placement
+from .evaluation import base_of
+from .loading import load_pipeline
+from .sampling import make_scheduler
+
+
+def _stats(times: list[float]) -> dict:
+    return {"median_ms": round(1e3 * statistics.median(times), 3), "min_ms": round(1e3 * min(times), 3),
+            "max_ms": round(1e3 * max(times), 3)}
+
+
+def measure(path: str, backends: list[str], batch: int = 2, steps: int = 20, repeats: int = 5,
+            threads: int | None = None, base: str | None = None) -> dict:
+    """Latency of the FP base (float32, bf16 autocast) and of ``path`` on each of ``backends``."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    quant = {b: load_pipeline(path, backend=b) for b in backends}
+    first = next(iter(quant.values()))
+    fp = base_of(first, base)
+    variants = {"fp32": (fp, contextlib.nullcontext), "bf16": (fp, lambda: torch.autocast("cpu", torch.bfloat16))}
+    variants.update({f"w{first.quant['config']['weight_bits'] or 'fp'}a{first.quant['config']['act_bits'] or 'fp'}-"
+                     f"{b}": (p, contextlib.nullcontext) for b, p in quant.items()})
+    steps_, solver = first.sampling_settings(steps, None)
+    den0 = fp.denoiser()
+    x = torch.randn(batch, *den0.sample_shape, generator=torch.Generator().manual_seed(0))
+    cond = fp.conditions(batch)
+    t = make_scheduler(solver, fp.scheduler_config, steps_).timesteps[steps_ // 2]  # a mid-trajectory step
+    calls: dict[str, list[float]] = {k: [] for k in variants}
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.inference_mode():
+        for k, (p, ctx) in variants.items():  # warm-up: first-call allocation and kernel selection
+            with ctx():
+                p.denoiser()(x, t, cond)
+        for _ in range(repeats):
+            for k, (p, ctx) in variants.items():
+                den = p.denoiser()
+                with ctx():
+                    t0 = time.perf_counter()
+                    den(x, t, cond)
+                    calls[k].append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    p.sample(batch, steps=steps_, scheduler=solver, batch_size=batch, progress=False)
+                    samples[k].append(time.perf_counter() - t0)
+    ref_call, ref_sample = statistics.median(calls["fp32"]), statistics.median(samples["fp32"])
+    rows = {}
+    for k in variants:
+        rows[k] = {"call": _stats(calls[k]), "sample": _stats(samples[k]),
+                   "call_speedup": round(ref_call / statistics.median(calls[k]), 3),
+                   "sample_speedup": round(ref_sample / statistics.median(samples[k]), 3)}
+    where = {b: {kind: len(v) for kind, v in placement(p.model).items()} for b, p in quant.items()}
+    return {"model": str(path), "batch": batch, "guided": den0.guided, "steps": steps_, "solver": solver,
+            "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "placement": where, "variants": rows}
+
+
+def format_speed(r: dict) -> str:
+    lines = [f"{r['model']}: batch {r['batch']}{' (guided: twice the rows)' if r['guided'] else ''}, "
+             f"{r['steps']} {r['solver']} steps, {r['threads']} thread(s), medians of {r['repeats']} "
+             f"({r['cpu_capability']})",
+             f"{'variant':>14}  {'denoiser call':>14}  {'x fp32':>7}  {'whole sample':>13}  {'x fp32':>7}"]
+    for k, v in r["variants"].items():
+        lines.append(f"{k:>14}  {v['call']['median_ms']:>11.2f} ms  {v['call_speedup']:>7.2f}  "
+                     f"{v['sample']['median_ms'] / 1e3:>11.2f} s  {v['sample_speedup']:>7.2f}")
+    for b, where in r["placement"].items():
+        lines.append(f"{b}: " + ", ".join(f"{n} layers on {kind}" for kind, n in where.items()))
+    return "\n".join(lines)
