@@ -68,11 +68,12 @@ def calibration_data(pipe: Pipeline, solver, num: int, seed: int, guidance_scale
 
 def keys(fingerprint: str, config: QuantConfig, mconfig: MethodConfig, calib: Trajectories, seed: int,
          batch_size: int, guidance_scale: float) -> tuple[str, str]:
-    """The run key (names the checkpoint: everything the result depends on) and the base key
-    (the same without the method: names results that other methods start from)."""
+    """The run key (names the checkpoint: everything the result depends on but the learning
+    rates, so that ``--resume`` may continue a diverged run with a smaller one) and the base
+    key (the same without the method: names results that other methods start from)."""
     common = {"model": fingerprint, "config": config.to_dict(), "seed": seed, "batch_size": batch_size,
               "g": guidance_scale, "calib": calib.digest()}
-    return cache.digest({**common, "method": mconfig.to_dict()}), cache.digest(common)
+    return cache.digest({**common, "method": mconfig.resume_dict()}), cache.digest(common)
 
 
 def quantize(

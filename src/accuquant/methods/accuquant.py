@@ -43,7 +43,7 @@ class AccuQuantConfig(MethodConfig):
     grad: str = option("checkpoint", "gradient through a group", choices=GRAD_MODES)
     init: str = option("per-step", "starting point", choices=("per-step", "naive"))
     iters: int = option(100, "optimisation steps", minimum=0)
-    lr: float = option(1e-3, "learning rate relative to each step size", positive=True)
+    lr: float = option(1e-3, "learning rate relative to each step size", positive=True, rate=True)
     traj_batch: int = option(8, "trajectories per optimisation step", flag="batch-size", minimum=1)
     schedule: str = option("uniform", "order of groups (uniform: at random)", choices=("uniform", "cycle"))
     rounding: str = option("keep", "weight rounding: keep (the initialisation's integer codes, scaled by the "
@@ -51,7 +51,7 @@ class AccuQuantConfig(MethodConfig):
                            choices=("keep", "learn"))
     save_every: int = option(25, "checkpoint period in iterations", cli=False, minimum=1)
     round_lr: float = option(5e-2, "learning rate of the rounding variables (rounding=learn)", cli=False,
-                             positive=True)
+                             positive=True, rate=True)
     round_reg: float = option(1e-4, "weight of the rounding regulariser, relative to the loss", cli=False, minimum=0)
     round_margin: float = option(2.0, "|alpha| of a hard decision made learnable again", cli=False, positive=True)
 

@@ -21,10 +21,12 @@ from ..errors import AccuQuantError, ConfigError
 
 
 def option(default, help: str, *, cli: bool = True, flag: str | None = None, choices: tuple | None = None,
-           minimum: float | None = None, positive: bool = False):
+           minimum: float | None = None, positive: bool = False, rate: bool = False):
     """A config field: its default, help text, whether it is a command-line flag (``flag``:
-    another name than the field's), and what values are valid."""
-    meta = {"help": help, "cli": cli, "flag": flag, "choices": choices, "minimum": minimum, "positive": positive}
+    another name than the field's), and what values are valid. ``rate``: a learning rate,
+    which ``--resume`` may change (a diverged run continues with a smaller one)."""
+    meta = {"help": help, "cli": cli, "flag": flag, "choices": choices, "minimum": minimum, "positive": positive,
+            "rate": rate}
     return field(default=default, metadata=meta)
 
 
@@ -58,6 +60,11 @@ class MethodConfig(JSONConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.NAME, "version": self.VERSION, **dataclasses.asdict(self)}
+
+    def resume_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the learning rates: what a checkpoint must match to be resumed."""
+        rates = {f.name for f in dataclasses.fields(self) if f.metadata.get("rate")}
+        return {k: v for k, v in self.to_dict().items() if k not in rates}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":

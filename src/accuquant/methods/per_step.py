@@ -38,9 +38,10 @@ from .naive import init_act_ranges, init_weight_ranges
 class PerStepConfig(MethodConfig):
     NAME = "per-step"
     iters: int = option(300, "AdaRound iterations per block", minimum=0)
-    lr: float = option(1e-2, "learning rate of the rounding variables", positive=True)
+    lr: float = option(1e-2, "learning rate of the rounding variables", positive=True, rate=True)
     act_iters: int = option(100, "activation step-size iterations per block", minimum=0)
-    act_lr: float = option(1e-3, "learning rate of activation step sizes, relative to each step size", positive=True)
+    act_lr: float = option(1e-3, "learning rate of activation step sizes, relative to each step size", positive=True,
+                           rate=True)
     samples_per_step: int = option(32, "calibration points per sampling step (all trajectories if fewer)", minimum=1)
     reg_weight: float = option(0.01, "weight of AdaRound's rounding regulariser", cli=False, minimum=0)
     warmup: float = option(0.2, "fraction of the AdaRound iterations without the regulariser", cli=False, minimum=0)
