@@ -115,12 +115,19 @@ OTHER_TABLES = [
      "(`benchmarks/results/ablation_mnist-dit.{md,json}`): AccuQuant with M = 1, 2, 4, 8 and the whole 20-step "
      "trajectory at the same compute (iterations x M = 400; M = 8 cuts the trajectory into 8 + 8 + 4, so slightly "
      "fewer evaluations), each from the per-step result of its seed; and per-step with every layer quantized, or "
-     "with the timestep and adaLN MLPs of every block also kept in full precision, against the default (patch "
-     "embedding and output projections in full precision)."),
+     "with the timestep and adaLN MLPs of every block (or only one of the two) also kept in full precision, "
+     "against the default (patch embedding and output projections in full precision), and AccuQuant (M = 4) with "
+     "both MLPs in full precision."),
     ("compare_mnist-sd.md", "mnist-sd (latent text-to-image): all methods",
      "`python benchmarks/families.py --model mnist-sd --bits w8a8,w4a8,w3a8 --seeds 0 --num 500`, then "
      "`--bits w4a8,w3a8 --seeds 1,2` (`benchmarks/results/compare_mnist-sd*.{md,json}`, grids in "
      "`docs/compare/mnist-sd/`): each seed, then the mean (min..max) over seeds."),
+    ("ablation_mnist-sd.md", "mnist-sd: group size at equal compute",
+     "`python benchmarks/ablation.py --model mnist-sd --bits w4a8 --num 300 --seeds 0,1,2 --variants ...` "
+     "(`benchmarks/results/ablation_mnist-sd.{md,json}`): the same group-size ablation on the text-to-image UNet."),
+    ("reliability.md", "Reliability",
+     "`python benchmarks/kill_resume.py --trials 10`, then `python benchmarks/reliability.py --pairs 3` "
+     "(`benchmarks/results/kill_resume.json`, `reliability.{md,json}`)."),
     ("memory.md", "Memory of one AccuQuant step",
      "`python benchmarks/memory.py` (`benchmarks/results/memory.md`): one optimisation step over M steps, 8 "
      "trajectories (16 rows with guidance), W4A8; peak resident memory during the step minus the memory before "

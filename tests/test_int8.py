@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.backends import build_layer, placement
+from accuquant.backends import build_layer
+from accuquant.layers import placement
 from accuquant.int8_backend import available
 from accuquant.layers import quant_layers
 from conftest import class_pipeline

@@ -243,21 +243,3 @@ def _reversed_padding(padding, dilation, kernel) -> list[int]:
 
 
 register_backend("fake", FakeQuantLayer)
-
-
-def placement(model: nn.Module) -> dict[str, list[str]]:
-    """Frozen layers by the backend that runs them; a fallback's entry gives its reason."""
-    from .layers import quant_layers
-
-    out: dict[str, list[str]] = {}
-    for name, layer in quant_layers(model).items():
-        k = layer.kernel
-        if k is None:
-            continue
-        where = getattr(k, "runs_on", "fake")
-        why = getattr(k, "why", None)
-        out.setdefault(where, []).append(name + (f" ({why})" if why else ""))
-    return out
-
-
-from . import int8_backend  # noqa: E402,F401  (registers "int8")

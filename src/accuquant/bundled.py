@@ -1,6 +1,6 @@
 """The bundled domain: MNIST diffusion models (``mnist-ddpm``, a class-conditional pixel
 UNet, the default; ``mnist-sd``, a Stable Diffusion pipeline; ``mnist-dit``, a DiT
-pipeline), the digit classifier, and the held-out digits that are the evaluation's
+pipeline; ``mnist-sd3``, a Stable Diffusion 3 (MMDiT, flow matching) pipeline), the digit classifier, and the held-out digits that are the evaluation's
 real-data reference.
 
 All of it ships inside the package (``accuquant/assets``); nothing is read from outside.

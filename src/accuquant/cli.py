@@ -446,7 +446,7 @@ def _speed(args) -> None:
 
 def _print_placement(pipe, backend: str) -> None:
     """Which backend runs the quantized layers, when one other than ``fake`` was asked for."""
-    from .backends import placement
+    from .layers import placement
 
     if backend == "fake" or not pipe.quant:
         return

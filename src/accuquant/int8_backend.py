@@ -10,7 +10,7 @@ CPUs without VNNI instructions (AVX2 only) multiply uint8 by int8 in pairs summe
 int16, which saturates unless ``|qw| <= 64``; there, weights whose codes leave that range
 (8-bit weights) stay on ``fake``. A layer the kernels cannot run (activations above 8
 bits or not quantized, float weights, 1-D convs, a padding mode other than zeros, another
-device) also stays on ``fake``; :func:`accuquant.backends.placement` says which layers run
+device) also stays on ``fake``; :func:`accuquant.layers.placement` says which layers run
 where, and why.
 """
 

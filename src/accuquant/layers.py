@@ -26,6 +26,7 @@ from torch import nn
 
 from .adapters import ADAPTERS, Denoiser
 from .attention import QUANT_PROCESSORS
+from . import int8_backend  # noqa: F401  (registers the "int8" backend before any freeze)
 from .backends import Grid, LayerSpec, get_backend
 from .config import QuantConfig
 from .quantizers import UniformQuantizer
@@ -256,3 +257,16 @@ def freeze_model(model: nn.Module, backend: str = "fake") -> None:
     get_backend(backend)
     for layer in quant_layers(model).values():
         layer.freeze(backend)
+
+
+def placement(model: nn.Module) -> dict[str, list[str]]:
+    """Frozen layers by the backend that runs them; a fallback's entry gives its reason."""
+    out: dict[str, list[str]] = {}
+    for name, layer in quant_layers(model).items():
+        k = layer.kernel
+        if k is None:
+            continue
+        where = getattr(k, "runs_on", "fake")
+        why = getattr(k, "why", None)
+        out.setdefault(where, []).append(name + (f" ({why})" if why else ""))
+    return out

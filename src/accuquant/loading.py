@@ -27,6 +27,7 @@ from .config import QuantConfig
 from .errors import AccuQuantError
 from .export import FORMAT, QUANT_FILE, SCALARS, WEIGHTS_FILE, module_dtype, unpack_codes
 from .layers import freeze_model, quant_layers, wrap_model
+from .methods.base import METHODS
 from .pipeline import DENOISER_NAMES, SAMPLING_FILE, Pipeline, SamplingDefaults
 from .safety import check_finite, check_safetensors
 
@@ -179,8 +180,6 @@ def _load_quantized(root: Path, device: str, backend: str) -> Pipeline:
     if meta.get("format") != FORMAT:
         raise AccuQuantError(f"{root / QUANT_FILE}: unknown format {meta.get('format')!r}")
     method, version = meta.get("method"), meta.get("method_version")
-    from .api import METHODS
-
     if method in METHODS and isinstance(version, int) and version > METHODS[method].Config.VERSION:
         raise AccuQuantError(f"{root}: made by a newer accuquant ({method} version {version}; this one knows up to "
                              f"{METHODS[method].Config.VERSION}): upgrade accuquant to load it")

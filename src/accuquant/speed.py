@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .backends import placement
+from .layers import placement
 from .evaluation import base_of
 from .loading import load_pipeline
 from .sampling import make_scheduler
