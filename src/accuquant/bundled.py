@@ -17,7 +17,7 @@ from .errors import AccuQuantError
 
 ASSETS = Path(__file__).parent / "assets"
 #: the bundled models, chosen by name (``--model mnist-sd``); the first is the default
-MODELS = ("mnist-ddpm", "mnist-sd", "mnist-dit")
+MODELS = ("mnist-ddpm", "mnist-sd", "mnist-dit", "mnist-sd3")
 DEFAULT_MODEL = ASSETS / MODELS[0]
 CLASSIFIER = ASSETS / "mnist-classifier"
 HELDOUT = ASSETS / "mnist_heldout.safetensors"
