@@ -78,7 +78,7 @@ def main() -> None:
     result = {
         "model": f"bundled {args.model}",
         "parameters": sum(t.numel() for t in pipe.model.parameters()),
-        "scheduler": "ddim",
+        "scheduler": pipe.sampling_settings(args.steps, None)[1],  # the model's default sampler
         "fp": main_row,
         "fid_floor_train_vs_heldout": ref["fid_train_vs_heldout"],
         "fid_floor_train1000_vs_heldout": ref["fid_train1000_vs_heldout"],
