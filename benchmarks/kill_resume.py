@@ -43,8 +43,9 @@ JOBS = {
                  "--summary", "0", *COMMON],
     "accuquant": ["quantize", "--method", "accuquant", "--iters", "6", "--group-size", "2", "--summary", "0",
                   *COMMON],
-    "compare": ["compare", "--methods", "naive,per-step", "--bits", "w4a8", "--num", "8", "--steps", "3",
-                "--calib-samples", "4", "--quiet"],
+    # naive at two bit widths: the comparison's own machinery (pairs, FP samples, analysis, report)
+    "compare": ["compare", "--methods", "naive", "--bits", "w4a8,w8a8", "--num", "8", "--analyze-num", "4",
+                "--steps", "3", "--calib-samples", "4", "--quiet"],
 }
 
 
@@ -168,13 +169,18 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/kill_resume.json"))
     args = p.parse_args()
+    out = Path(args.out)
+    done = {j["job"]: j for j in json.loads(out.read_text())["jobs"]} if out.exists() else {}
+    summary = []
     with tempfile.TemporaryDirectory(prefix="accuquant-kill-") as tmp:
         model = build_model(Path(tmp) / "model")
-        summary = [check_job(job, model, Path(tmp), args.trials, args.seed) for job in args.jobs.split(",")]
-    doc = {"jobs": summary, "torch": torch.__version__, "trials": args.trials, "seed": args.seed}
-    tmp_out = Path(args.out + ".tmp")
-    tmp_out.write_text(json.dumps(doc, indent=2))
-    tmp_out.replace(args.out)
+        for job in args.jobs.split(","):  # written after each job (other jobs' earlier results kept)
+            summary.append(check_job(job, model, Path(tmp), args.trials, args.seed))
+            done[job] = summary[-1]
+            doc = {"jobs": [done[j] for j in JOBS if j in done], "torch": torch.__version__, "seed": args.seed}
+            tmp_out = Path(args.out + ".tmp")
+            tmp_out.write_text(json.dumps(doc, indent=2))
+            tmp_out.replace(out)
     for s in summary:
         print(f"{s['job']}: {s['identical']}/{s['trials']} bit-identical after kill and resume "
               f"({s['interrupted']} interrupted; uninterrupted run {s['uninterrupted_s']} s)")
