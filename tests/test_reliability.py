@@ -85,3 +85,16 @@ def test_two_runs_at_once_on_one_cache_both_succeed_and_leave_it_valid(digit_pip
                 md = h.metadata()
             if "sha256" in md:
                 assert checksum(load_file(str(f))) == md["sha256"]
+
+
+def test_compare_killed_while_writing_its_marker_reruns(tmp_path):
+    """A comparison killed between creating --out and renaming its settings file into it
+    leaves only a dead writer's temporary there: the same command accepts the folder."""
+    from accuquant.compare import CompareSettings, prepare_out
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / f".compare.json.{int(dead.stdout)}.x1y2.tmp").write_text("{")
+    prepare_out(out, CompareSettings(model="bundled:mnist-ddpm", methods=["naive"], bits=["w4a8"]))
+    assert [p.name for p in out.iterdir()] == ["compare.json"]

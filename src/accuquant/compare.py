@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .config import QuantConfig
 from .errors import AccuQuantError
-from .safety import atomic_path
+from .safety import atomic_path, clean_stale
 
 _BITS = re.compile(r"^w(\d+|fp)a(\d+|fp)$")
 
@@ -114,6 +114,7 @@ def prepare_out(out: Path, settings: CompareSettings) -> None:
     marker = out / "compare.json"
     if out.exists() and not out.is_dir():
         raise AccuQuantError(f"--out {out}: exists and is not a directory")
+    clean_stale(marker)  # a run killed while writing the marker left only its temporary
     if out.is_dir() and any(out.iterdir()):
         old = _read_json(marker)
         if old is None:
