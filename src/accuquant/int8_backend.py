@@ -17,7 +17,6 @@ where, and why.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import nn
@@ -32,8 +31,6 @@ class Unsupported(Exception):
 @functools.lru_cache(maxsize=None)
 def vnni() -> bool:
     """Whether this CPU multiplies uint8 by int8 without int16 saturation (VNNI or AMX)."""
-    if os.environ.get("ACCUQUANT_INT8_ASSUME_NO_VNNI"):
-        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((ln for ln in f if ln.startswith("flags")), "")
