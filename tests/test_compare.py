@@ -102,12 +102,33 @@ def test_a_rerun_keeps_finished_pairs_and_other_settings_are_refused(comparison,
     (["--bits", "w4"], "w<bits>a<bits>"),
     (["--methods", "magic"], "unknown method"),
     (["--num", "0"], "num"),
+    (["--backend", "magic"], "unknown backend"),
 ])
 def test_bad_input_is_refused_in_one_line(tmp_path, capsys, args, message):
     assert main(["compare", "--out", str(tmp_path / "o"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_models_can_be_scored_on_the_int8_backend(comparison, tmp_path, capsys):
+    """``--backend int8`` scores the saved models on the integer kernels; the backend is part
+    of the settings, so the same directory refuses a rerun on another backend."""
+    from accuquant.int8_backend import available
+
+    if not available():
+        pytest.skip("this torch build has no oneDNN int8 kernels")
+    model, _ = comparison
+    out = tmp_path / "int8"
+    args = [a if a != "w8a8,w2a4" else "w4a8" for a in ARGS]
+    assert main(["compare", "--model", str(model), "--out", str(out), "--backend", "int8", *args]) == 0
+    res = json.loads((out / "results.json").read_text())
+    (run,) = res["runs"]
+    assert res["settings"]["backend"] == "int8" and run["bits"] == "w4a8"
+    assert run["metrics"]["psnr"] > 10 and run["metrics"]["fid2fp"] >= 0
+    capsys.readouterr()
+    assert main(["compare", "--model", str(model), "--out", str(out), *args]) == 2
+    assert "other settings (backend)" in capsys.readouterr().err
 
 
 def test_an_unrelated_directory_is_not_used(tmp_path, capsys):

@@ -106,3 +106,30 @@ def test_speed_times_every_variant_in_one_run(digit_pipeline_dir, tmp_path, caps
         assert v["sample"]["median_ms"] > v["call"]["median_ms"]  # two steps cost more than one call
     n = r["placement"]["fake"]["fake"]
     assert r["variants"]["fp32"]["call_speedup"] == 1.0 and r["placement"]["int8"] == {"int8": n}
+    w = {k: v["weights_vs_fp32"] for k, v in r["variants"].items()}
+    assert w["fp32"] == w["bf16"] == 1.0 and w["w4a8-int8"] < 0.5 < w["w4a8-fake"], w
+
+
+def test_int8_model_holds_its_quantized_weights_in_a_quarter_of_fp32(tmp_path):
+    """Loaded on int8, a W4A8 model keeps only the prepacked int8 weights of its quantized
+    layers (one byte per weight, no codes or float copies beside them): those layers hold
+    at most 0.3x the bytes of their float32 weights; saving or moving such a model is refused
+    with a clear error, since it keeps no other copy."""
+    from accuquant.errors import AccuQuantError
+    from accuquant.layers import resident_bytes
+
+    base = class_pipeline()
+    fp = {n: resident_bytes(m) for n, m in base.model.named_modules()}
+    q = aq.quantize(base, aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4, calib_samples=4, progress=False)
+    q.save(tmp_path / "q")
+    fake, int8 = aq.load(tmp_path / "q"), aq.load(tmp_path / "q", backend="int8")
+    layers = quant_layers(int8.model)
+    assert layers and all(layer.kernel.runs_on == "int8" for layer in layers.values())
+    ref = sum(fp[n] for n in layers)  # float32 weight and bias of the same layers
+    held = sum(resident_bytes(layer) for layer in layers.values())
+    held_fake = sum(resident_bytes(layer) for layer in quant_layers(fake.model).values())
+    assert held <= 0.3 * ref < held_fake, (held, held_fake, ref)
+    assert resident_bytes(int8.model) < resident_bytes(fake.model)
+    with pytest.raises(AccuQuantError, match="only in its int8 kernels"):
+        int8.save(tmp_path / "again")
+    assert not (tmp_path / "again").exists()

@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare); a rerun with "
                    "the same settings skips the pairs already done")
     c.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    c.add_argument("--backend", default="fake", help="what runs the quantized models' layers while they are scored "
+                   "(default fake; int8: the CPU's integer kernels)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -243,7 +245,7 @@ def _compare(args) -> None:
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         bits=[b.strip().lower() for b in args.bits.split(",") if b.strip()],
         num=args.num, steps=args.steps, scheduler=args.scheduler, calib_samples=args.calib_samples, seed=args.seed,
-        analyze_num=args.analyze_num, grid=args.grid, device=args.device)
+        analyze_num=args.analyze_num, grid=args.grid, device=args.device, backend=args.backend)
     results = run_compare(settings, args.out, quiet=args.quiet)
     print(markdown_table(results))
     print(f"wrote {Path(args.out) / 'report.md'}, report.html and results.json ({results['wall_s']:.0f} s)")

@@ -62,9 +62,13 @@ class CompareSettings:
     analyze_num: int = 256  # paired samples for the error curves
     grid: int = 10  # samples per row of the sample grids
     device: str = "cpu"
+    backend: str = "fake"  # what runs the quantized layers while they are scored
 
     def check(self) -> None:
+        from .backends import get_backend
         from .methods.base import method_class
+
+        get_backend(self.backend)
 
         if not self.methods:
             raise AccuQuantError("--methods: give at least one method")
@@ -86,6 +90,8 @@ class CompareSettings:
         d = dataclasses.asdict(self)
         for k in ("methods", "bits", "device"):
             d.pop(k)
+        if d["backend"] == "fake":  # the default leaves the key of comparisons made before backends as it was
+            d.pop("backend")
         return d
 
 
@@ -119,9 +125,11 @@ def prepare_out(out: Path, settings: CompareSettings) -> None:
         old = _read_json(marker)
         if old is None:
             raise AccuQuantError(f"--out {out}: exists, is not empty and holds no comparison")
-        old_key = {k: v for k, v in old.items() if k not in ("methods", "bits", "device")}
-        if old_key != settings.run_key():
-            diff = sorted(k for k in settings.run_key() if old_key.get(k) != settings.run_key()[k])
+        old_key = {k: v for k, v in old.items() if k not in ("methods", "bits", "device")
+                   and not (k == "backend" and v == "fake")}
+        new_key = settings.run_key()
+        if old_key != new_key:
+            diff = sorted(k for k in {*new_key, *old_key} if old_key.get(k) != new_key.get(k))
             raise AccuQuantError(f"--out {out}: holds a comparison with other settings ({', '.join(diff)}); "
                                  "choose another directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +238,7 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
             stamp_path.unlink(missing_ok=True)
             cost = quantize_process(settings, method, bits, model_dir, quiet)
             _write_json(stamp_path, {"key": key, "method_version": version, "cost": cost})
-        q = load_pipeline(model_dir).to(settings.device)
+        q = load_pipeline(model_dir, device=settings.device, backend=settings.backend)
         log(f"[{k}/{len(pairs)}] {method} {bits}: scoring {settings.num} paired samples")
         metrics = to_json_safe(evaluate(q, base=fp, **ev))
         log(f"[{k}/{len(pairs)}] {method} {bits}: error curves on {settings.analyze_num} paired samples")

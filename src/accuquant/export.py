@@ -104,6 +104,8 @@ def save_quantized(pipe, out: str | Path, overwrite: bool = False) -> None:
     layers = quant_layers(pipe.model)
     if any(not layer.frozen and layer.weight_quant for layer in layers.values()):
         raise AccuQuantError("the model is not frozen; quantize() freezes it")
+    for layer in layers.values():
+        layer._need_codes()
     tensors, shapes, scalars = {}, {}, {}
     for key, t in pipe.model.state_dict().items():
         t = t.detach().cpu().contiguous()

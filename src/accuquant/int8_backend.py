@@ -61,6 +61,7 @@ class Int8Layer(nn.Module):
     """A frozen Linear or Conv2d on oneDNN's int8 kernels (see the module docstring)."""
 
     runs_on = "int8"
+    holds_weights = True  # the prepacked tensors are the weight's only copy (see QuantLayer.freeze)
 
     def __init__(self, spec: LayerSpec):
         super().__init__()

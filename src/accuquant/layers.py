@@ -29,6 +29,7 @@ from .attention import QUANT_PROCESSORS
 from . import int8_backend  # noqa: F401  (registers the "int8" backend before any freeze)
 from .backends import Grid, LayerSpec, get_backend
 from .config import QuantConfig
+from .errors import AccuQuantError
 from .quantizers import UniformQuantizer
 
 WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -68,11 +69,17 @@ class QuantLayer(nn.Module):
         )
         self.register_buffer("weight_codes", None)
         self.register_module("kernel", None)  # the backend module, once frozen
+        self.codes_in_kernel = False  # the codes were dropped: the kernel holds the only copy
 
     # ------------------------------------------------------------------ helpers
     @property
     def frozen(self) -> bool:
-        return self.weight_codes is not None
+        return self.weight_codes is not None or self.codes_in_kernel
+
+    def _need_codes(self) -> None:
+        if self.codes_in_kernel:
+            raise AccuQuantError("this model's integer weights live only in its int8 kernels (a model loaded with "
+                                 "backend int8 keeps no other copy); load it again for another backend or to save it")
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -92,6 +99,7 @@ class QuantLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         """The weight as the forward uses it (dequantized codes when frozen)."""
         if self.frozen:
+            self._need_codes()
             parts = self._parts(self.weight_codes, 1)
             return torch.cat(
                 [q.from_int(c.to(torch.int16) + q.qmin) for q, c in zip(self.weight_quant, parts)], dim=1
@@ -120,8 +128,11 @@ class QuantLayer(nn.Module):
     @torch.no_grad()
     def freeze(self, backend: str = "fake") -> None:
         """Replace the float weight by its integer codes (stored as ``q - qmin``, uint8) and
-        run the layer on ``backend`` from here on."""
+        run the layer on ``backend`` from here on. A kernel that holds the weight itself
+        (``holds_weights``: the int8 backend's prepacked tensors) takes the only copy: the
+        codes are dropped, so the model stays small, and can no longer be saved or moved."""
         build = get_backend(backend)
+        self._need_codes()
         if not self.frozen and self.weight_quant:
             codes = [q.to_int(p) - q.qmin for q, p in self.weight_parts()]
             self.weight_codes = torch.cat(codes, dim=1).to(torch.uint8)
@@ -130,6 +141,8 @@ class QuantLayer(nn.Module):
                 q.codes = None
             del self.module.weight
         self.kernel = build(self.spec())
+        if getattr(self.kernel, "holds_weights", False):
+            self.weight_codes, self.codes_in_kernel = None, True
 
     @torch.no_grad()
     def spec(self) -> LayerSpec:
@@ -138,6 +151,7 @@ class QuantLayer(nn.Module):
         grids = lambda qs: [Grid(q.scale.detach(), q.zero_point, q.bits, q.symmetric) for q in qs]  # noqa: E731
         codes = None
         if self.frozen:
+            self._need_codes()
             parts = self._parts(self.weight_codes, 1)
             codes = torch.cat([c.to(torch.int16) + q.qmin for q, c in zip(self.weight_quant, parts)], dim=1)
         elif self.weight_quant:
@@ -257,6 +271,20 @@ def freeze_model(model: nn.Module, backend: str = "fake") -> None:
     get_backend(backend)
     for layer in quant_layers(model).values():
         layer.freeze(backend)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors ``model`` holds: its parameters and buffers (each storage once)
+    and the opaque prepacked weights of its kernels (``packed``)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    for m in model.modules():
+        total += sum(p.numel() * p.element_size() for p in getattr(m, "packed", ()))
+    return total
 
 
 def placement(model: nn.Module) -> dict[str, list[str]]:

@@ -5,7 +5,9 @@ base in float32, the FP base under bfloat16 autocast, and the quantized model on
 backend asked for. Per variant it reports the median (and min, max) over ``repeats`` of
 one denoiser call (the guided batch: ``2 x batch`` rows with guidance) and of a whole
 ``batch``-sample run of ``steps`` steps, and the ratio of float32's median to each
-variant's (above 1: faster than float32).
+variant's (above 1: faster than float32). It also gives the bytes of the tensors each
+variant's denoiser holds (:func:`accuquant.layers.resident_bytes`; bf16 autocast casts on the
+fly and holds float32's), as a ratio of float32's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from .layers import placement
+from .layers import placement, resident_bytes
 from .evaluation import base_of
 from .loading import load_pipeline
 from .sampling import make_scheduler
@@ -60,11 +62,14 @@ def measure(path: str, backends: list[str], batch: int = 2, steps: int = 20, rep
                     p.sample(batch, steps=steps_, scheduler=solver, batch_size=batch, progress=False)
                     samples[k].append(time.perf_counter() - t0)
     ref_call, ref_sample = statistics.median(calls["fp32"]), statistics.median(samples["fp32"])
+    ref_bytes = resident_bytes(fp.model)
     rows = {}
-    for k in variants:
+    for k, (p, _) in variants.items():
+        held = resident_bytes(p.model)
         rows[k] = {"call": _stats(calls[k]), "sample": _stats(samples[k]),
                    "call_speedup": round(ref_call / statistics.median(calls[k]), 3),
-                   "sample_speedup": round(ref_sample / statistics.median(samples[k]), 3)}
+                   "sample_speedup": round(ref_sample / statistics.median(samples[k]), 3),
+                   "weights_mb": round(held / 2**20, 3), "weights_vs_fp32": round(held / ref_bytes, 3)}
     where = {b: {kind: len(v) for kind, v in placement(p.model).items()} for b, p in quant.items()}
     return {"model": str(path), "batch": batch, "guided": den0.guided, "steps": steps_, "solver": solver,
             "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -75,10 +80,12 @@ def format_speed(r: dict) -> str:
     lines = [f"{r['model']}: batch {r['batch']}{' (guided: twice the rows)' if r['guided'] else ''}, "
              f"{r['steps']} {r['solver']} steps, {r['threads']} thread(s), medians of {r['repeats']} "
              f"({r['cpu_capability']})",
-             f"{'variant':>14}  {'denoiser call':>14}  {'x fp32':>7}  {'whole sample':>13}  {'x fp32':>7}"]
+             f"{'variant':>14}  {'denoiser call':>14}  {'x fp32':>7}  {'whole sample':>13}  {'x fp32':>7}  "
+             f"{'weights':>10}  {'x fp32':>6}"]
     for k, v in r["variants"].items():
         lines.append(f"{k:>14}  {v['call']['median_ms']:>11.2f} ms  {v['call_speedup']:>7.2f}  "
-                     f"{v['sample']['median_ms'] / 1e3:>11.2f} s  {v['sample_speedup']:>7.2f}")
+                     f"{v['sample']['median_ms'] / 1e3:>11.2f} s  {v['sample_speedup']:>7.2f}  "
+                     f"{v['weights_mb']:>7.2f} MB  {v['weights_vs_fp32']:>6.3f}")
     for b, where in r["placement"].items():
         lines.append(f"{b}: " + ", ".join(f"{n} layers on {kind}" for kind, n in where.items()))
     return "\n".join(lines)
