@@ -293,6 +293,12 @@ def unreadable_prompt_file(c):
     return sample(c.fixture("sd_pipeline_dir"), c.grid, "--prompt-file", c.tmp / "prompts.txt")
 
 
+def batch_smaller_than_its_pieces(c):
+    args = quantize(c.fixture("tiny_pipeline_dir"), c.out, "--batch-size", "2", "--micro-batches", "4")
+    args[args.index("naive")] = "accuquant"
+    return args
+
+
 #: (id, what is wrong, what the message says); the README's table lists the same
 CASES = [
     (config_missing_key, "a model `config.json` missing a key", "cannot load UNet2DModel"),
@@ -337,6 +343,8 @@ CASES = [
     (unknown_method, "an unknown `--method`", "unknown method 'magic'"),
     (unknown_scheduler, "an unknown `--scheduler`", "unknown scheduler 'euler'"),
     (flag_of_another_method, "an option of another method (`--iters` for naive)", "not an option of the naive"),
+    (batch_smaller_than_its_pieces, "more `--micro-batches` (times ranks) than rows in a batch",
+     "a batch of 2 cannot be split into 4 pieces"),
     (unreadable_prompt_file, "a prompt file that is not UTF-8 text", "cannot read the prompt file"),
 ]
 

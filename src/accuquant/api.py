@@ -19,6 +19,7 @@ from . import cache
 from .calibration import Trajectories, collect_trajectories
 from .config import QuantConfig
 from .engine import Run, calibrate, save_result
+from .distributed import is_main, world
 from .errors import AccuQuantError
 from .layers import freeze_model, wrap_model
 from .loading import DTYPES, as_pipeline
@@ -61,7 +62,7 @@ def calibration_data(pipe: Pipeline, solver, num: int, seed: int, guidance_scale
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
     traj = collect_trajectories(den, solver, num, seed, cond, batch_size, device, progress)
     traj.meta["model"] = pipe.fingerprint()  # a saved set passed to another model is refused
-    if use_cache:
+    if use_cache and is_main():
         traj.save(path)
     return traj
 
@@ -90,6 +91,7 @@ def quantize(
     labels=None,
     prompts: list[str] | None = None,
     batch_size: int = 32,
+    micro_batches: int = 1,
     device: str = "cpu",
     progress: bool = True,
     inplace: bool = False,
@@ -111,6 +113,10 @@ def quantize(
         calib_samples, seed, labels, prompts: what the calibration trajectories start from.
         guidance_scale: classifier-free guidance scale (default: the model's).
         batch_size: samples per forward pass during calibration.
+        micro_batches: passes per optimisation batch (gradient accumulation: less memory,
+            the same step up to float rounding). Under ``torch.distributed`` each rank
+            computes its share of every batch and the gradients are summed over the ranks
+            (:mod:`accuquant.distributed`).
         device: ``"cpu"`` or ``"cuda"``.
         inplace: quantize ``source``'s own model instead of a copy.
         use_cache: reuse calibration trajectories and results cached by earlier runs.
@@ -122,6 +128,13 @@ def quantize(
     """
     config = config if config is not None else QuantConfig()
     mconfig = method_config(method, method_options)
+    if int(micro_batches) < 1:
+        raise AccuQuantError(f"micro_batches must be at least 1, not {micro_batches}")
+    pieces = int(micro_batches) * world()[1]
+    smallest = min(batch_size, getattr(mconfig, "traj_batch", batch_size))
+    if pieces > smallest:
+        raise AccuQuantError(f"a batch of {smallest} cannot be split into {pieces} pieces ({world()[1]} ranks x "
+                             f"{micro_batches} micro-batches): use a larger --batch-size or fewer pieces")
     check_device(device)
     pipe = as_pipeline(source, copy_model=not inplace)
     if pipe.quant is not None:
@@ -157,14 +170,16 @@ def quantize(
     cache.forget(pipe.model)  # changed in place: not the FP model any more
     pipe.to(device)
     key, base_key = keys(fingerprint, config, mconfig, calib, seed, batch_size, den.guidance_scale)
-    run = Run(den, solver, calib, config, batch_size, device, progress, seed,
+    run = Run(den, solver, calib, config, batch_size, device, progress and is_main(), seed,
               checkpoint=cache.cache_dir() / "runs" / f"{key}.safetensors", resume=resume, key=key,
-              base_key=base_key, result_cache=cache.cache_dir() / "results" if use_cache else None)
+              base_key=base_key, result_cache=cache.cache_dir() / "results" if use_cache else None,
+              micro_batches=int(micro_batches))
     t1 = time.perf_counter()
     calibrate(run, mconfig)
     if mconfig.is_default():  # a later run may start from this result (AccuQuant's init)
         save_result(run, mconfig, {"method": mconfig.NAME, "seconds": round(time.perf_counter() - t1, 2), **run.log})
-    run.checkpoint.unlink(missing_ok=True)
+    if is_main():
+        run.checkpoint.unlink(missing_ok=True)
     freeze_model(pipe.model)
     if dtype != torch.float32:  # back to the user's dtype, the kernels rebuilt from the codes in it
         pipe.model.to(dtype)

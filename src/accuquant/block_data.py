@@ -175,14 +175,15 @@ class BlockData:
             self._loaded = (i, load_file(str(c)))
         return self._loaded[1]
 
-    def batch(self, generator: torch.Generator, size: int, device="cpu"):
-        """A random batch: a random chunk, then ``size`` random rows of it.
+    def batch(self, generator: torch.Generator, size: int, device="cpu", shard=None):
+        """A random batch: a random chunk, then ``size`` random rows of it (of those, the
+        ones ``shard`` keeps: this rank's, in data-parallel calibration).
         Returns ``(args, kwargs, target)`` on ``device``."""
         i = int(torch.randint(len(self.chunks), (1,), generator=generator))
         chunk = self._chunk(i)
         n = chunk["target0"].shape[0]
         idx = torch.randperm(n, generator=generator)[: min(size, n)]
-        return self._rows(chunk, idx, device)
+        return self._rows(chunk, idx if shard is None else shard(idx), device)
 
     def _rows(self, chunk, idx, device):
         arg_slots, kw_slots, consts = self.spec

@@ -47,7 +47,10 @@ def fingerprint(model: torch.nn.Module) -> str:
     fp = _FINGERPRINTS.get(model)
     if fp is None:
         h = hashlib.sha256(type(model).__name__.encode())
-        h.update(json.dumps(dict(getattr(model, "config", {})), sort_keys=True, default=str).encode())
+        # diffusers' private entries (``_use_default_values``: a list in set order, which
+        # differs between processes; ``_name_or_path``) say nothing about the model
+        config = {k: v for k, v in dict(getattr(model, "config", {})).items() if not k.startswith("_")}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, t in sorted(model.state_dict().items()):
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

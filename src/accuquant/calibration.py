@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapters import Conditions, Denoiser
 from .cache import derive_seed, digest
+from .distributed import gather_rows, is_main, rows, world
 from .errors import AccuQuantError
 from .progress import progress_bar
 from .safety import atomic_path, check_safetensors
@@ -37,10 +38,10 @@ def seeded_noise(shape: tuple[int, ...], seed: int, indices, stream: str) -> tor
 
 
 def noise_batches(shape: tuple[int, ...], cond: Conditions, num: int, batch_size: int, seed: int, stream: str,
-                  device="cpu"):
-    """Yield ``(indices, noise, conditions)`` for samples ``0..num-1`` in batches: sample ``k``
-    gets the ``k``-th noise of ``(seed, stream)`` and the ``k``-th condition."""
-    for start in range(0, num, batch_size):
+                  device="cpu", first: int = 0):
+    """Yield ``(indices, noise, conditions)`` for samples ``first..num-1`` in batches: sample
+    ``k`` gets the ``k``-th noise of ``(seed, stream)`` and the ``k``-th condition."""
+    for start in range(first, num, batch_size):
         idx = list(range(start, min(num, start + batch_size)))
         noise = seeded_noise(shape, seed, idx, stream).to(device)
         c = cond.index(torch.tensor(idx)).to(device)
@@ -137,6 +138,9 @@ def collect_trajectories(
         batch_size: trajectories run at once.
         device: where to run; results are returned on the CPU.
         progress: show a progress bar over denoiser evaluations.
+
+    Under ``torch.distributed`` each rank runs its share of the samples and every rank
+    returns all of them.
     """
     if scheduler.stochastic:
         raise AccuQuantError(f"scheduler {scheduler.name!r} is stochastic: calibration trajectories need a "
@@ -144,18 +148,24 @@ def collect_trajectories(
     cond = cond if cond is not None else Conditions()
     if cond.batch_size not in (0, num):
         raise AccuQuantError(f"calibration: {cond.batch_size} conditions for {num} samples")
+    if num < world()[1]:
+        raise AccuQuantError(f"{num} calibration samples cannot be shared by {world()[1]} ranks")
+    mine = rows(num)
     xs, outs = [], []
-    n_batches = math.ceil(num / batch_size)
-    with progress_bar(total=n_batches * scheduler.num_steps, desc="FP trajectories", disable=not progress) as bar:
-        for _, noise, c in noise_batches(denoiser.sample_shape, cond, num, batch_size, seed, stream, device):
+    n_batches = math.ceil(len(mine) / batch_size)
+    with progress_bar(total=n_batches * scheduler.num_steps, desc="FP trajectories",
+                      disable=not (progress and is_main())) as bar:
+        for _, noise, c in noise_batches(denoiser.sample_shape, cond, mine.stop, batch_size, seed, stream, device,
+                                         first=mine.start):
             _, x, o = run_trajectory(denoiser, scheduler, noise, c, keep=True, callback=lambda i: bar.update(1))
-            bad = ~torch.isfinite(o.flatten(2)).all(2).all(0)  # per step: a non-finite model output
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0])
-                raise AccuQuantError(f"the FP model's output is not finite (NaN or inf) at sampling step {i} "
-                                     f"(timestep {float(scheduler.timesteps[i]):g}): it cannot be calibrated on")
             xs.append(x.cpu())
             outs.append(o.cpu())
+    xs, outs = gather_rows(torch.cat(xs)), gather_rows(torch.cat(outs))
+    bad = ~torch.isfinite(outs.flatten(2)).all(2).all(0)  # per step: a non-finite model output
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise AccuQuantError(f"the FP model's output is not finite (NaN or inf) at sampling step {i} "
+                             f"(timestep {float(scheduler.timesteps[i]):g}): it cannot be calibrated on")
     meta = {
         "num": num,
         "seed": seed,
@@ -163,4 +173,4 @@ def collect_trajectories(
         **{k: v for k, v in scheduler.describe().items() if k != "scheduler_config"},
         "scheduler_config": json.loads(json.dumps(scheduler.describe()["scheduler_config"], default=str)),
     }
-    return Trajectories(torch.cat(xs), torch.cat(outs), scheduler.timesteps.clone(), cond, meta)
+    return Trajectories(xs, outs, scheduler.timesteps.clone(), cond, meta)

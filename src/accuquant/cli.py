@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help=_flag_help(entries))
     learn.add_argument("--resume", action="store_true", help="continue an interrupted calibration with the same "
                        "settings from its last checkpoint")
+    learn.add_argument("--micro-batches", type=_positive, default=1, help="passes per optimisation batch (gradient "
+                       "accumulation: less memory; default 1). Data-parallel: torchrun --nproc-per-node N -m "
+                       "accuquant quantize ...")
     _add_sampling_args(q)
 
     backend_help = "what runs a quantized model's layers (default fake: the calibrated float arithmetic)"
@@ -366,14 +369,33 @@ def _quantize(args) -> None:
     bundled = is_bundled(model_path)
     bits = f"w{cfg.weight_bits or 'fp'}a{cfg.act_bits or 'fp'}"
     out = Path(args.out) if args.out else Path("runs") / f"{Path(model_path).name}-{args.method}-{bits}"
-    summary = args.summary if args.summary is not None else (300 if bundled else 0)
     check_out_dir(out, args.overwrite)  # refuse before the long work, not after
+    from . import distributed
+
+    if distributed.init_from_env(args.device):  # under torchrun: data-parallel, rank 0 writes and reports
+        import torch.distributed as dist
+
+        try:  # the other ranks leave once calibrated; a rank that fails ends, and torchrun stops the rest
+            _quantize_in(args, model_path, cfg, mconfig, out, bundled, main=distributed.is_main())
+        finally:
+            dist.destroy_process_group()
+        return
+    _quantize_in(args, model_path, cfg, mconfig, out, bundled)
+
+
+def _quantize_in(args, model_path, cfg, mconfig, out: Path, bundled: bool, main: bool = True) -> None:
+    from .api import quantize
+
+    summary = args.summary if args.summary is not None else (300 if bundled else 0)
     t0 = time.perf_counter()
     common = dict(steps=args.steps, scheduler=args.scheduler, calib_samples=args.calib_samples, seed=args.seed,
                   guidance_scale=args.guidance_scale, labels=args.labels, prompts=_prompts(args),
                   batch_size=args.batch_size, device=args.device, progress=not args.quiet,
                   use_cache=not args.no_cache)
-    pipe = quantize(model_path, cfg, mconfig, args.calib, inplace=True, resume=args.resume, **common)
+    pipe = quantize(model_path, cfg, mconfig, args.calib, inplace=True, resume=args.resume,
+                    micro_batches=args.micro_batches, **common)
+    if not main:
+        return
     pipe.save(out, overwrite=args.overwrite)
     report = pipe.quant["report"]
     wfile = out / pipe.denoiser_name / "accuquant_weights.safetensors"

@@ -8,9 +8,12 @@ the loss on a batch. The engine owns everything else:
 * a random generator per unit, seeded by (method, seed, unit index), from which every
   batch of the unit is drawn, so a run's result does not depend on where it resumed;
 * one optimiser (:class:`Adam`, with a rate relative to each step size's initial value
-  where asked) and the one place where gradients are combined before a step
-  (:func:`combine_gradients`: where a data-parallel all-reduce goes);
-* checkpoints after the initialisation, after every unit and every ``save_every``
+  where asked) and the one place where gradients are combined before a step: under
+  ``torch.distributed`` (:mod:`accuquant.distributed`) each rank computes the loss on its
+  rows of the batch (:meth:`Run.shard`), in ``micro_batches`` passes if asked
+  (gradient accumulation), and the gradients are summed there, weighted by each
+  piece's share of the rows, so every rank takes the step one process would;
+* checkpoints (written by rank 0 only) after the initialisation, after every unit and every ``save_every``
   iterations of a phase (quantizers, optimiser and generator state, the log), and
   resume from them;
 * the progress bar with the current loss, the log, and the count of denoiser evaluations;
@@ -35,6 +38,8 @@ from .cache import derive_seed, digest
 from .calibration import Trajectories
 from .checkpoint import load_quantizers, read_checkpoint, save_checkpoint
 from .config import QuantConfig
+from . import distributed
+from .distributed import is_main, shard, sum_over_ranks
 from .errors import DivergenceError
 from .methods.base import MethodConfig, config_class, method_class
 from .progress import progress_bar
@@ -65,10 +70,21 @@ class Run:
     result_cache: Path | None = None
     #: what the method reports, kept with the quantized model
     log: dict = field(default_factory=dict)
+    #: passes per batch (gradient accumulation: each computes the loss on a piece of it)
+    micro_batches: int = 1
+    #: the current pass and this rank's share of the rows of the current batch (see :meth:`shard`)
+    part: int = 0
+    share: float = 1.0
 
     @property
     def model(self) -> torch.nn.Module:
         return self.denoiser.model
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a batch drawn by a loss (all of them in one process); the
+        engine weights this rank's gradient by their share when it combines them."""
+        idx, self.share = shard(idx, self.part, self.micro_batches)
+        return idx
 
 
 @dataclass
@@ -178,11 +194,6 @@ class Adam:
                 s["ref"] = tensors[f"adam.{name}.ref"].to(s["ref"]).clone()
 
 
-def combine_gradients(params: list[torch.Tensor]) -> None:
-    """The one place where the gradients of a step are combined before the optimiser
-    uses them. One process: they are complete already."""
-
-
 @contextmanager
 def weights_frozen(model: torch.nn.Module):
     """The model's own parameters take no gradient inside (methods learn quantizer
@@ -212,7 +223,7 @@ class _Position:
 
 
 def _save(run: Run, pos: _Position, tensors: dict | None = None) -> None:
-    if run.checkpoint is not None:
+    if run.checkpoint is not None and is_main():
         save_checkpoint(run.checkpoint, run.model, run.key, pos.unit, extra={"log": run.log, "at": pos.encode()},
                         tensors=tensors)
 
@@ -274,6 +285,40 @@ def _check_finite(where: str, loss: float, groups: list[Group], what: str) -> No
                 stop(f"the {what} of {name}")
 
 
+def _loss_and_gradients(run: Run, phase: Phase, gen: torch.Generator, it: int, params: list[torch.Tensor]) -> float:
+    """The loss of iteration ``it`` on the whole batch, and its gradients in ``.grad``: the one
+    place where gradients are combined. Each micro-batch pass redraws the batch from the
+    same generator state and takes its piece (:meth:`Run.shard`); the pieces' losses and
+    gradients are summed, weighted by their share of the rows, in float64 (exact for two
+    halves), then over the ranks."""
+    single = run.micro_batches == 1 and not distributed.active()  # the gradients are complete as they are
+    start = gen.get_state() if run.micro_batches > 1 else None
+    total = None
+    for part in range(run.micro_batches):
+        if part:
+            gen.set_state(start)
+        run.part, run.share = part, 1.0
+        with torch.enable_grad():
+            out = phase.loss(gen, it)
+            if torch.is_tensor(out):
+                out.backward()
+                out = out.item()
+        if single:
+            return out
+        flat = torch.cat([torch.tensor([out], dtype=torch.float64, device=params[0].device)]
+                         + [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double()
+                            for p in params]).mul_(run.share)
+        total = flat if total is None else total.add_(flat)
+        for p in params:
+            p.grad = None
+    sum_over_ranks(total)
+    offset = 1
+    for p in params:
+        p.grad = total[offset:offset + p.numel()].view_as(p).to(p)
+        offset += p.numel()
+    return float(total[0])
+
+
 def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resumed: dict | None, bar,
                label: str = "") -> None:
     groups = phase.groups(resumed is not None)
@@ -293,14 +338,9 @@ def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resu
     try:
         for it in range(at.iteration, phase.iters):
             before = dict(counts)
-            with torch.enable_grad():
-                out = phase.loss(gen, it)
-                if torch.is_tensor(out):
-                    out.backward()
-                    out = out.item()
+            out = _loss_and_gradients(run, phase, gen, it, params)
             where = f"{label or 'calibration'}, phase {phase.name}, iteration {it}"
             _check_finite(where, out, groups, "gradient")
-            combine_gradients(params)
             opt.step()
             opt.zero_grad()
             _check_finite(where, out, groups, "value")
@@ -342,7 +382,7 @@ def save_result(run: Run, config: MethodConfig, log: dict) -> None:
     An entry that exists stays: runs that share a starting point must share exactly the
     same one (another thread count can flip a learned rounding)."""
     key, path = _result_path(run, config)
-    if path is not None and not path.exists():
+    if path is not None and not path.exists() and is_main():
         save_checkpoint(path, run.model, key, 1, extra=log)
 
 
@@ -362,6 +402,6 @@ def start_from(run: Run, name: str) -> None:
     t0 = time.perf_counter()
     calibrate(sub, config)
     run.log["init"] = {"method": name, "seconds": round(time.perf_counter() - t0, 2), **sub.log}
-    if ckpt is not None:
+    if ckpt is not None and is_main():
         ckpt.unlink(missing_ok=True)
     save_result(run, config, run.log["init"])

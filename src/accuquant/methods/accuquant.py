@@ -90,7 +90,7 @@ class AccuQuant(Method):
         def loss(gen: torch.Generator, it: int) -> float:
             s, length = grp[int(torch.randint(len(grp), (1,), generator=gen)) if c.schedule == "uniform"
                             else it % len(grp)]
-            idx = torch.randperm(run.calib.num_samples, generator=gen)[: c.traj_batch]
+            idx = run.shard(torch.randperm(run.calib.num_samples, generator=gen)[: c.traj_batch])
             xs, outs = run.calib.xs[idx].to(run.device), run.calib.outs[idx].to(run.device)
             cond = run.calib.cond.index(idx).to(run.device)
             value = multistep_backward(run.denoiser, run.solver, xs[:, s], run.solver.state_at(s, xs, outs), s,

@@ -99,7 +99,7 @@ class PerStep(Method):
             warm = int(c.warmup * c.iters)
 
             def rounding_loss(gen, it):
-                loss = _block_loss(block, data.batch(gen, run.batch_size, run.device))
+                loss = _block_loss(block, data.batch(gen, run.batch_size, run.device, run.shard))
                 if it < warm:
                     return loss
                 beta = annealed_beta((it - warm) / max(1, c.iters - warm), c.beta_start, c.beta_end)
@@ -112,7 +112,8 @@ class PerStep(Method):
             yield [Phase("rounding", c.iters, lambda resumed: [Group(learnable_rounding(layers), c.lr)],
                          rounding_loss, end=lambda: harden(layers)),
                    Phase("act steps", c.act_iters, act_steps,
-                         lambda gen, it: _block_loss(block, data.batch(gen, run.batch_size, run.device)))]
+                         lambda gen, it: _block_loss(block, data.batch(gen, run.batch_size, run.device,
+                                                                       run.shard)))]
             with torch.no_grad():
                 after = _block_loss(block, probe).item()
             run.log.setdefault("blocks", {})[block.name] = {
