@@ -125,6 +125,18 @@ OTHER_TABLES = [
     ("ablation_mnist-sd.md", "mnist-sd: group size at equal compute",
      "`python benchmarks/ablation.py --model mnist-sd --bits w4a8 --num 300 --seeds 0,1,2 --variants ...` "
      "(`benchmarks/results/ablation_mnist-sd.{md,json}`): the same group-size ablation on the text-to-image UNet."),
+    ("compare_mnist-sd3.md", "mnist-sd3 (flow-matching MMDiT, text-to-image): all methods",
+     "`python benchmarks/families.py --model mnist-sd3 --bits w8a8,w4a8,w3a8 --seeds 0 --num 500`, then "
+     "`--bits w4a8,w3a8 --seeds 1,2` (`benchmarks/results/compare_mnist-sd3*.{md,json}`, grids and error plots in "
+     "`docs/compare/mnist-sd3/`): flow-matching Euler, 20 steps, guidance 2.0; each seed, then the mean "
+     "(min..max) over seeds."),
+    ("ablation_mnist-sd3.md", "mnist-sd3: group size at equal compute",
+     "`python benchmarks/ablation.py --model mnist-sd3 --bits w4a8 --num 300 --seeds 0,1,2 --variants ...` "
+     "(`benchmarks/results/ablation_mnist-sd3.{md,json}`): the group-size ablation on a flow trajectory."),
+    ("data_parallel.md", "Data-parallel calibration",
+     "`python benchmarks/data_parallel.py --repeats 3` (`benchmarks/results/data_parallel.{md,json}`)."),
+    ("torchao_export.md", "The torchao export",
+     "`python benchmarks/torchao_export.py --num 100` (`benchmarks/results/torchao_export.{md,json}`)."),
     ("reliability.md", "Reliability",
      "`python benchmarks/kill_resume.py --trials 10`, then `python benchmarks/reliability.py --pairs 3` "
      "(`benchmarks/results/kill_resume.json`, `reliability.{md,json}`)."),

@@ -133,3 +133,22 @@ def test_int8_model_holds_its_quantized_weights_in_a_quarter_of_fp32(tmp_path):
     with pytest.raises(AccuQuantError, match="only in its int8 kernels"):
         int8.save(tmp_path / "again")
     assert not (tmp_path / "again").exists()
+
+
+def test_an_int8_dit_runs_inside_diffusers_own_pipeline(dit_pipeline_dir, tmp_path):
+    """``aq.load(..., backend="int8").to_diffusers()``: diffusers' DiTPipeline calls the
+    quantized transformer, its Linear layers on the int8 kernels, and its images are the
+    fake backend's up to input codes that float rounding moves."""
+    q = aq.quantize(str(dit_pipeline_dir), aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4,
+                    calib_samples=4, progress=False)
+    q.save(tmp_path / "q")
+    images = {}
+    for backend in ("fake", "int8"):
+        loaded = aq.load(tmp_path / "q", backend=backend)
+        if backend == "int8":
+            assert len(placement(loaded.model).get("int8", [])) > 0
+        pipe = loaded.to_diffusers()
+        images[backend] = pipe(class_labels=[1, 2], num_inference_steps=4, output_type="pt",
+                               generator=torch.Generator().manual_seed(0)).images
+    a, b = images["fake"], images["int8"]
+    assert torch.isfinite(b).all() and ((a - b).norm() / a.norm()).item() < 0.05

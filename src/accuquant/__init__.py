@@ -11,6 +11,7 @@ from .errors import AccuQuantError, ConfigError, DivergenceError  # noqa: E402
 from .loading import load_pipeline  # noqa: E402
 from .pipeline import Pipeline, SamplingDefaults  # noqa: E402
 from .sampling import make_scheduler, run_trajectory  # noqa: E402
+from .torchao_export import save_torchao  # noqa: E402
 
 load = load_pipeline
 
@@ -33,4 +34,5 @@ __all__ = [
     "quantize",
     "register_backend",
     "run_trajectory",
+    "save_torchao",
 ]

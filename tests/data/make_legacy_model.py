@@ -10,11 +10,16 @@ It must be run with the release before the backend refactor (the code whose froz
 dequantize their codes on every forward), e.g. from a checkout of that commit::
 
     PYTHONPATH=<old checkout>/src python tests/data/make_legacy_model.py
+
+The outputs depend on the CPU's vector instructions: ``legacy-w4a8-reference.safetensors``
+was computed on an AVX2 CPU. ``--reference-only`` computes them for the saved model on
+this CPU, with the same old release, into ``legacy-w4a8-reference-<capability>.safetensors``.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import diffusers
@@ -30,7 +35,27 @@ REFERENCE = HERE / "legacy-w4a8-reference.safetensors"
 THREADS = 1
 
 
+def reference_only() -> None:
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(THREADS)
+    ref = load_file(str(REFERENCE))
+    q = aq.load(str(MODEL))
+    den, cond = q.denoiser(), aq.Conditions(labels=ref["labels"])
+    with torch.no_grad():
+        out = den(ref["x"], 500, cond)
+        traj = aq.run_trajectory(den, aq.make_solver("ddim", q.scheduler_config, 5), ref["noise"], cond)
+    cap = torch.backends.cpu.get_cpu_capability()
+    path = HERE / f"legacy-w4a8-reference-{cap}.safetensors"
+    save_file({**ref, "out": out, "trajectory": traj}, str(path),
+              metadata={"timestep": "500", "solver": "ddim", "steps": "5", "accuquant": aq.__version__,
+                        "threads": str(THREADS), "cpu_capability": cap})
+    print(f"wrote {path}")
+
+
 def main() -> None:
+    if "--reference-only" in sys.argv:
+        return reference_only()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
