@@ -6,7 +6,7 @@ results files, with a table for the README.
 
 For each seed it runs (or resumes: finished pairs are kept) ``accuquant compare --model M
 --seed S --out runs/compare-M-seedS``, copies its ``results.json`` to
-``benchmarks/results/compare_M_seedS.json`` and its sample grids to ``docs/compare/M/``, then
+``benchmarks/results/compare_M_seedS.json`` and its sample grids and error plots to ``docs/compare/M/``, then
 writes ``benchmarks/results/compare_M.md`` from every seed file of that model present:
 per seed and pair the paired metrics against FP, calibration time and peak memory, and
 AccuQuant's FID to FP as a ratio of per-step's; with several seeds, their mean and range.
@@ -41,6 +41,7 @@ def run_seed(args, seed: int) -> Path:
     docs.mkdir(parents=True, exist_ok=True)
     for bits in res["settings"]["bits"]:
         shutil.copyfile(out / f"grid-{bits}.png", docs / f"grid-{bits}-seed{seed}.png")
+        shutil.copyfile(out / f"errors-{bits}.png", docs / f"errors-{bits}-seed{seed}.png")
     return out
 
 

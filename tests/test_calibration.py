@@ -69,3 +69,19 @@ def test_an_fp_model_that_produces_nan_is_refused_naming_the_step():
     den.raw = broken
     with pytest.raises(aq.AccuQuantError, match=r"not finite \(NaN or inf\) at sampling step 2 "):
         aq.collect_trajectories(den, solver, 4, cond=pipe.conditions(4), progress=False)
+
+
+def test_saved_trajectories_are_read_from_the_disk_by_the_rows_used(tmp_path):
+    """Loaded sets are views of the file mapped in memory (nothing is read until used): the
+    same tensors, rows and digest as a set read whole."""
+    pipe = class_pipeline()
+    solver = aq.make_scheduler("ddim", pipe.scheduler_config, 4)
+    traj = aq.collect_trajectories(pipe.denoiser(), solver, 5, seed=1, cond=pipe.conditions(5), batch_size=5,
+                                   progress=False)
+    path = tmp_path / "calib.safetensors"
+    traj.save(path)
+    mapped, whole = aq.Trajectories.load(path), aq.Trajectories.load(path, mmap=False)
+    assert mapped.xs.untyped_storage().nbytes() == path.stat().st_size  # the file itself
+    for name in ("xs", "outs", "timesteps"):
+        assert torch.equal(getattr(mapped, name), getattr(whole, name))
+    assert torch.equal(mapped.xs[[4, 1], 2], traj.xs[[4, 1], 2]) and mapped.digest() == traj.digest()

@@ -101,7 +101,10 @@ class Trajectories:
             save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(self.meta, default=str)})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Trajectories":
+    def load(cls, path: str | Path, mmap: bool = True) -> "Trajectories":
+        """A saved set; with ``mmap`` its tensors are views of the file mapped in memory, read
+        from the disk by the rows that are used (the page cache holds them, not the process's
+        own memory), so a large set costs no RAM until it is read."""
         path = Path(path)
         check_safetensors(path)
         from safetensors import safe_open
@@ -110,8 +113,39 @@ class Trajectories:
             md = f.metadata() or {}
         if md.get("format") != FORMAT:
             raise AccuQuantError(f"{path}: not an accuquant calibration file")
-        t = load_file(str(path))
+        t = (_mapped(path) if mmap else None) or load_file(str(path))
         return cls(t["xs"], t["outs"], t["timesteps"], Conditions.from_tensors(t), json.loads(md.get("meta", "{}")))
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _mapped(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of a safetensors file as views of the file mapped copy-on-write (``None``
+    when a tensor's dtype or alignment does not allow it: the caller reads the file)."""
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    size = path.stat().st_size
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(info["dtype"])
+        start, _ = info["data_offsets"]
+        start += 8 + n
+        if dtype is None:
+            return None
+        item = torch.empty((), dtype=dtype).element_size()
+        if start % item:
+            return None
+        out[name] = torch.empty(0, dtype=dtype).set_(storage, start // item, tuple(info["shape"]))
+    return out
 
 
 @torch.no_grad()

@@ -521,6 +521,12 @@ def _quiet_libraries() -> None:
         if lib is not None:
             lib.utils.logging.disable_progress_bar()
             lib.utils.logging.set_verbosity_error()
+    # torchao, which diffusers imports when it is installed (the export extra): notes on
+    # compiled kernels a CPU build lacks, and torch's on the types it registers
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

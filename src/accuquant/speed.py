@@ -35,15 +35,24 @@ def measure(path: str, backends: list[str], batch: int = 2, steps: int = 20, rep
     if threads is not None:
         torch.set_num_threads(threads)
     quant = {b: load_pipeline(path, backend=b) for b in backends}
+    return {"model": str(path), **measure_pipelines(quant, base_of(next(iter(quant.values())), base), batch, steps,
+                                                    repeats)}
+
+
+def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = 20, repeats: int = 5,
+                      whole_sample: bool = True, cond=None) -> dict:
+    """:func:`measure` on pipelines in memory: ``quant`` maps a backend name to the quantized
+    pipeline frozen onto it, ``fp`` is their base; ``whole_sample=False`` times one
+    denoiser call only (for models whose whole sample takes minutes); ``cond``: the call's
+    conditions, when the pipeline cannot make them (a denoiser without its text encoder)."""
     first = next(iter(quant.values()))
-    fp = base_of(first, base)
     variants = {"fp32": (fp, contextlib.nullcontext), "bf16": (fp, lambda: torch.autocast("cpu", torch.bfloat16))}
     variants.update({f"w{first.quant['config']['weight_bits'] or 'fp'}a{first.quant['config']['act_bits'] or 'fp'}-"
                      f"{b}": (p, contextlib.nullcontext) for b, p in quant.items()})
     steps_, solver = first.sampling_settings(steps, None)
     den0 = fp.denoiser()
     x = torch.randn(batch, *den0.sample_shape, generator=torch.Generator().manual_seed(0))
-    cond = fp.conditions(batch)
+    cond = cond if cond is not None else fp.conditions(batch)
     t = make_scheduler(solver, fp.scheduler_config, steps_).timesteps[steps_ // 2]  # a mid-trajectory step
     calls: dict[str, list[float]] = {k: [] for k in variants}
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -58,20 +67,23 @@ def measure(path: str, backends: list[str], batch: int = 2, steps: int = 20, rep
                     t0 = time.perf_counter()
                     den(x, t, cond)
                     calls[k].append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    p.sample(batch, steps=steps_, scheduler=solver, batch_size=batch, progress=False)
-                    samples[k].append(time.perf_counter() - t0)
-    ref_call, ref_sample = statistics.median(calls["fp32"]), statistics.median(samples["fp32"])
+                    if whole_sample:
+                        t0 = time.perf_counter()
+                        p.sample(batch, steps=steps_, scheduler=solver, batch_size=batch, progress=False)
+                        samples[k].append(time.perf_counter() - t0)
+    ref_call = statistics.median(calls["fp32"])
+    ref_sample = statistics.median(samples["fp32"]) if whole_sample else None
     ref_bytes = resident_bytes(fp.model)
     rows = {}
     for k, (p, _) in variants.items():
         held = resident_bytes(p.model)
-        rows[k] = {"call": _stats(calls[k]), "sample": _stats(samples[k]),
-                   "call_speedup": round(ref_call / statistics.median(calls[k]), 3),
-                   "sample_speedup": round(ref_sample / statistics.median(samples[k]), 3),
+        rows[k] = {"call": _stats(calls[k]), "call_speedup": round(ref_call / statistics.median(calls[k]), 3),
                    "weights_mb": round(held / 2**20, 3), "weights_vs_fp32": round(held / ref_bytes, 3)}
+        if whole_sample:
+            rows[k].update(sample=_stats(samples[k]),
+                           sample_speedup=round(ref_sample / statistics.median(samples[k]), 3))
     where = {b: {kind: len(v) for kind, v in placement(p.model).items()} for b, p in quant.items()}
-    return {"model": str(path), "batch": batch, "guided": den0.guided, "steps": steps_, "solver": solver,
+    return {"batch": batch, "guided": den0.guided, "steps": steps_, "solver": solver,
             "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "placement": where, "variants": rows}
 
@@ -83,8 +95,9 @@ def format_speed(r: dict) -> str:
              f"{'variant':>14}  {'denoiser call':>14}  {'x fp32':>7}  {'whole sample':>13}  {'x fp32':>7}  "
              f"{'weights':>10}  {'x fp32':>6}"]
     for k, v in r["variants"].items():
-        lines.append(f"{k:>14}  {v['call']['median_ms']:>11.2f} ms  {v['call_speedup']:>7.2f}  "
-                     f"{v['sample']['median_ms'] / 1e3:>11.2f} s  {v['sample_speedup']:>7.2f}  "
+        sample = (f"{v['sample']['median_ms'] / 1e3:>11.2f} s  {v['sample_speedup']:>7.2f}" if "sample" in v
+                  else f"{'-':>13}  {'-':>7}")
+        lines.append(f"{k:>14}  {v['call']['median_ms']:>11.2f} ms  {v['call_speedup']:>7.2f}  {sample}  "
                      f"{v['weights_mb']:>7.2f} MB  {v['weights_vs_fp32']:>6.3f}")
     for b, where in r["placement"].items():
         lines.append(f"{b}: " + ", ".join(f"{n} layers on {kind}" for kind, n in where.items()))

@@ -1,0 +1,135 @@
+"""Speed and weight memory of the ``int8`` backend against float32, bf16 autocast and ``fake``.
+
+Models: the bundled mnist-ddpm, and random-initialised models built from the published
+configurations of Stable Diffusion 1.5's UNet (64x64 latents, one guided sample: 2 rows,
+77 text tokens of width 768) and DiT-XL/2 (32x32 latents, one guided sample). Random
+weights are fine for speed (the kernels do not look at the values) but nothing else.
+Each model is quantized with the naive method (8-bit weights symmetric, so their codes fit
+int8; a few calibration points: quality is not measured here), frozen onto ``fake`` and,
+in a copy, onto ``int8``, and timed with ``accuquant.speed.measure_pipelines`` in one
+process per thread count (variants in turn, medians). The large models time one denoiser
+call only; the bundled one also a whole 20-step sample.
+
+    python benchmarks/int8_speed.py --threads 1,2 --repeats 3   # results/int8_speed.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import ROOT
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = ("mnist-ddpm", "sd15-unet", "dit-xl-2")
+
+
+def build(name: str):
+    """``(pipeline, calibration conditions for n samples, call conditions)`` of a model."""
+    import diffusers
+
+    import accuquant as aq
+
+    ddim = dict(diffusers.DDIMScheduler().config)
+    if name == "mnist-ddpm":
+        return aq.load("mnist-ddpm"), None, None
+    torch.manual_seed(0)
+    if name == "sd15-unet":
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
+        pipe = aq.Pipeline(unet, ddim, defaults=aq.SamplingDefaults(7.5))
+
+        def cond(n):
+            g = torch.Generator().manual_seed(n)
+            return aq.Conditions(embeds=torch.randn(n, 77, 768, generator=g), negative_embeds=torch.zeros(n, 77, 768))
+        return pipe, cond, cond(1)
+    dit = diffusers.DiTTransformer2DModel(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                                          out_channels=8, patch_size=2, sample_size=32,
+                                          num_embeds_ada_norm=1000).eval()
+    pipe = aq.Pipeline(dit, ddim, denoiser_name="transformer", defaults=aq.SamplingDefaults(4.0, 1000, 1000))
+    return pipe, None, None
+
+
+def run_one(name: str, bits: str, threads: int, repeats: int) -> dict:
+    import accuquant as aq
+    from accuquant.layers import freeze_model
+    from accuquant.speed import measure_pipelines
+
+    torch.set_num_threads(threads)
+    fp, calib_cond, call_cond = build(name)
+    w, a = (int(v) for v in bits[1:].split("a"))
+    small = name != "mnist-ddpm"
+    kw = dict(steps=2, calib_samples=1, batch_size=1) if small else dict(steps=20, calib_samples=8)
+    t0 = time.perf_counter()
+    calib = None
+    if calib_cond is not None:  # no text encoder: trajectories from given embeddings
+        calib = aq.collect_trajectories(fp.denoiser(), aq.make_scheduler("ddim", fp.scheduler_config, kw["steps"]),
+                                        1, cond=calib_cond(1), batch_size=1, progress=False)
+    q = aq.quantize(fp, aq.QuantConfig(weight_bits=w, act_bits=a, weight_symmetric=w == 8), "naive", calib=calib,
+                    progress=False, **kw)
+    quantize_s = time.perf_counter() - t0
+    int8 = copy.deepcopy(q)
+    freeze_model(int8.model, "int8")
+    r = measure_pipelines({"fake": q, "int8": int8}, fp, batch=1, steps=kw["steps"] if small else 20,
+                          repeats=repeats, whole_sample=not small, cond=call_cond)
+    params = sum(p.numel() for p in fp.model.parameters())
+    return {"model": name, "bits": bits, "params_m": round(params / 1e6, 1), "quantize_s": round(quantize_s, 1), **r}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--bits", default="w8a8,w4a8")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model,bits,threads: run in this process
+    p.add_argument("--out", default=str(RESULTS / "int8_speed"))
+    args = p.parse_args()
+    if args.one:
+        name, bits, threads = args.one.split(",")
+        print(json.dumps(run_one(name, bits, int(threads), args.repeats)))
+        return
+    rows = []
+    for name in args.models.split(","):
+        for bits in args.bits.split(","):
+            for threads in args.threads.split(","):  # one process each: thread count and allocator start fresh
+                out = subprocess.run([sys.executable, __file__, "--one", f"{name},{bits},{threads}", "--repeats",
+                                      str(args.repeats)], check=True, capture_output=True, text=True).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                v = rows[-1]["variants"]
+                print(f"{name} {bits} {threads} thread(s): " + ", ".join(
+                    f"{k} {x['call']['median_ms']:.0f} ms ({x['call_speedup']:.2f}x)" for k, x in v.items()), flush=True)
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+    cap = rows[0]["cpu_capability"] if rows else ""
+    lines = [f"Written by benchmarks/int8_speed.py on this {cap} CPU: median latency of one denoiser call (one "
+             "guided sample: 2 rows), in one process per model, bit width and thread count, variants timed in turn; "
+             "speed-up is float32's median over the variant's; weights: bytes of the tensors the denoiser holds, "
+             "as a ratio of float32's. SD-1.5 UNet and DiT-XL/2 are random-initialised from their published "
+             "configurations (speed only). 8-bit weights are symmetric.", "",
+             "| model | bits | threads | fp32 (ms) | bf16 | fake | int8 | int8 layers | weights int8 / fp32 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        v = r["variants"]
+        b = r["bits"]
+        int8_on = r["placement"]["int8"].get("int8", 0)
+        total = sum(r["placement"]["int8"].values())
+        cell = lambda k: f"{v[k]['call']['median_ms']:.0f} ms ({v[k]['call_speedup']:.2f}x)"  # noqa: E731
+        lines.append(f"| {r['model']} ({r['params_m']} M) | {b} | {r['threads']} | {v['fp32']['call']['median_ms']:.0f} | "
+                     f"{cell('bf16')} | {cell(b + '-fake')} | {cell(b + '-int8')} | {int8_on}/{total} | "
+                     f"{v[b + '-int8']['weights_vs_fp32']:.3f} |")
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
