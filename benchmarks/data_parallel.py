@@ -52,12 +52,13 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cache", default=None, help="a cache to fill and reuse (default: a temporary one)")
     p.add_argument("--out", default=str(RESULTS / "data_parallel"))
     args = p.parse_args()
     variants = ["1 process x 1 thread", "1 process x 2 threads", "2 ranks x 1 thread"]
     tmp = Path(tempfile.mkdtemp(prefix="accuquant-dp-"))
     try:
-        cache = tmp / "cache"
+        cache = Path(args.cache) if args.cache else tmp / "cache"
         run("1 process x 1 thread", tmp / "warm", cache, [])  # fills the cache: trajectories, per-step result
         times: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.repeats):

@@ -6,11 +6,12 @@ configurations of Stable Diffusion 1.5's UNet (64x64 latents, one guided sample:
 weights are fine for speed (the kernels do not look at the values) but nothing else.
 Each model is quantized with the naive method (8-bit weights symmetric, so their codes fit
 int8; a few calibration points: quality is not measured here), frozen onto ``fake`` and,
-in a copy, onto ``int8``, and timed with ``accuquant.speed.measure_pipelines`` in one
-process per thread count (variants in turn, medians). The large models time one denoiser
+in a copy, onto ``int8``, and timed with ``accuquant.speed.measure_pipelines``, one
+process per model and bit width, each thread count in turn (variants in turn, medians). The large models time one denoiser
 call only; the bundled one also a whole 20-step sample.
 
     python benchmarks/int8_speed.py --threads 1,2 --repeats 3   # results/int8_speed.{json,md}
+    python benchmarks/int8_speed.py --models mnist-ddpm,sd15-unet,dit-xl-2:w4a8   # DiT-XL/2 at W4A8 only
 """
 
 from __future__ import annotations
@@ -60,12 +61,12 @@ def build(name: str):
     return pipe, None, None
 
 
-def run_one(name: str, bits: str, threads: int, repeats: int) -> dict:
+def run_one(name: str, bits: str, threads: list[int], repeats: int) -> list[dict]:
     import accuquant as aq
     from accuquant.layers import freeze_model
     from accuquant.speed import measure_pipelines
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(threads))
     fp, calib_cond, call_cond = build(name)
     w, a = (int(v) for v in bits[1:].split("a"))
     small = name != "mnist-ddpm"
@@ -80,10 +81,15 @@ def run_one(name: str, bits: str, threads: int, repeats: int) -> dict:
     quantize_s = time.perf_counter() - t0
     int8 = copy.deepcopy(q)
     freeze_model(int8.model, "int8")
-    r = measure_pipelines({"fake": q, "int8": int8}, fp, batch=1, steps=kw["steps"] if small else 20,
-                          repeats=repeats, whole_sample=not small, cond=call_cond)
     params = sum(p.numel() for p in fp.model.parameters())
-    return {"model": name, "bits": bits, "params_m": round(params / 1e6, 1), "quantize_s": round(quantize_s, 1), **r}
+    rows = []
+    for n in threads:
+        torch.set_num_threads(n)
+        r = measure_pipelines({"fake": q, "int8": int8}, fp, batch=1, steps=kw["steps"] if small else 20,
+                              repeats=repeats, whole_sample=not small, cond=call_cond)
+        rows.append({"model": name, "bits": bits, "params_m": round(params / 1e6, 1),
+                     "quantize_s": round(quantize_s, 1), **r})
+    return rows
 
 
 def main() -> None:
@@ -92,27 +98,30 @@ def main() -> None:
     p.add_argument("--bits", default="w8a8,w4a8")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model,bits,threads: run in this process
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model,bits: run in this process
     p.add_argument("--out", default=str(RESULTS / "int8_speed"))
     args = p.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
     if args.one:
-        name, bits, threads = args.one.split(",")
-        print(json.dumps(run_one(name, bits, int(threads), args.repeats)))
+        name, bits = args.one.split(",")
+        print(json.dumps(run_one(name, bits, threads, args.repeats)))
         return
     rows = []
-    for name in args.models.split(","):
-        for bits in args.bits.split(","):
-            for threads in args.threads.split(","):  # one process each: thread count and allocator start fresh
-                out = subprocess.run([sys.executable, __file__, "--one", f"{name},{bits},{threads}", "--repeats",
-                                      str(args.repeats)], check=True, capture_output=True, text=True).stdout
-                rows.append(json.loads(out.strip().splitlines()[-1]))
-                v = rows[-1]["variants"]
-                print(f"{name} {bits} {threads} thread(s): " + ", ".join(
-                    f"{k} {x['call']['median_ms']:.0f} ms ({x['call_speedup']:.2f}x)" for k, x in v.items()), flush=True)
+    for spec in args.models.split(","):  # model or model:bits,bits
+        name, _, only = spec.partition(":")
+        for bits in (only.split("+") if only else args.bits.split(",")):
+            # one process per model and bit width (its thread counts in turn): a fresh allocator
+            out = subprocess.run([sys.executable, __file__, "--one", f"{name},{bits}", "--threads", args.threads,
+                                  "--repeats", str(args.repeats)], check=True, capture_output=True, text=True).stdout
+            for r in json.loads(out.strip().splitlines()[-1]):
+                rows.append(r)
+                print(f"{name} {bits} {r['threads']} thread(s): " + ", ".join(
+                    f"{k} {x['call']['median_ms']:.0f} ms ({x['call_speedup']:.2f}x)" for k, x in r["variants"].items()),
+                    flush=True)
     Path(args.out).with_suffix(".json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
     cap = rows[0]["cpu_capability"] if rows else ""
     lines = [f"Written by benchmarks/int8_speed.py on this {cap} CPU: median latency of one denoiser call (one "
-             "guided sample: 2 rows), in one process per model, bit width and thread count, variants timed in turn; "
+             "guided sample: 2 rows), in one process per model and bit width, variants timed in turn; "
              "speed-up is float32's median over the variant's; weights: bytes of the tensors the denoiser holds, "
              "as a ratio of float32's. SD-1.5 UNet and DiT-XL/2 are random-initialised from their published "
              "configurations (speed only). 8-bit weights are symmetric.", "",
