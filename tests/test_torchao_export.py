@@ -52,9 +52,23 @@ def test_a_dit_exports_to_diffusers_and_loads_back_with_its_codes(dit_pipeline_d
     assert img.shape[0] == 2 and torch.isfinite(img).all()
 
 
-def test_quantized_convolutions_are_refused(digit_pipeline_dir, tmp_path):
+def test_quantized_convolutions_are_refused(digit_pipeline_dir, tmp_path, capsys):
+    from accuquant.cli import main
+
     q = aq.quantize(str(digit_pipeline_dir), aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4,
                     calib_samples=4, progress=False)
     with pytest.raises(aq.AccuQuantError, match="has no torchao form"):
         aq.save_torchao(q, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    q.save(tmp_path / "q")
+    assert main(["export", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "x")]) == 2
+    assert "has no torchao form" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_the_command_line_exports(dit_pipeline_dir, tmp_path, capsys):
+    from accuquant.cli import main
+
+    _dit_w4(dit_pipeline_dir).save(tmp_path / "q")
+    assert main(["export", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "x")]) == 0
+    assert "DiTPipeline.from_pretrained" in capsys.readouterr().out
+    assert (tmp_path / "x" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()

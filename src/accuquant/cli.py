@@ -1,4 +1,5 @@
-"""The ``accuquant`` command line: ``quantize``, ``sample``, ``evaluate``, ``analyze``, ``compare`` and ``speed``.
+"""The ``accuquant`` command line: ``quantize``, ``sample``, ``evaluate``, ``analyze``, ``compare``, ``speed``
+and ``export``.
 
 Every problem with the input, and every failed write (a full disk, a permission), ends with
 one line on stderr and exit status 2, and leaves nothing half-written; an interrupt exits
@@ -195,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output prefix: writes PREFIX.csv and PREFIX.png")
     a.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_sampling_args(a, conditioning=False)
+
+    x = sub.add_parser("export", help="write a quantized model as a plain diffusers directory (torchao int8 "
+                       "weights) that loads without accuquant")
+    x.add_argument("--model", required=True, help="accuquant output directory (quantized layers all Linear: DiT, SD3)")
+    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
     sp = sub.add_parser("speed", help="latency of a quantized model on each backend against its FP base (fp32, "
                         "bf16 autocast)")
@@ -454,6 +461,19 @@ def _sample(args) -> None:
     print(f"wrote {out} ({args.num} samples, {args.steps} {args.scheduler} steps)")
 
 
+def _export(args) -> None:
+    from .loading import load_pipeline
+    from .safety import check_out_dir
+    from .torchao_export import save_torchao
+
+    out = Path(args.out)
+    check_out_dir(out, args.overwrite)
+    pipe = load_pipeline(args.model)
+    save_torchao(pipe, out, overwrite=args.overwrite)
+    print(f"wrote {out}: load it with {pipe.to_diffusers().__class__.__name__}.from_pretrained"
+          f"('{out}', torch_dtype=torch.float32) (diffusers and torchao)")
+
+
 def _speed(args) -> None:
     import json
 
@@ -490,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         {"quantize": _quantize, "sample": _sample, "evaluate": _evaluate, "analyze": _analyze,
-         "compare": _compare, "speed": _speed}[args.command](args)
+         "compare": _compare, "speed": _speed, "export": _export}[args.command](args)
     except AccuQuantError as e:
         print(f"accuquant: error: {e}", file=sys.stderr)
         return EXIT_USAGE
