@@ -2,7 +2,8 @@
 
 Every variant is calibrated with several calibration seeds (the calibration trajectories
 and every random draw of the method change with the seed) and scored on the same paired
-samples against FP (DDIM 20 steps); the table gives the mean and the spread (min..max)
+samples against FP (20 steps of the model's default sampler: flow-euler for mnist-sd3,
+else DDIM); the table gives the mean and the spread (min..max)
 over seeds, the calibration time of the variant's own optimisation, and its compute in
 denoiser evaluations (forward + backward passes of one sample through the denoiser,
 both branches of the guided step counted).
@@ -183,7 +184,8 @@ def _write_md(out: list, args) -> None:
         lines.append(f"| {r['bits']} | {label} | " + " | ".join(cells)
                      + f" | {secs:.0f} | {evals} | {len(r['runs'])} |")
     Path(args.out + ".md").write_text(
-        f"AccuQuant variants on {args.model}; {args.num} paired samples per run, DDIM {args.steps} steps, "
+        f"AccuQuant variants on {args.model}; {args.num} paired samples per run, "
+        f"{'flow-euler' if args.model == 'mnist-sd3' else 'DDIM'} {args.steps} steps, "
         f"calibration on {args.calib_samples} trajectories; mean (min..max) over calibration seeds; written by "
         "benchmarks/ablation.py. Options of each variant are in ablation.json. 'method s' is the time of the "
         "variant's own optimisation (AccuQuant rows exclude the shared per-step initialisation, which runs once "

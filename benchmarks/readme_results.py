@@ -133,6 +133,13 @@ OTHER_TABLES = [
     ("ablation_mnist-sd3.md", "mnist-sd3: group size at equal compute",
      "`python benchmarks/ablation.py --model mnist-sd3 --bits w4a8 --num 300 --seeds 0,1,2 --variants ...` "
      "(`benchmarks/results/ablation_mnist-sd3.{md,json}`): the group-size ablation on a flow trajectory."),
+    ("ablation_mnist-sd3_keepfp.md", "mnist-sd3: what stays in full precision",
+     "`python benchmarks/ablation.py --model mnist-sd3 --bits w4a8 --num 300 --seeds 0 --out "
+     "results/ablation_mnist-sd3_keepfp --variants ...` (`benchmarks/results/ablation_mnist-sd3_keepfp.{md,json}`): "
+     "per-step with the default list (patch embedding, final norm and projection in full precision), with every "
+     "layer quantized, and with the timestep and pooled-text embedders and the context embedder "
+     "(`time_text_embed.*`, `context_embedder`), the adaLN linears of every block (`*.norm1.linear`, "
+     "`*.norm1_context.linear`), or both also kept in full precision; calibration seed 0."),
     ("data_parallel.md", "Data-parallel calibration",
      "`python benchmarks/data_parallel.py --repeats 3` (`benchmarks/results/data_parallel.{md,json}`)."),
     ("torchao_export.md", "The torchao export",
