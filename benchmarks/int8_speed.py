@@ -5,7 +5,8 @@ configurations of Stable Diffusion 1.5's UNet (64x64 latents, one guided sample:
 77 text tokens of width 768) and DiT-XL/2 (32x32 latents, one guided sample). Random
 weights are fine for speed (the kernels do not look at the values) but nothing else.
 Each model is quantized with the naive method (8-bit weights symmetric, so their codes fit
-int8; a few calibration points: quality is not measured here), frozen onto ``fake`` and,
+int8; a few calibration points and, for the large models, min-max ranges: quality is not
+measured here), frozen onto ``fake`` and,
 in a copy, onto ``int8``, and timed with ``accuquant.speed.measure_pipelines``, one
 process per model and bit width, each thread count in turn (variants in turn, medians). The large models time one denoiser
 call only; the bundled one also a whole 20-step sample.
@@ -76,8 +77,11 @@ def run_one(name: str, bits: str, threads: list[int], repeats: int) -> list[dict
     if calib_cond is not None:  # no text encoder: trajectories from given embeddings
         calib = aq.collect_trajectories(fp.denoiser(), aq.make_scheduler("ddim", fp.scheduler_config, kw["steps"]),
                                         1, cond=calib_cond(1), batch_size=1, progress=False)
-    q = aq.quantize(fp, aq.QuantConfig(weight_bits=w, act_bits=a, weight_symmetric=w == 8), "naive", calib=calib,
-                    progress=False, **kw)
+    # the large models take min-max ranges (an MSE range search over 860 M weights takes many
+    # minutes here, and the kernels' speed does not depend on the ranges)
+    init = dict(weight_init="minmax", act_init="minmax") if small else {}
+    q = aq.quantize(fp, aq.QuantConfig(weight_bits=w, act_bits=a, weight_symmetric=w == 8, **init), "naive",
+                    calib=calib, progress=False, **kw)
     quantize_s = time.perf_counter() - t0
     int8 = copy.deepcopy(q)
     freeze_model(int8.model, "int8")

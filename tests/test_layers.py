@@ -150,3 +150,33 @@ def test_float64_and_mixed_precision_models_are_refused():
     mixed.conv_out.half()
     with pytest.raises(aq.AccuQuantError, match="expected one of"):
         aq.quantize(mixed, steps=2, calib_samples=2, progress=False)
+
+
+def test_large_attention_at_inference_is_computed_by_row_blocks_bit_identically(monkeypatch):
+    """Above ``CHUNK`` score elements, inference computes attention a block of query rows at a
+    time: the same output bit for bit as the whole score matrix (and as with gradients on),
+    with quantized Q, K, V and probabilities; while ranges are observed, whole calls only."""
+    import types
+
+    import accuquant.attention as attention
+
+    proc = QuantAttnProcessor(8, 8)
+    with torch.no_grad():
+        for q in proc.quantizers().values():
+            q.scale.fill_(0.05)
+            q.zero_point.fill_(128)
+        proc.probs_quant.scale.fill_(1 / 255)
+        proc.probs_quant.zero_point.fill_(0)
+    attn = types.SimpleNamespace(upcast_attention=False, upcast_softmax=False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 50, 8, generator=g) for _ in range(3))
+    with torch.no_grad():
+        whole = proc.attend(attn, q.clone(), k.clone(), v.clone(), None, 8 ** -0.5)
+        calls = []
+        real = proc._scores_to_output
+        monkeypatch.setattr(proc, "_scores_to_output", lambda *a: calls.append(a[1].shape[-2]) or real(*a))
+        monkeypatch.setattr(attention, "CHUNK", 4 * 7 * 50)  # blocks of 7 query rows
+        blocks = proc.attend(attn, q.clone(), k.clone(), v.clone(), None, 8 ** -0.5)
+    assert calls == [7] * 7 + [1] and torch.equal(blocks, whole)
+    with torch.enable_grad():
+        assert torch.equal(proc.attend(attn, q.clone(), k.clone(), v.clone(), None, 8 ** -0.5).detach(), whole)
