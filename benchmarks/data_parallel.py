@@ -9,7 +9,7 @@ timed from the saved model's ``timing_s``. It also checks the claim of
 :mod:`accuquant.distributed`: the 2-rank model is bit-identical to one process's with
 ``--micro-batches 2``.
 
-    python benchmarks/data_parallel.py --repeats 3   # writes results/data_parallel.{json,md}
+    python benchmarks/data_parallel.py --repeats 3 --iters 25   # writes results/data_parallel.{json,md}
 """
 
 from __future__ import annotations
@@ -53,19 +53,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache", default=None, help="a cache to fill and reuse (default: a temporary one)")
+    p.add_argument("--iters", type=int, default=100, help="AccuQuant iterations (default 100, the main job's; the "
+                   "ratios do not depend on it)")
     p.add_argument("--out", default=str(RESULTS / "data_parallel"))
     args = p.parse_args()
     variants = ["1 process x 1 thread", "1 process x 2 threads", "2 ranks x 1 thread"]
     tmp = Path(tempfile.mkdtemp(prefix="accuquant-dp-"))
     try:
         cache = Path(args.cache) if args.cache else tmp / "cache"
-        run("1 process x 1 thread", tmp / "warm", cache, [])  # fills the cache: trajectories, per-step result
+        it = ["--iters", str(args.iters)]
+        run("1 process x 1 thread", tmp / "warm", cache, it)  # fills the cache: trajectories, per-step result
         times: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.repeats):
             for v in variants:
-                times[v].append(run(v, tmp / v.replace(" ", "_"), cache, []))
+                times[v].append(run(v, tmp / v.replace(" ", "_"), cache, it))
                 print(f"repeat {r}: {v}: {times[v][-1]['method_s']:.1f} s", flush=True)
-        run("1 process x 1 thread", tmp / "micro", cache, ["--micro-batches", "2"])
+        run("1 process x 1 thread", tmp / "micro", cache, [*it, "--micro-batches", "2"])
         a, b = weights(tmp / "micro"), weights(tmp / "2_ranks_x_1_thread")
         identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     finally:
@@ -73,7 +76,8 @@ def main() -> None:
     ref = statistics.median(t["method_s"] for t in times[variants[0]])
     rows = {v: {"method_s": [t["method_s"] for t in ts], "median_s": statistics.median(t["method_s"] for t in ts),
                 "speedup": round(ref / statistics.median(t["method_s"] for t in ts), 3)} for v, ts in times.items()}
-    res = {"job": "accuquant quantize (bundled mnist-ddpm, AccuQuant W4A8, defaults), its AccuQuant phase",
+    res = {"job": f"accuquant quantize (bundled mnist-ddpm, AccuQuant W4A8, defaults but {args.iters} iterations), "
+                  "its AccuQuant phase",
            "repeats": args.repeats, "cpus": os.cpu_count(), "torch": torch.__version__, "variants": rows,
            "two_ranks_equal_one_process_two_micro_batches": identical}
     Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=2))

@@ -141,7 +141,9 @@ OTHER_TABLES = [
      "(`time_text_embed.*`, `context_embedder`), the adaLN linears of every block (`*.norm1.linear`, "
      "`*.norm1_context.linear`), or both also kept in full precision; calibration seed 0."),
     ("data_parallel.md", "Data-parallel calibration",
-     "`python benchmarks/data_parallel.py --repeats 3` (`benchmarks/results/data_parallel.{md,json}`)."),
+     "`python benchmarks/data_parallel.py --repeats 3 --iters 25` (`benchmarks/results/data_parallel.{md,json}`): "
+     "the main job's AccuQuant phase (25 of its 100 iterations, the per-step start cached), timed from the saved "
+     "model's own timing, nothing else running."),
     ("torchao_export.md", "The torchao export",
      "`python benchmarks/torchao_export.py --num 100` (`benchmarks/results/torchao_export.{md,json}`)."),
     ("reliability.md", "Reliability",
