@@ -144,6 +144,11 @@ OTHER_TABLES = [
      "`python benchmarks/data_parallel.py --repeats 3 --iters 25` (`benchmarks/results/data_parallel.{md,json}`): "
      "the main job's AccuQuant phase (25 of its 100 iterations, the per-step start cached), timed from the saved "
      "model's own timing, nothing else running."),
+    ("int8_speed.md", "Speed of the int8 backend (so far: the SD-1.5-size UNet at W4A8)",
+     "`python benchmarks/int8_speed.py --models sd15-unet:w4a8 --threads 1,2 --repeats 3` "
+     "(`benchmarks/results/int8_speed.{md,json}`), nothing else running. The target (int8 at least 2x float32 and "
+     "at least as fast as bf16) is missed: the integer kernels are a small part of the call; the fake-quantized "
+     "attention matmuls and the per-layer input quantization are the rest."),
     ("torchao_export.md", "The torchao export",
      "`python benchmarks/torchao_export.py --num 100` (`benchmarks/results/torchao_export.{md,json}`)."),
     ("reliability.md", "Reliability",
