@@ -61,10 +61,15 @@ def init_from_env(device: str = "cpu") -> bool:
     return True
 
 
+def _piece(n: int, j: int, pieces: int) -> range:
+    """Piece ``j`` of ``n`` rows cut into ``pieces`` contiguous pieces (sizes differ by one at most)."""
+    return range(j * n // pieces, (j + 1) * n // pieces)
+
+
 def rows(n: int) -> range:
-    """This rank's contiguous share of ``n`` rows (sizes differ by one at most)."""
+    """This rank's contiguous share of ``n`` rows."""
     rank, size = world()
-    return range(rank * n // size, (rank + 1) * n // size)
+    return _piece(n, rank, size)
 
 
 def shard(idx: torch.Tensor, part: int = 0, parts: int = 1) -> tuple[torch.Tensor, float]:
@@ -76,8 +81,8 @@ def shard(idx: torch.Tensor, part: int = 0, parts: int = 1) -> tuple[torch.Tenso
     if len(idx) < pieces:
         raise AccuQuantError(f"a batch of {len(idx)} rows cannot be split into {pieces} pieces ({size} ranks x "
                              f"{parts} micro-batches): use a larger batch or fewer pieces")
-    lo, hi = j * len(idx) // pieces, (j + 1) * len(idx) // pieces
-    return idx[lo:hi], (hi - lo) / len(idx)
+    r = _piece(len(idx), j, pieces)
+    return idx[r.start:r.stop], len(r) / len(idx)
 
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:

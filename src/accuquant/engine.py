@@ -38,8 +38,7 @@ from .cache import derive_seed, digest
 from .calibration import Trajectories
 from .checkpoint import load_quantizers, read_checkpoint, save_checkpoint
 from .config import QuantConfig
-from . import distributed
-from .distributed import is_main, shard, sum_over_ranks
+from .distributed import active, is_main, shard, sum_over_ranks
 from .errors import DivergenceError
 from .methods.base import MethodConfig, config_class, method_class
 from .progress import progress_bar
@@ -291,7 +290,7 @@ def _loss_and_gradients(run: Run, phase: Phase, gen: torch.Generator, it: int, p
     same generator state and takes its piece (:meth:`Run.shard`); the pieces' losses and
     gradients are summed, weighted by their share of the rows, in float64 (exact for two
     halves), then over the ranks."""
-    single = run.micro_batches == 1 and not distributed.active()  # the gradients are complete as they are
+    single = run.micro_batches == 1 and not active()  # the gradients are complete as they are
     start = gen.get_state() if run.micro_batches > 1 else None
     total = None
     for part in range(run.micro_batches):
