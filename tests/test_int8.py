@@ -152,3 +152,52 @@ def test_an_int8_dit_runs_inside_diffusers_own_pipeline(dit_pipeline_dir, tmp_pa
                                generator=torch.Generator().manual_seed(0)).images
     a, b = images["fake"], images["int8"]
     assert torch.isfinite(b).all() and ((a - b).norm() / a.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("int8_values", [True, False])
+def test_attention_off_fake_matches_fake_to_float_rounding(monkeypatch, int8_values):
+    """Off the fake backend, attention at inference takes the blocked path (one reused
+    buffer, softmax in place, the probabilities' codes times V before their step size),
+    with ``softmax . V`` on the int8 kernels (or, for few keys, in float): on every
+    attention call of a guided denoiser step, in several blocks, it gives the fake path's
+    output to a relative error of 1e-6."""
+    from accuquant import attention
+
+    q = aq.quantize(class_pipeline(), aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4, calib_samples=4,
+                    progress=False)
+    calls, attend = [], attention.QuantAttnProcessor.attend
+
+    def record(self, attn, *args):
+        calls.append((self, attn, [a.clone() if torch.is_tensor(a) else a for a in args]))
+        return attend(self, attn, *args)
+
+    monkeypatch.setattr(attention.QuantAttnProcessor, "attend", record)
+    den = q.denoiser(2.0)
+    with torch.no_grad():
+        den(torch.randn(3, *den.sample_shape, generator=torch.Generator().manual_seed(1)), torch.tensor(400),
+            q.conditions(3))
+    assert calls and all(isinstance(p.probs_quant, attention.UniformQuantizer) for p, _, _ in calls)
+    blocks = []
+    for name in ("_attend_fast", "_attend_int8"):
+        f = getattr(attention.QuantAttnProcessor, name)
+        monkeypatch.setattr(attention.QuantAttnProcessor, name,
+                            lambda self, *a, f=f, name=name: blocks.append(name) or f(self, *a))
+    for proc, attn, args in calls:
+        outs = {}
+        for backend in ("fake", "int8"):
+            proc.backend = backend
+            n_q, n_k = args[1].shape[-2], args[2].shape[-2]
+            with monkeypatch.context() as m:
+                if backend == "int8":  # blocks of 16 query rows
+                    m.setattr(attention, "CHUNK", args[1][..., 0, 0].numel() * 16 * n_k)
+                    m.setattr(attention, "INT8_BLOCK", 16 * n_k)
+                    m.setattr(attention, "INT8_MIN_KEYS", 1 if int8_values else n_k + 1)
+                    assert n_q > 16
+                with torch.no_grad():
+                    outs[backend] = attend(proc, attn, *[a.clone() if torch.is_tensor(a) else a for a in args])
+        proc.backend = "fake"
+        ref, y = outs["fake"], outs["int8"]
+        err = ((y - ref).norm() / ref.norm()).item()
+        assert y.shape == ref.shape and err < 1e-6, err
+    assert blocks.count("_attend_fast") == len(calls)
+    assert blocks.count("_attend_int8") == (len(calls) if int8_values else 0)

@@ -10,6 +10,8 @@ Installed with ``Attention.set_processor``; no library source is touched.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -19,10 +21,20 @@ from .quantizers import UniformQuantizer
 
 #: score elements above which inference computes attention by blocks of query rows (16 MB)
 CHUNK = 1 << 22
+#: the int8 backend's attention: keys from which softmax . V runs on the int8 kernels, and
+#: the score elements of one block of one head (2 MB: it stays in a core's cache)
+INT8_MIN_KEYS = 64
+INT8_BLOCK = 1 << 19
 
 
 def _maybe(bits: int | None, symmetric: bool) -> nn.Module:
     return UniformQuantizer(bits, symmetric) if bits is not None else nn.Identity()
+
+
+def _simple(q: nn.Module) -> bool:
+    """``q`` is the identity or a frozen per-tensor quantizer (what the fast path handles)."""
+    return not isinstance(q, UniformQuantizer) or not q.enabled or (
+        q.observer is None and q.alpha is None and q.codes is None and q.scale.numel() == 1)
 
 
 def _quant(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -38,6 +50,10 @@ def _quant(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class QuantAttnProcessor(nn.Module):
     """Attention with fake-quantized matmul inputs.
 
+    ``backend`` is set by :func:`accuquant.layers.freeze_model`: on ``fake`` inference
+    computes exactly what calibration computed; on any other backend it takes
+    :meth:`_attend_fast`, equal up to float rounding.
+
     Args:
         attn_bits: bits of Q, K and V (``None``: floating point).
         softmax_bits: bits of the attention probabilities (``None``: floating point).
@@ -51,6 +67,7 @@ class QuantAttnProcessor(nn.Module):
         self.k_quant = _maybe(attn_bits, symmetric)
         self.v_quant = _maybe(attn_bits, symmetric)
         self.probs_quant = _maybe(softmax_bits, False)
+        self.backend = "fake"
 
     def quantizers(self) -> dict[str, UniformQuantizer]:
         names = ("q_quant", "k_quant", "v_quant", "probs_quant")
@@ -68,11 +85,111 @@ class QuantAttnProcessor(nn.Module):
         n_q, n_k = query.shape[-2], key.shape[-2]
         heads = query.numel() // (n_q * query.shape[-1])
         observing = any(q.observer is not None for q in self.quantizers().values())  # ranges see whole calls
+        if (self.backend != "fake" and not torch.is_grad_enabled() and not observing and attention_mask is None
+                and query.dtype == key.dtype == value.dtype == torch.float32 and _simple(self.probs_quant)):
+            return self._attend_fast(query, key, value, scale)
         if not torch.is_grad_enabled() and not observing and attention_mask is None and heads * n_q * n_k > CHUNK:
             rows = max(1, CHUNK // (heads * n_k))
             return torch.cat([self._scores_to_output(attn, query[..., c:c + rows, :], key, value, None, scale)
                               for c in range(0, n_q, rows)], dim=-2)
         return self._scores_to_output(attn, query, key, value, attention_mask, scale)
+
+    def _attend_fast(self, query, key, value, scale: float) -> torch.Tensor:
+        """Inference off the ``fake`` backend: the same scores, softmax and probability codes
+        as :meth:`_scores_to_output`, by blocks of at most ``CHUNK`` scores in one reused
+        buffer (no gigabytes allocated and faulted in per call), the softmax in place, and
+        the codes ``round(p / s)`` multiplied by V before the step size ``s`` instead of
+        after: one pass fewer and exact integers in the matmul, so the output differs from
+        ``fake`` by float rounding only. The clamp is skipped where the grid holds every
+        probability in [0, 1]."""
+        lead, n_q, n_k = query.shape[:-2], query.shape[-2], key.shape[-2]
+        q, k = query.reshape(-1, n_q, query.shape[-1]), key.reshape(-1, n_k, key.shape[-1])
+        v = value.reshape(-1, n_k, value.shape[-1])
+        kt = k.transpose(-1, -2)
+        pq = self.probs_quant
+        if self.backend == "int8" and n_k >= INT8_MIN_KEYS:
+            values = self._int8_values(v)
+            if values is not None:
+                return self._attend_int8(q, kt, values, scale).reshape(*lead, n_q, v.shape[-1])
+        out = torch.empty(q.shape[0], n_q, v.shape[-1], dtype=q.dtype)
+        rows = max(1, min(n_q, CHUNK // (q.shape[0] * n_k)))
+        buf = torch.empty(q.shape[0], rows, n_k, dtype=q.dtype)
+        quantized = isinstance(pq, UniformQuantizer) and pq.enabled
+        if quantized:
+            s, z = pq.scale.item(), pq.zero_point.item()
+            lo, hi = pq.qmin - z, pq.qmax - z
+            clamp = not (lo <= 0 and hi >= math.floor(1.0 / s) + 1)
+        for c in range(0, n_q, rows):
+            r = min(rows, n_q - c)
+            b, o = buf[:, :r], out[:, c:c + r]
+            torch.bmm(q[:, c:c + r], kt, out=b).mul_(scale)
+            torch.ops.aten._softmax.out(b, -1, False, out=b)
+            if quantized:
+                b.div_(s).round_()
+                if clamp:
+                    b.clamp_(lo, hi)
+                torch.bmm(b, v, out=o).mul_(s)
+            else:
+                torch.bmm(b, v, out=o)
+        return out.reshape(*lead, n_q, v.shape[-1])
+
+    def _int8_values(self, v: torch.Tensor):
+        """V prepacked for oneDNN's int8 matmul, one weight per head, or ``None`` where the
+        kernels cannot take it (V or the probabilities not on 8-bit per-tensor grids, the
+        probabilities' grid signed, no kernels). V's integers ``w = round(v / s_v)`` span at
+        most 256 values; their middle ``o`` is subtracted to fit int8 and added back through
+        one more output channel whose weights are 1 (it sums each row's codes)."""
+        from .int8_backend import available
+
+        pq, vq = self.probs_quant, self.v_quant
+        if not (available() and all(isinstance(g, UniformQuantizer) and g.enabled and g.bits <= 8
+                                    and g.scale.numel() == 1 for g in (pq, vq)) and pq.qmin >= 0):
+            return None
+        sv = vq.scale.item()
+        w = torch.round(v / sv)
+        lo, hi = int(w.min().item()), int(w.max().item())
+        if hi - lo > 255:
+            return None
+        off = (hi + lo + 1) // 2 if lo < -128 or hi > 127 else 0
+        w = (w - off).to(torch.int8)
+        if off:
+            w = torch.cat([w, torch.ones_like(w[..., :1])], dim=-1)
+        packed = [torch.ops.onednn.qlinear_prepack(w[h].t().contiguous(), None) for h in range(w.shape[0])]
+        scales = torch.full((w.shape[-1],), sv, dtype=torch.float32)
+        return packed, scales, torch.zeros(w.shape[-1], dtype=torch.long), off, v.shape[-1]
+
+    def _attend_int8(self, q, kt, values, scale: float) -> torch.Tensor:
+        """:meth:`_attend_fast` with ``softmax . V`` on oneDNN's int8 kernels, a head and a
+        block of query rows at a time: the probabilities' uint8 codes (computed as the fake
+        backend does) times V's integers, summed exactly in int32 and scaled once."""
+        packed, w_scales, w_zero, off, d_v = values
+        pq = self.probs_quant
+        s, z = pq.scale.item(), int(pq.zero_point.item())
+        n_q, n_k = q.shape[-2], kt.shape[-1]
+        clamp = not (z == 0 and pq.qmax >= math.floor(1.0 / s) + 1)
+        rows = max(1, min(n_q, INT8_BLOCK // n_k))
+        out = torch.empty(q.shape[0], n_q, d_v, dtype=torch.float32)
+        buf = torch.empty(rows, n_k, dtype=torch.float32)
+        codes = torch.empty(rows, n_k, dtype=torch.uint8)
+        for h in range(q.shape[0]):
+            for c in range(0, n_q, rows):
+                r = min(rows, n_q - c)
+                b, u = buf[:r], codes[:r]
+                torch.mm(q[h, c:c + r], kt[h], out=b).mul_(scale)
+                torch.ops.aten._softmax.out(b, -1, False, out=b)
+                b.div_(s).round_()
+                if z:
+                    b.add_(z)
+                if clamp:
+                    b.clamp_(pq.qmin, pq.qmax)
+                u.copy_(b)
+                y = torch.ops.onednn.qlinear_pointwise(u, s, z, packed[h], w_scales, w_zero, None, 1.0, 0,
+                                                       torch.float32, "none", [], "")
+                if off:
+                    torch.add(y[:, :d_v], y[:, d_v:], alpha=off, out=out[h, c:c + r])
+                else:
+                    out[h, c:c + r] = y
+        return out
 
     def _scores_to_output(self, attn, query, key, value, attention_mask, scale: float) -> torch.Tensor:
         dtype = query.dtype

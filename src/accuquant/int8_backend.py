@@ -11,7 +11,8 @@ int16, which saturates unless ``|qw| <= 64``; there, weights whose codes leave t
 (8-bit weights) stay on ``fake``. A layer the kernels cannot run (activations above 8
 bits or not quantized, float weights, 1-D convs, a padding mode other than zeros, another
 device) also stays on ``fake``; :func:`accuquant.layers.placement` says which layers run
-where, and why.
+where, and why. The quantized attention processors follow the backend: on ``int8`` their
+``softmax . V`` runs on the same kernels (see :meth:`QuantAttnProcessor._attend_int8`).
 """
 
 from __future__ import annotations

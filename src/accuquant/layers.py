@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ADAPTERS, Denoiser
-from .attention import QUANT_PROCESSORS
+from .attention import QUANT_PROCESSORS, QuantAttnProcessor
 from . import int8_backend  # noqa: F401  (registers the "int8" backend before any freeze)
 from .backends import Grid, LayerSpec, get_backend
 from .config import QuantConfig
@@ -267,10 +267,14 @@ def all_quantizers(model: nn.Module) -> dict[str, UniformQuantizer]:
 
 def freeze_model(model: nn.Module, backend: str = "fake") -> None:
     """Freeze every :class:`QuantLayer` (weights become integer codes) and run it on
-    ``backend`` (a frozen model can be moved to another backend the same way)."""
+    ``backend`` (a frozen model can be moved to another backend the same way); the
+    quantized attention processors learn the backend too (see :class:`QuantAttnProcessor`)."""
     get_backend(backend)
     for layer in quant_layers(model).values():
         layer.freeze(backend)
+    for m in model.modules():
+        if isinstance(m, QuantAttnProcessor):
+            m.backend = backend
 
 
 def resident_bytes(model: nn.Module) -> int:
