@@ -22,9 +22,9 @@ from .quantizers import UniformQuantizer
 #: score elements above which inference computes attention by blocks of query rows (16 MB)
 CHUNK = 1 << 22
 #: the int8 backend's attention: keys from which softmax . V runs on the int8 kernels, and
-#: the score elements of one block of one head (2 MB: it stays in a core's cache)
+#: the score elements of one block of one head (16 MB)
 INT8_MIN_KEYS = 64
-INT8_BLOCK = 1 << 19
+INT8_BLOCK = 1 << 22
 
 
 def _maybe(bits: int | None, symmetric: bool) -> nn.Module:
