@@ -6,7 +6,7 @@ import torch
 import accuquant as aq
 from accuquant.backends import build_layer
 from accuquant.layers import placement
-from accuquant.int8_backend import available
+from accuquant.int8_backend import available, vnni
 from accuquant.layers import quant_layers
 from conftest import class_pipeline
 
@@ -80,7 +80,11 @@ def test_loaded_int8_model_samples_close_to_fake(tmp_path, capsys):
                     progress=False)
     q.save(tmp_path / "q")
     a = aq.load(tmp_path / "q").sample(4, steps=4, progress=False)
-    b = aq.load(tmp_path / "q", backend="int8").sample(4, steps=4, progress=False)
+    loaded = aq.load(tmp_path / "q", backend="int8")
+    from accuquant.attention import QuantAttnProcessor
+    procs = [m for m in loaded.model.modules() if isinstance(m, QuantAttnProcessor)]
+    assert procs and all(m.backend == "int8" for m in procs)  # the attention follows the layers' backend
+    b = loaded.sample(4, steps=4, progress=False)
     p = psnr((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2).clamp(max=99).mean()
     assert p > 25
     assert main(["sample", "--model", str(tmp_path / "q"), "--backend", "int8", "--num", "2", "--steps", "2",
@@ -200,4 +204,7 @@ def test_attention_off_fake_matches_fake_to_float_rounding(monkeypatch, int8_val
         err = ((y - ref).norm() / ref.norm()).item()
         assert y.shape == ref.shape and err < 1e-6, err
     assert blocks.count("_attend_fast") == len(calls)
-    assert blocks.count("_attend_int8") == (len(calls) if int8_values else 0)
+    if int8_values and vnni():  # without VNNI, V's 8-bit integers may span more than the kernels sum exactly
+        assert blocks.count("_attend_int8") == len(calls)
+    elif not int8_values:
+        assert blocks.count("_attend_int8") == 0

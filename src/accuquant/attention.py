@@ -86,7 +86,8 @@ class QuantAttnProcessor(nn.Module):
         heads = query.numel() // (n_q * query.shape[-1])
         observing = any(q.observer is not None for q in self.quantizers().values())  # ranges see whole calls
         if (self.backend != "fake" and not torch.is_grad_enabled() and not observing and attention_mask is None
-                and query.dtype == key.dtype == value.dtype == torch.float32 and _simple(self.probs_quant)):
+                and query.dtype == key.dtype == value.dtype == torch.float32 and query.device.type == "cpu"
+                and n_q * n_k > 0 and _simple(self.probs_quant)):
             return self._attend_fast(query, key, value, scale)
         if not torch.is_grad_enabled() and not observing and attention_mask is None and heads * n_q * n_k > CHUNK:
             rows = max(1, CHUNK // (heads * n_k))
@@ -136,10 +137,11 @@ class QuantAttnProcessor(nn.Module):
     def _int8_values(self, v: torch.Tensor):
         """V prepacked for oneDNN's int8 matmul, one weight per head, or ``None`` where the
         kernels cannot take it (V or the probabilities not on 8-bit per-tensor grids, the
-        probabilities' grid signed, no kernels). V's integers ``w = round(v / s_v)`` span at
-        most 256 values; their middle ``o`` is subtracted to fit int8 and added back through
-        one more output channel whose weights are 1 (it sums each row's codes)."""
-        from .int8_backend import available
+        probabilities' grid signed, no kernels, or, on CPUs without VNNI, V's integers beyond
+        the +-64 those kernels sum without saturating). V's integers ``w = round(v / s_v)``
+        span at most 256 values; their middle ``o`` is subtracted to fit int8 and added back
+        through one more output channel whose weights are 1 (it sums each row's codes)."""
+        from .int8_backend import available, vnni
 
         pq, vq = self.probs_quant, self.v_quant
         if not (available() and all(isinstance(g, UniformQuantizer) and g.enabled and g.bits <= 8
@@ -147,10 +149,13 @@ class QuantAttnProcessor(nn.Module):
             return None
         sv = vq.scale.item()
         w = torch.round(v / sv)
-        lo, hi = int(w.min().item()), int(w.max().item())
-        if hi - lo > 255:
+        if not torch.isfinite(w).all():
             return None
-        off = (hi + lo + 1) // 2 if lo < -128 or hi > 127 else 0
+        lo, hi = int(w.min().item()), int(w.max().item())
+        neg, pos = (128, 127) if vnni() else (64, 64)
+        if hi - lo > neg + pos:
+            return None
+        off = (hi + lo + 1) // 2 if lo < -neg or hi > pos else 0
         w = (w - off).to(torch.int8)
         if off:
             w = torch.cat([w, torch.ones_like(w[..., :1])], dim=-1)
