@@ -149,10 +149,12 @@ OTHER_TABLES = [
      "the main job's AccuQuant phase (25 of its 100 iterations, the per-step start cached), timed from the saved "
      "model's own timing, nothing else running."),
     ("main_job.md", "Time of the main job",
-     "`python benchmarks/main_job.py --repeats 3` (`benchmarks/results/main_job.{md,json}`), nothing else running: "
-     "where the main job's time goes, from an empty cache. The target of at most 150 s is not met yet; the "
-     "per-step initialisation and AccuQuant's 100 steps are most of it (data-parallel ranks cut the AccuQuant "
-     "phase 2.45x, see above)."),
+     "`python benchmarks/main_job.py --repeats 3 --label \"default (2 threads)\"` "
+     "(`benchmarks/results/main_job.{md,json}`), nothing else running: where the main job's time goes, from an "
+     "empty cache (runs of 457, 472 and 502 s; the quick start's 282 s of quantization earlier the same day shows "
+     "how much this shared machine's speed varies). The target of at most 150 s is not met yet: the per-step "
+     "initialisation, AccuQuant's 100 steps and the quality summary (the naive model and 900 samples) each take "
+     "a third of it (data-parallel ranks cut the AccuQuant phase 2.45x, see above)."),
     ("int8_speed.md", "Speed of the int8 backend",
      "`python benchmarks/int8_speed.py --threads 1,2 --repeats 3` (`benchmarks/results/int8_speed.{md,json}`), "
      "nothing else running. The target (int8 at least 2x float32 and at least as fast as bf16 on the SD-1.5-size "
