@@ -36,6 +36,7 @@ import accuquant as aq
 from accuquant import bundled
 from accuquant.evaluation import evaluate, to_json_safe
 from accuquant.api import METHODS
+from accuquant.safety import atomic_path
 from accuquant.compare import parse_bits
 
 from common import ROOT, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
@@ -149,10 +150,9 @@ def write(rows: dict, args, drop: set = frozenset()) -> None:
         merged.update({k: to_json_safe(r) for k, r in rows.items()})
         out = sorted(merged.values(), key=lambda r: (r["bits"], r["label"]))
         if rows or drop:
-            tmp = Path(args.out + ".json.tmp")
-            tmp.write_text(json.dumps({"rows": out, "settings": settings(args) if rows else doc["settings"],
-                                       "torch": torch.__version__ if rows else doc["torch"]}, indent=2))
-            tmp.replace(old)
+            with atomic_path(old) as tmp:
+                tmp.write_text(json.dumps({"rows": out, "settings": settings(args) if rows else doc["settings"],
+                                           "torch": torch.__version__ if rows else doc["torch"]}, indent=2))
         _write_md(out, args)
 
 

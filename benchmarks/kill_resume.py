@@ -33,6 +33,8 @@ import diffusers
 import torch
 from safetensors.torch import load_file
 
+from accuquant.safety import atomic_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: the tiny model's quantization, shared by every job: 3 DDIM steps, 4 trajectories
@@ -178,9 +180,8 @@ def main() -> None:
             summary.append(check_job(job, model, Path(tmp), args.trials, args.seed))
             done[job] = summary[-1]
             doc = {"jobs": [done[j] for j in JOBS if j in done], "torch": torch.__version__, "seed": args.seed}
-            tmp_out = Path(args.out + ".tmp")
-            tmp_out.write_text(json.dumps(doc, indent=2))
-            tmp_out.replace(out)
+            with atomic_path(out) as tmp_out:
+                tmp_out.write_text(json.dumps(doc, indent=2))
     for s in summary:
         print(f"{s['job']}: {s['identical']}/{s['trials']} bit-identical after kill and resume "
               f"({s['interrupted']} interrupted; uninterrupted run {s['uninterrupted_s']} s)")

@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from accuquant.safety import atomic_path
 from common import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -71,9 +72,8 @@ def main() -> None:
     path = Path(args.out).with_suffix(".json")
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
     doc["rows"] = [r for r in doc["rows"] if r["label"] != args.label] + [row]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2))
     lines = ["Written by benchmarks/main_job.py: `accuquant quantize` (AccuQuant W4A8 on the bundled model, its "
              "quality summary on 300 paired samples included) from an empty cache, a fresh process per run; "
              "median seconds over runs, by phase; quality as printed (AccuQuant and naive).", "",

@@ -31,17 +31,29 @@ def _maybe(bits: int | None, symmetric: bool) -> nn.Module:
     return UniformQuantizer(bits, symmetric) if bits is not None else nn.Identity()
 
 
-def _simple(q: nn.Module) -> bool:
-    """``q`` is the identity or a frozen per-tensor quantizer (what the fast path handles)."""
-    return not isinstance(q, UniformQuantizer) or not q.enabled or (
-        q.observer is None and q.alpha is None and q.codes is None and q.scale.numel() == 1)
+def _frozen(q: nn.Module) -> bool:
+    """``q`` quantizes on one fixed per-tensor grid (not observing, no learnable rounding)."""
+    return (isinstance(q, UniformQuantizer) and q.enabled and q.observer is None and q.alpha is None
+            and q.codes is None and q.scale.numel() == 1)
+
+
+def _active(q: nn.Module) -> bool:
+    return isinstance(q, UniformQuantizer) and q.enabled
+
+
+def _probs_grid(q: UniformQuantizer) -> tuple[float, int, int, int, bool]:
+    """``(s, z, lo, hi, clamp)`` of the probabilities' grid: codes ``round(p / s)`` clamped
+    to ``[lo, hi] = [qmin - z, qmax - z]``, where ``clamp`` is False if every probability in
+    [0, 1] already lands there (the clamp can be skipped)."""
+    s, z = q.scale.item(), int(q.zero_point.item())
+    lo, hi = q.qmin - z, q.qmax - z
+    return s, z, lo, hi, not (lo <= 0 and hi >= math.floor(1.0 / s) + 1)
 
 
 def _quant(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``q(x)`` for ``x``, a temporary of the processor: at inference, computed in place on
     ``x`` with the same arithmetic (:func:`~accuquant.backends.fake_quant_`)."""
-    if (isinstance(q, UniformQuantizer) and q.enabled and q.observer is None and q.alpha is None and q.codes is None
-            and not torch.is_grad_enabled() and q.scale.numel() == 1 and x.dtype == q.scale.dtype):
+    if _frozen(q) and not torch.is_grad_enabled() and x.dtype == q.scale.dtype:
         z = q.zero_point.item()
         return fake_quant_(x.div_(q.scale), q.scale.item(), q.qmin - z, q.qmax - z)
     return q(x)
@@ -87,7 +99,7 @@ class QuantAttnProcessor(nn.Module):
         observing = any(q.observer is not None for q in self.quantizers().values())  # ranges see whole calls
         if (self.backend != "fake" and not torch.is_grad_enabled() and not observing and attention_mask is None
                 and query.dtype == key.dtype == value.dtype == torch.float32 and query.device.type == "cpu"
-                and n_q * n_k > 0 and _simple(self.probs_quant)):
+                and n_q * n_k > 0 and (_frozen(self.probs_quant) or not _active(self.probs_quant))):
             return self._attend_fast(query, key, value, scale)
         if not torch.is_grad_enabled() and not observing and attention_mask is None and heads * n_q * n_k > CHUNK:
             rows = max(1, CHUNK // (heads * n_k))
@@ -115,11 +127,9 @@ class QuantAttnProcessor(nn.Module):
         out = torch.empty(q.shape[0], n_q, v.shape[-1], dtype=q.dtype)
         rows = max(1, min(n_q, CHUNK // (q.shape[0] * n_k)))
         buf = torch.empty(q.shape[0], rows, n_k, dtype=q.dtype)
-        quantized = isinstance(pq, UniformQuantizer) and pq.enabled
+        quantized = _active(pq)
         if quantized:
-            s, z = pq.scale.item(), pq.zero_point.item()
-            lo, hi = pq.qmin - z, pq.qmax - z
-            clamp = not (lo <= 0 and hi >= math.floor(1.0 / s) + 1)
+            s, _, lo, hi, clamp = _probs_grid(pq)
         for c in range(0, n_q, rows):
             r = min(rows, n_q - c)
             b, o = buf[:, :r], out[:, c:c + r]
@@ -144,8 +154,7 @@ class QuantAttnProcessor(nn.Module):
         from .int8_backend import available, vnni
 
         pq, vq = self.probs_quant, self.v_quant
-        if not (available() and all(isinstance(g, UniformQuantizer) and g.enabled and g.bits <= 8
-                                    and g.scale.numel() == 1 for g in (pq, vq)) and pq.qmin >= 0):
+        if not (available() and all(_frozen(g) and g.bits <= 8 for g in (pq, vq)) and pq.qmin >= 0):
             return None
         sv = vq.scale.item()
         w = torch.round(v / sv)
@@ -168,10 +177,8 @@ class QuantAttnProcessor(nn.Module):
         block of query rows at a time: the probabilities' uint8 codes (computed as the fake
         backend does) times V's integers, summed exactly in int32 and scaled once."""
         packed, w_scales, w_zero, off, d_v = values
-        pq = self.probs_quant
-        s, z = pq.scale.item(), int(pq.zero_point.item())
+        s, z, lo, hi, clamp = _probs_grid(self.probs_quant)
         n_q, n_k = q.shape[-2], kt.shape[-1]
-        clamp = not (z == 0 and pq.qmax >= math.floor(1.0 / s) + 1)
         rows = max(1, min(n_q, INT8_BLOCK // n_k))
         out = torch.empty(q.shape[0], n_q, d_v, dtype=torch.float32)
         buf = torch.empty(rows, n_k, dtype=torch.float32)
@@ -183,10 +190,10 @@ class QuantAttnProcessor(nn.Module):
                 torch.mm(q[h, c:c + r], kt[h], out=b).mul_(scale)
                 torch.ops.aten._softmax.out(b, -1, False, out=b)
                 b.div_(s).round_()
+                if clamp:
+                    b.clamp_(lo, hi)
                 if z:
                     b.add_(z)
-                if clamp:
-                    b.clamp_(pq.qmin, pq.qmax)
                 u.copy_(b)
                 y = torch.ops.onednn.qlinear_pointwise(u, s, z, packed[h], w_scales, w_zero, None, 1.0, 0,
                                                        torch.float32, "none", [], "")
