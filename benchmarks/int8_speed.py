@@ -13,6 +13,10 @@ call only; the bundled one also a whole 20-step sample.
 
     python benchmarks/int8_speed.py --threads 1,2 --repeats 3   # results/int8_speed.{json,md}
     python benchmarks/int8_speed.py --models mnist-ddpm,sd15-unet,dit-xl-2:w4a8   # DiT-XL/2 at W4A8 only
+    python benchmarks/int8_speed.py --device cuda --backend cuda-int8 --threads 16 --models sd15-unet \
+        --out benchmarks/results/int8_speed_cuda   # on a GPU: fp32, bf16, fp16 against cuda-int8
+
+The models are quantized on the CPU and then moved to ``--device``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 import torch
 
 from common import ROOT
+
+from accuquant.safety import atomic_path
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("mnist-ddpm", "sd15-unet", "dit-xl-2")
@@ -62,7 +68,8 @@ def build(name: str):
     return pipe, None, None
 
 
-def run_one(name: str, bits: str, threads: list[int], repeats: int) -> list[dict]:
+def run_one(name: str, bits: str, threads: list[int], repeats: int, backend: str = "int8",
+            device: str = "cpu") -> list[dict]:
     import accuquant as aq
     from accuquant.layers import freeze_model
     from accuquant.speed import measure_pipelines
@@ -83,13 +90,16 @@ def run_one(name: str, bits: str, threads: list[int], repeats: int) -> list[dict
     q = aq.quantize(fp, aq.QuantConfig(weight_bits=w, act_bits=a, weight_symmetric=w == 8, **init), "naive",
                     calib=calib, progress=False, **kw)
     quantize_s = time.perf_counter() - t0
-    int8 = copy.deepcopy(q)
-    freeze_model(int8.model, "int8")
+    fast = copy.deepcopy(q)
+    freeze_model(fast.model, backend)
     params = sum(p.numel() for p in fp.model.parameters())
+    fp, q, fast = fp.to(device), q.to(device), fast.to(device)
+    if call_cond is not None:
+        call_cond = call_cond.to(device)
     rows = []
     for n in threads:
         torch.set_num_threads(n)
-        r = measure_pipelines({"fake": q, "int8": int8}, fp, batch=1, steps=kw["steps"] if small else 20,
+        r = measure_pipelines({"fake": q, backend: fast}, fp, batch=1, steps=kw["steps"] if small else 20,
                               repeats=repeats, whole_sample=not small, cond=call_cond)
         rows.append({"model": name, "bits": bits, "params_m": round(params / 1e6, 1),
                      "quantize_s": round(quantize_s, 1), **r})
@@ -102,13 +112,15 @@ def main() -> None:
     p.add_argument("--bits", default="w8a8,w4a8")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backend", default="int8", help="the integer backend to time (int8, or cuda-int8 on a GPU)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model,bits: run in this process
     p.add_argument("--out", default=str(RESULTS / "int8_speed"))
     args = p.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     if args.one:
         name, bits = args.one.split(",")
-        print(json.dumps(run_one(name, bits, threads, args.repeats)))
+        print(json.dumps(run_one(name, bits, threads, args.repeats, args.backend, args.device)))
         return
     rows = []
     for spec in args.models.split(","):  # model or model:bits,bits
@@ -116,31 +128,38 @@ def main() -> None:
         for bits in (only.split("+") if only else args.bits.split(",")):
             # one process per model and bit width (its thread counts in turn): a fresh allocator
             out = subprocess.run([sys.executable, __file__, "--one", f"{name},{bits}", "--threads", args.threads,
-                                  "--repeats", str(args.repeats)], check=True, capture_output=True, text=True).stdout
+                                  "--repeats", str(args.repeats), "--backend", args.backend, "--device", args.device],
+                                 check=True, capture_output=True, text=True).stdout
             for r in json.loads(out.strip().splitlines()[-1]):
                 rows.append(r)
                 print(f"{name} {bits} {r['threads']} thread(s): " + ", ".join(
                     f"{k} {x['call']['median_ms']:.0f} ms ({x['call_speedup']:.2f}x)" for k, x in r["variants"].items()),
                     flush=True)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
-    cap = rows[0]["cpu_capability"] if rows else ""
-    lines = [f"Written by benchmarks/int8_speed.py on this {cap} CPU: median latency of one denoiser call (one "
+    with atomic_path(Path(args.out).with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+    b8 = args.backend
+    where = (f"this {rows[0]['cpu_capability']} CPU" if args.device == "cpu" else rows[0].get("gpu", args.device)) \
+        if rows else args.device
+    floats = ("bf16", "fp16") if rows and "fp16" in rows[0]["variants"] else ("bf16",)
+    lines = [f"Written by benchmarks/int8_speed.py on {where}: median latency of one denoiser call (one "
              "guided sample: 2 rows), in one process per model and bit width, variants timed in turn; "
              "speed-up is float32's median over the variant's; weights: bytes of the tensors the denoiser holds, "
              "as a ratio of float32's. SD-1.5 UNet and DiT-XL/2 are random-initialised from their published "
              "configurations (speed only). 8-bit weights are symmetric.", "",
-             "| model | bits | threads | fp32 (ms) | bf16 | fake | int8 | int8 layers | weights int8 / fp32 |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| model | bits | threads | fp32 (ms) | {' | '.join(floats)} | fake | {b8} | {b8} layers | "
+             f"weights {b8} / fp32 |",
+             "| --- " * (8 + len(floats)) + "|"]
     for r in rows:
         v = r["variants"]
         b = r["bits"]
-        int8_on = r["placement"]["int8"].get("int8", 0)
-        total = sum(r["placement"]["int8"].values())
+        on = r["placement"][b8].get(b8, 0)
+        total = sum(r["placement"][b8].values())
         cell = lambda k: f"{v[k]['call']['median_ms']:.0f} ms ({v[k]['call_speedup']:.2f}x)"  # noqa: E731
         lines.append(f"| {r['model']} ({r['params_m']} M) | {b} | {r['threads']} | {v['fp32']['call']['median_ms']:.0f} | "
-                     f"{cell('bf16')} | {cell(b + '-fake')} | {cell(b + '-int8')} | {int8_on}/{total} | "
-                     f"{v[b + '-int8']['weights_vs_fp32']:.3f} |")
-    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+                     + " | ".join(cell(f) for f in floats) + f" | {cell(b + '-fake')} | {cell(b + '-' + b8)} | "
+                     f"{on}/{total} | {v[b + '-' + b8]['weights_vs_fp32']:.3f} |")
+    with atomic_path(Path(args.out).with_suffix(".md")) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

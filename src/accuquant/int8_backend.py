@@ -58,6 +58,37 @@ def _input_grid(g) -> tuple[float, int, int, int]:
     return g.scale.item(), z, lo, hi
 
 
+def centred_weights(spec: LayerSpec, limit: int = 127) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per part of the weight: ``(q - z`` as int8, the step size per output channel``)``,
+    refused where ``|q - z|`` exceeds ``limit`` (asymmetric 8-bit weights: beyond int8)."""
+    out = []
+    for g, c in zip(spec.weight_grids, spec.parts(spec.weight_codes, 1)):
+        zp = g.zero_point.reshape(-1, *([1] * (c.dim() - 1))) if g.zero_point.numel() > 1 else g.zero_point
+        q = c.to(torch.int32) - zp.to(torch.int32)
+        if q.abs().max().item() > limit:
+            raise Unsupported(f"weight codes up to {q.abs().max().item()} in magnitude (this CPU's kernels "
+                              f"are exact up to {limit}: without VNNI, uint8 x int8 pairs saturate int16)"
+                              if limit < 127 else f"weight codes up to {q.abs().max().item()} in magnitude "
+                              f"(int8 holds 127)")
+        scale = g.scale.detach().float().reshape(-1)
+        scale = scale.expand(c.shape[0]).contiguous() if scale.numel() == 1 else scale.contiguous()
+        out.append((q.to(torch.int8).contiguous(), scale))
+    return out
+
+
+def check_layer(spec: LayerSpec) -> None:
+    """What every integer backend needs of a layer: a Linear or Conv2d with integer weights,
+    quantized inputs and zero padding."""
+    if spec.kind not in ("linear", "conv2d"):
+        raise Unsupported(f"{spec.kind} layers")
+    if spec.weight_codes is None:
+        raise Unsupported("float weights")
+    if not spec.input_grids:
+        raise Unsupported("float activations")
+    if spec.padding_mode != "zeros" or isinstance(spec.padding, str):
+        raise Unsupported(f"padding {spec.padding_mode!r}/{spec.padding!r}")
+
+
 class Int8Layer(nn.Module):
     """A frozen Linear or Conv2d on oneDNN's int8 kernels (see the module docstring)."""
 
@@ -68,14 +99,7 @@ class Int8Layer(nn.Module):
         super().__init__()
         if not available():
             raise Unsupported("this torch build has no oneDNN int8 kernels")
-        if spec.kind not in ("linear", "conv2d"):
-            raise Unsupported(f"{spec.kind} layers")
-        if spec.weight_codes is None:
-            raise Unsupported("float weights")
-        if not spec.input_grids:
-            raise Unsupported("float activations")
-        if spec.padding_mode != "zeros" or isinstance(spec.padding, str):
-            raise Unsupported(f"padding {spec.padding_mode!r}/{spec.padding!r}")
+        check_layer(spec)
         if spec.weight_codes.device.type != "cpu":
             raise Unsupported("a device other than the CPU")
         self.kind, self.split = spec.kind, spec.split
@@ -83,28 +107,20 @@ class Int8Layer(nn.Module):
         self.inputs = [_input_grid(g) for g in spec.input_grids]
         self.register_buffer("input_scales", torch.stack([g.scale.detach().reshape(()).float()
                                                           for g in spec.input_grids]), persistent=False)
-        codes = spec.parts(spec.weight_codes, 1)
+        parts = centred_weights(spec, limit)
         self.packed, self.w_scales = [], []
-        for i, (g, c) in enumerate(zip(spec.weight_grids, codes)):
-            out_ch = c.shape[0]
-            zp = g.zero_point.reshape(-1, *([1] * (c.dim() - 1))) if g.zero_point.numel() > 1 else g.zero_point
-            q = c.to(torch.int32) - zp.to(torch.int32)
-            if q.abs().max().item() > limit:
-                raise Unsupported(f"weight codes up to {q.abs().max().item()} in magnitude (this CPU's kernels "
-                                  f"are exact up to {limit}: without VNNI, uint8 x int8 pairs saturate int16)")
-            scale = g.scale.detach().float().reshape(-1)
-            scale = scale.expand(out_ch).contiguous() if scale.numel() == 1 else scale.contiguous()
+        for i, (q, scale) in enumerate(parts):
             if self.kind == "linear":
-                packed = torch.ops.onednn.qlinear_prepack(q.to(torch.int8).contiguous(), None)
+                packed = torch.ops.onednn.qlinear_prepack(q, None)
             else:
                 s, z = self.inputs[i][0], self.inputs[i][1]
-                packed = torch.ops.onednn.qconv_prepack(q.to(torch.int8).contiguous(), scale, s, z,
+                packed = torch.ops.onednn.qconv_prepack(q, scale, s, z,
                                                         list(spec.stride), list(spec.padding), list(spec.dilation),
                                                         spec.groups, None)
             self.packed.append(packed)  # an opaque oneDNN tensor: kept out of the module's buffers
             self.w_scales.append(scale)
-        self.n_parts = len(codes)
-        self.w_zero = torch.zeros(codes[0].shape[0], dtype=torch.long)
+        self.n_parts = len(parts)
+        self.w_zero = torch.zeros(parts[0][0].shape[0], dtype=torch.long)
         self.register_buffer("bias", None if spec.bias is None else spec.bias.detach().float().contiguous(),
                              persistent=False)
         self.stride, self.padding = list(spec.stride), list(spec.padding)
@@ -143,14 +159,18 @@ class Int8Layer(nn.Module):
         return f"{self.kind}, parts={self.n_parts}, inputs={len(self.inputs)}"
 
 
-def build_int8(spec: LayerSpec) -> nn.Module:
-    """An :class:`Int8Layer`, or the fake layer (with the reason) where the kernels cannot run it."""
-    try:
-        return Int8Layer(spec)
-    except Unsupported as e:
-        layer = FakeQuantLayer(spec)
-        layer.runs_on, layer.why = "fake", str(e)
-        return layer
+def with_fallback(cls):
+    """A backend builder: ``cls(spec)``, or the fake layer (with the reason) where ``cls``
+    cannot run the layer."""
+    def build(spec: LayerSpec) -> nn.Module:
+        try:
+            return cls(spec)
+        except Unsupported as e:
+            layer = FakeQuantLayer(spec)
+            layer.runs_on, layer.why = "fake", str(e)
+            return layer
+
+    return build
 
 
-register_backend("int8", build_int8)
+register_backend("int8", with_fallback(Int8Layer))

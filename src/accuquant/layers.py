@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapters import ADAPTERS, Denoiser
 from .attention import QUANT_PROCESSORS, QuantAttnProcessor
-from . import int8_backend  # noqa: F401  (registers the "int8" backend before any freeze)
+from . import cuda_int8_backend, int8_backend  # noqa: F401  (register their backends before any freeze)
 from .backends import Grid, LayerSpec, get_backend
 from .config import QuantConfig
 from .errors import AccuQuantError
@@ -78,8 +78,9 @@ class QuantLayer(nn.Module):
 
     def _need_codes(self) -> None:
         if self.codes_in_kernel:
-            raise AccuQuantError("this model's integer weights live only in its int8 kernels (a model loaded with "
-                                 "backend int8 keeps no other copy); load it again for another backend or to save it")
+            b = self.kernel.runs_on
+            raise AccuQuantError(f"this model's integer weights live only in its {b} kernels (a model loaded with "
+                                 f"backend {b} keeps no other copy); load it again for another backend or to save it")
 
     @property
     def bias(self) -> torch.Tensor | None:

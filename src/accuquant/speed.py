@@ -1,8 +1,8 @@
 """``accuquant speed``: how fast a quantized model runs on each backend, against its FP base.
 
 One process times, in alternating order so that other load falls on all alike: the FP
-base in float32, the FP base under bfloat16 autocast, and the quantized model on each
-backend asked for. Per variant it reports the median (and min, max) over ``repeats`` of
+base in float32, the FP base under bfloat16 autocast (and float16 autocast on a GPU), and
+the quantized model on each backend asked for. Per variant it reports the median (and min, max) over ``repeats`` of
 one denoiser call (the guided batch: ``2 x batch`` rows with guidance) and of a whole
 ``batch``-sample run of ``steps`` steps, and the ratio of float32's median to each
 variant's (above 1: faster than float32). It also gives the bytes of the tensors each
@@ -30,13 +30,18 @@ def _stats(times: list[float]) -> dict:
 
 
 def measure(path: str, backends: list[str], batch: int = 2, steps: int = 20, repeats: int = 5,
-            threads: int | None = None, base: str | None = None) -> dict:
+            threads: int | None = None, base: str | None = None, device: str = "cpu") -> dict:
     """Latency of the FP base (float32, bf16 autocast) and of ``path`` on each of ``backends``."""
     if threads is not None:
         torch.set_num_threads(threads)
-    quant = {b: load_pipeline(path, backend=b) for b in backends}
-    return {"model": str(path), **measure_pipelines(quant, base_of(next(iter(quant.values())), base), batch, steps,
-                                                    repeats)}
+    quant = {b: load_pipeline(path, device=device, backend=b) for b in backends}
+    fp = base_of(next(iter(quant.values())), base).to(device)
+    return {"model": str(path), **measure_pipelines(quant, fp, batch, steps, repeats)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = 20, repeats: int = 5,
@@ -46,13 +51,17 @@ def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = 20, repeats:
     denoiser call only (for models whose whole sample takes minutes); ``cond``: the call's
     conditions, when the pipeline cannot make them (a denoiser without its text encoder)."""
     first = next(iter(quant.values()))
-    variants = {"fp32": (fp, contextlib.nullcontext), "bf16": (fp, lambda: torch.autocast("cpu", torch.bfloat16))}
+    device = next(fp.model.parameters()).device
+    variants = {"fp32": (fp, contextlib.nullcontext),
+                "bf16": (fp, lambda: torch.autocast(device.type, torch.bfloat16))}
+    if device.type == "cuda":
+        variants["fp16"] = (fp, lambda: torch.autocast("cuda", torch.float16))
     variants.update({f"w{first.quant['config']['weight_bits'] or 'fp'}a{first.quant['config']['act_bits'] or 'fp'}-"
                      f"{b}": (p, contextlib.nullcontext) for b, p in quant.items()})
     steps_, solver = first.sampling_settings(steps, None)
     den0 = fp.denoiser()
-    x = torch.randn(batch, *den0.sample_shape, generator=torch.Generator().manual_seed(0))
-    cond = cond if cond is not None else fp.conditions(batch)
+    x = torch.randn(batch, *den0.sample_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    cond = cond if cond is not None else fp.conditions(batch, device=device)
     t = make_scheduler(solver, fp.scheduler_config, steps_).timesteps[steps_ // 2]  # a mid-trajectory step
     calls: dict[str, list[float]] = {k: [] for k in variants}
     samples: dict[str, list[float]] = {k: [] for k in variants}
@@ -64,12 +73,15 @@ def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = 20, repeats:
             for k, (p, ctx) in variants.items():
                 den = p.denoiser()
                 with ctx():
+                    _sync(device)
                     t0 = time.perf_counter()
                     den(x, t, cond)
+                    _sync(device)
                     calls[k].append(time.perf_counter() - t0)
                     if whole_sample:
                         t0 = time.perf_counter()
                         p.sample(batch, steps=steps_, scheduler=solver, batch_size=batch, progress=False)
+                        _sync(device)
                         samples[k].append(time.perf_counter() - t0)
     ref_call = statistics.median(calls["fp32"])
     ref_sample = statistics.median(samples["fp32"]) if whole_sample else None
@@ -85,7 +97,9 @@ def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = 20, repeats:
     where = {b: {kind: len(v) for kind, v in placement(p.model).items()} for b, p in quant.items()}
     return {"batch": batch, "guided": den0.guided, "steps": steps_, "solver": solver,
             "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "placement": where, "variants": rows}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
+            "placement": where, "variants": rows}
 
 
 def format_speed(r: dict) -> str:
