@@ -288,6 +288,10 @@ def flag_of_another_method(c):
     return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--iters", "10")
 
 
+def bad_memory_size(c):
+    return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--max-memory", "lots")
+
+
 def unreadable_prompt_file(c):
     (c.tmp / "prompts.txt").write_bytes(b"\xff\xfe seven")
     return sample(c.fixture("sd_pipeline_dir"), c.grid, "--prompt-file", c.tmp / "prompts.txt")
@@ -346,6 +350,7 @@ CASES = [
     (batch_smaller_than_its_pieces, "more `--micro-batches` (times ranks) than rows in a batch",
      "a batch of 2 cannot be split into 4 pieces"),
     (unreadable_prompt_file, "a prompt file that is not UTF-8 text", "cannot read the prompt file"),
+    (bad_memory_size, "a `--max-memory` that is not a size", "expected a number with a unit, e.g. 4GB"),
 ]
 
 

@@ -149,7 +149,8 @@ def test_options_are_checked_before_any_work():
 def test_block_data_spilled_to_disk_gives_the_same_result(tmp_path):
     a = _context(iters=10, act_iters=4)
     _calibrate(a)
-    b = _context(iters=10, act_iters=4, max_ram_mb=0, spill_dir=str(tmp_path / "spill"))
+    b = _context(iters=10, act_iters=4)
+    b.max_memory, b.spill_dir = 0, str(tmp_path / "spill")
     _calibrate(b)
     assert all(v["chunks_on_disk"] > 0 for v in b.log["blocks"].values())
     sa, sb = _state(a.denoiser.model), _state(b.denoiser.model)
@@ -277,3 +278,20 @@ def test_defect_batch_size_and_device_are_parameters(watched_run):
     ctx = _context(batch_size=16, iters=2, act_iters=2)
     ctx.device = torch.device("cpu")
     _calibrate(ctx)  # a torch.device works as well as a string
+
+
+def test_max_memory_spills_block_data_with_the_same_result():
+    """``max_memory`` (``--max-memory``) bounds the block data kept in RAM; below one chunk
+    every chunk goes to disk, and the model is the same bit for bit."""
+    from accuquant.block_data import parse_size
+
+    assert [parse_size(s) for s in ("4GB", "512MB", "1.5g", "2048", "0")] == [4 * 2**30, 512 * 2**20,
+                                                                             int(1.5 * 2**30), 2**31, 0]
+    for bad in ("lots", "-1GB", "4TB", "inf"):
+        with pytest.raises(aq.AccuQuantError, match="memory size"):
+            parse_size(bad)
+    a, b = _quantize(), _quantize(max_memory="1kB")
+    assert all(v["chunks_on_disk"] == 0 for v in a.quant["method_log"]["blocks"].values())
+    assert all(v["chunks_on_disk"] > 0 for v in b.quant["method_log"]["blocks"].values())
+    ca, cb = _codes(a), _codes(b)
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)

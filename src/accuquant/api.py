@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import cache
+from .block_data import parse_size
 from .calibration import Trajectories, collect_trajectories
 from .config import QuantConfig
 from .engine import Run, calibrate, save_result
@@ -92,6 +93,7 @@ def quantize(
     prompts: list[str] | None = None,
     batch_size: int = 32,
     micro_batches: int = 1,
+    max_memory: str | int = "2GB",
     device: str = "cpu",
     progress: bool = True,
     inplace: bool = False,
@@ -117,6 +119,9 @@ def quantize(
             the same step up to float rounding). Under ``torch.distributed`` each rank
             computes its share of every batch and the gradients are summed over the ranks
             (:mod:`accuquant.distributed`).
+        max_memory: RAM for the data a method captures from the running model (per-step's
+            block inputs and outputs: ``"4GB"``, ``"512MB"``, or bytes); what does not fit
+            is kept in temporary files and read back by chunks, with the same result.
         device: ``"cpu"`` or ``"cuda"``.
         inplace: quantize ``source``'s own model instead of a copy.
         use_cache: reuse calibration trajectories and results cached by earlier runs.
@@ -128,6 +133,7 @@ def quantize(
     """
     config = config if config is not None else QuantConfig()
     mconfig = method_config(method, method_options)
+    max_memory = parse_size(max_memory) if isinstance(max_memory, str) else int(max_memory)
     if int(micro_batches) < 1:
         raise AccuQuantError(f"micro_batches must be at least 1, not {micro_batches}")
     pieces = int(micro_batches) * world()[1]
@@ -173,7 +179,7 @@ def quantize(
     run = Run(den, solver, calib, config, batch_size, device, progress and is_main(), seed,
               checkpoint=cache.cache_dir() / "runs" / f"{key}.safetensors", resume=resume, key=key,
               base_key=base_key, result_cache=cache.cache_dir() / "results" if use_cache else None,
-              micro_batches=int(micro_batches))
+              micro_batches=int(micro_batches), max_memory=max_memory)
     t1 = time.perf_counter()
     calibrate(run, mconfig)
     if mconfig.is_default():  # a later run may start from this result (AccuQuant's init)

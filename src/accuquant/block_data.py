@@ -18,7 +18,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import AccuQuantError
 from .quantizers import UniformQuantizer
+
+_UNITS = {"": 2**20, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(value) -> int:
+    """Bytes of a memory size: ``"4GB"``, ``"512MB"``, ``"1.5g"`` (binary units) or a bare
+    number of megabytes (``2048``)."""
+    text = str(value).strip().lower().replace(" ", "")
+    num = text.rstrip("kmgib")
+    unit = text[len(num):]
+    try:
+        size = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise AccuQuantError(f"memory size {value!r}: expected a number with a unit, e.g. 4GB or 512MB") from None
+    if not size >= 0 or size == float("inf"):
+        raise AccuQuantError(f"memory size {value!r}: expected a finite size of at least 0")
+    return int(size)
 
 
 class _Stop(Exception):
@@ -83,13 +102,14 @@ class BlockData:
 
     Tensor arguments whose first dimension is the batch are stored row-wise; every other
     argument (flags, ``None``, shared tensors) is kept once. Rows are grouped in chunks of
-    about ``chunk_rows``; chunks beyond ``max_ram_mb`` go to safetensors files in a
+    about ``chunk_rows``; chunks beyond ``max_bytes`` in RAM go to safetensors files in a
     temporary folder (under ``spill_dir`` if given) that is removed by :meth:`close`.
+    Where the rows are does not change which rows a batch draws.
     """
 
-    def __init__(self, chunk_rows: int = 256, max_ram_mb: float = 2048, spill_dir: str | Path | None = None):
+    def __init__(self, chunk_rows: int = 256, max_bytes: int = 2 * 2**30, spill_dir: str | Path | None = None):
         self.chunk_rows = chunk_rows
-        self.max_ram_bytes = max_ram_mb * 2**20
+        self.max_ram_bytes = max_bytes
         self.spill_dir = spill_dir
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.chunks: list[dict[str, torch.Tensor] | Path] = []
@@ -194,12 +214,12 @@ class BlockData:
         return args, kwargs, tuple(chunk[f"target{i}"][idx].to(device) for i in range(self.n_targets))
 
 
-def collect(denoiser, module: nn.Module, batches, chunk_rows: int = 256, max_ram_mb: float = 2048,
+def collect(denoiser, module: nn.Module, batches, chunk_rows: int = 256, max_bytes: int = 2 * 2**30,
             spill_dir: str | Path | None = None) -> BlockData:
     """``module``'s inputs in the (quantized) ``denoiser`` and its outputs in the same network
     with every quantizer off (the FP network: the weights are not held twice), for every
     ``(x, t, cond)`` of ``batches``."""
-    data = BlockData(chunk_rows, max_ram_mb, spill_dir)
+    data = BlockData(chunk_rows, max_bytes, spill_dir)
     for x, t, cond in batches:
         def run(x=x, t=t, cond=cond):
             return denoiser(x, t, cond)

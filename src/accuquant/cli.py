@@ -49,6 +49,15 @@ def _labels(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated class labels, got {text!r}") from None
 
 
+def _size(text: str) -> int:
+    from .block_data import parse_size
+
+    try:
+        return parse_size(text)
+    except AccuQuantError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -164,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--micro-batches", type=_positive, default=1, help="passes per optimisation batch (gradient "
                        "accumulation: less memory; default 1). Data-parallel: torchrun --nproc-per-node N -m "
                        "accuquant quantize ...")
+    learn.add_argument("--max-memory", type=_size, default="2GB", help="RAM for the block data per-step captures "
+                       "(e.g. 4GB, 512MB; default 2GB); the rest goes to temporary files, with the same result")
     _add_sampling_args(q)
 
     backend_help = "what runs a quantized model's layers (default fake: the calibrated float arithmetic)"
@@ -402,7 +413,7 @@ def _quantize_in(args, model_path, cfg, mconfig, out: Path, bundled: bool, main:
                   batch_size=args.batch_size, device=args.device, progress=not args.quiet,
                   use_cache=not args.no_cache)
     pipe = quantize(model_path, cfg, mconfig, args.calib, inplace=True, resume=args.resume,
-                    micro_batches=args.micro_batches, **common)
+                    micro_batches=args.micro_batches, max_memory=args.max_memory, **common)
     if not main:
         return
     pipe.save(out, overwrite=args.overwrite)

@@ -74,6 +74,11 @@ class Run:
     #: the current pass and this rank's share of the rows of the current batch (see :meth:`shard`)
     part: int = 0
     share: float = 1.0
+    #: bytes of captured block data kept in RAM (per-step); the rest goes to files under
+    #: ``spill_dir`` (default: the system's temporary folder). Where data is kept never
+    #: changes the result, so neither is part of a key.
+    max_memory: int = 2 * 2**30
+    spill_dir: str | None = None
 
     @property
     def model(self) -> torch.nn.Module:

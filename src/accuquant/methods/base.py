@@ -38,6 +38,8 @@ class MethodConfig(JSONConfig):
     WHAT = "method config"
     NAME: ClassVar[str] = ""
     VERSION: ClassVar[int] = 1
+    #: options that were settings of a run, not of the method: ignored in saved configs
+    RETIRED: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -74,6 +76,8 @@ class MethodConfig(JSONConfig):
         version = d.pop("version", cls.VERSION)
         if version != cls.VERSION:
             raise ConfigError(f"method config: {cls.NAME} version {version}; this accuquant has version {cls.VERSION}")
+        for k in cls.RETIRED:
+            d.pop(k, None)
         return options_of(cls.NAME, d)
 
     def is_default(self) -> bool:

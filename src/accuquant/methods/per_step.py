@@ -37,6 +37,7 @@ from .naive import init_act_ranges, init_weight_ranges
 @dataclass
 class PerStepConfig(MethodConfig):
     NAME = "per-step"
+    RETIRED = ("max_ram_mb", "spill_dir")  # now Run.max_memory and Run.spill_dir (--max-memory)
     iters: int = option(300, "AdaRound iterations per block", minimum=0)
     lr: float = option(1e-2, "learning rate of the rounding variables", positive=True, rate=True)
     act_iters: int = option(100, "activation step-size iterations per block", minimum=0)
@@ -47,8 +48,6 @@ class PerStepConfig(MethodConfig):
     warmup: float = option(0.2, "fraction of the AdaRound iterations without the regulariser", cli=False, minimum=0)
     beta_start: float = option(20.0, "annealing of the regulariser's exponent: start", cli=False, positive=True)
     beta_end: float = option(2.0, "annealing of the regulariser's exponent: end", cli=False, positive=True)
-    max_ram_mb: float = option(2048.0, "block data beyond this goes to disk", cli=False, minimum=0)
-    spill_dir: str | None = option(None, "where block data goes on disk (default: the system's temp folder)", cli=False)
 
 
 def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -88,7 +87,7 @@ class PerStep(Method):
     def _open(self, run: Run, block: Block, points, index: int):
         c, t0 = self.config, time.perf_counter()
         data = collect(run.denoiser, block.module, run.calib.batches(points, run.batch_size, run.device),
-                       max(256, 4 * run.batch_size), c.max_ram_mb, c.spill_dir)
+                       max(256, 4 * run.batch_size), run.max_memory, run.spill_dir)
         try:
             probe = data.batch(torch.Generator().manual_seed(derive_seed(c.NAME, run.seed, -1 - index)),
                                4 * run.batch_size, run.device)
