@@ -117,6 +117,29 @@ def test_accuquant_lowers_its_loss_and_the_trajectory_error():
     assert err["accuquant"] < err["naive"], err
 
 
+def test_averaging_ends_on_the_mean_of_the_last_iterates_and_cosine_decays_the_rate(monkeypatch):
+    """``average=0.4`` of 15 iterations: the step sizes end as the mean of the last 6
+    iterates; ``lr_decay="cosine"``: the rate multiplier runs from 1 down towards 0."""
+    from accuquant import engine
+
+    seen, rates, real = [], [], engine.Adam.step
+
+    def step(self, rate=1.0):
+        real(self, rate)
+        rates.append(rate)
+        seen.append({k: p.detach().clone() for g in self.groups for k, p in g.params.items()})
+
+    monkeypatch.setattr(engine.Adam, "step", step)
+    q = _accuquant(average=0.4, lr_decay="cosine")
+    assert len(seen) == 15 and rates[0] == 1.0 and 0 < rates[-1] < 0.02 and rates == sorted(rates, reverse=True)
+    final = {n + ".scale": s for n, s in _scales(q).items()}
+    mean = {k: torch.stack([s[k] for s in seen[-6:]]).mean(0) for k in seen[0]}
+    assert mean.keys() <= final.keys() and not all(torch.equal(seen[-1][k], mean[k]) for k in mean)
+    assert all(torch.allclose(final[k], mean[k], rtol=1e-6, atol=0) for k in mean)
+    with pytest.raises(aq.AccuQuantError, match="average: expected at most 1.0"):
+        _accuquant(average=1.5)
+
+
 def _codes(q):
     from accuquant.layers import quant_layers
 
@@ -145,10 +168,12 @@ def _interrupted_then_resumed(monkeypatch, **opts):
     return resumed
 
 
-@pytest.mark.parametrize("rounding", ["keep", "learn"])
-def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding):
-    full = _accuquant(rounding=rounding)
-    resumed = _interrupted_then_resumed(monkeypatch, rounding=rounding)
+@pytest.mark.parametrize("rounding, opts", [("keep", {}), ("learn", {}),
+                                            ("keep", {"lr_decay": "cosine", "average": 0.8})])
+def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding, opts):
+    """Also with a decaying rate and averaged iterates (the running mean is in the checkpoint)."""
+    full = _accuquant(rounding=rounding, **opts)
+    resumed = _interrupted_then_resumed(monkeypatch, rounding=rounding, **opts)
     a, b = _scales(full), _scales(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     a, b = _codes(full), _codes(resumed)

@@ -115,6 +115,22 @@ class Phase:
     end: Callable[[], None] | None = None
     save_every: int | None = None
     curve: bool = False  # log the mean loss of every 10 iterations as ``loss_curve``
+    #: the rate over the phase: ``"constant"``, or ``"cosine"`` (from the full rate down to
+    #: zero at the last iteration)
+    decay: str = "constant"
+    #: the parameters end as the mean of the iterates of this last fraction of the
+    #: iterations (0: the last iterate), which damps the noise of the last batches
+    average: float = 0.0
+
+    def rate(self, it: int) -> float:
+        """The multiplier of the learning rates at iteration ``it``."""
+        if self.decay == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * it / self.iters))
+        return 1.0
+
+    def averaged_from(self) -> int:
+        """The first iteration whose iterate enters the average (``iters``: none does)."""
+        return self.iters - int(round(self.average * self.iters))
 
 
 @dataclass
@@ -155,7 +171,8 @@ class Adam:
                 self.state[name] = {"step": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p), "ref": ref}
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, rate: float = 1.0) -> None:
+        """One step, every learning rate multiplied by ``rate``."""
         b1, b2 = self.betas
         for g in self.groups:
             for name, p in g.params.items():
@@ -169,10 +186,10 @@ class Adam:
                 denom = (s["v"].sqrt() / bc2**0.5).add_(self.eps)
                 ref = s["ref"]
                 if ref is None or ref.numel() == 1:
-                    lr = g.lr * (float(ref) if ref is not None else 1.0)
+                    lr = rate * g.lr * (float(ref) if ref is not None else 1.0)
                     p.addcdiv_(s["m"], denom, value=-(lr / bc1))
                 else:
-                    p.addcdiv_(s["m"] * ref, denom, value=-(g.lr / bc1))
+                    p.addcdiv_(s["m"] * ref, denom, value=-(rate * g.lr / bc1))
                 if g.relative:
                     p.clamp_(min=1e-8)
 
@@ -335,8 +352,15 @@ def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resu
     for p in params:
         p.requires_grad_(True)
     opt = Adam(groups)
+    named = {k: p for g in groups for k, p in g.params.items()}
+    first_avg = phase.averaged_from()
+    # the running mean of the iterates from ``first_avg`` on, kept in checkpoints
+    avg = {k: torch.zeros_like(p) for k, p in named.items()} if first_avg < phase.iters else {}
     if resumed is not None:
         opt.load(resumed)
+        for k in avg:
+            if f"engine.avg.{k}" in resumed:
+                avg[k] = resumed[f"engine.avg.{k}"].to(avg[k]).clone()
     counts = run.denoiser.evaluations
     losses = []
     try:
@@ -345,9 +369,13 @@ def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resu
             out = _loss_and_gradients(run, phase, gen, it, params)
             where = f"{label or 'calibration'}, phase {phase.name}, iteration {it}"
             _check_finite(where, out, groups, "gradient")
-            opt.step()
+            opt.step(phase.rate(it))
             opt.zero_grad()
             _check_finite(where, out, groups, "value")
+            if it >= first_avg:
+                with torch.no_grad():
+                    for k, a in avg.items():
+                        a.lerp_(named[k], 1.0 / (it - first_avg + 1))
             if counts != before:
                 ev = run.log.setdefault("evaluations", {"forward": 0, "backward": 0})
                 for k in ev:
@@ -362,7 +390,11 @@ def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resu
             done = it + 1
             if phase.save_every and done % phase.save_every == 0 and done < phase.iters:
                 _save(run, _Position(at.unit, at.phase, done),
-                      {**opt.state_tensors(), "engine.generator": gen.get_state()})
+                      {**opt.state_tensors(), "engine.generator": gen.get_state(),
+                       **{f"engine.avg.{k}": a for k, a in avg.items()}})
+        with torch.no_grad():
+            for k, a in avg.items():
+                named[k].copy_(a)
     finally:
         for p in params:
             p.requires_grad_(False)

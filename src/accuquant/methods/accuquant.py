@@ -46,6 +46,10 @@ class AccuQuantConfig(MethodConfig):
     lr: float = option(1e-3, "learning rate relative to each step size", positive=True, rate=True)
     traj_batch: int = option(8, "trajectories per optimisation step", flag="batch-size", minimum=1)
     schedule: str = option("uniform", "order of groups (uniform: at random)", choices=("uniform", "cycle"))
+    lr_decay: str = option("constant", "the rate over the iterations: constant, or cosine (down to zero at the end)",
+                           choices=("constant", "cosine"))
+    average: float = option(0.0, "fraction of the last iterations whose iterates are averaged into the result "
+                            "(0: the last iterate)", minimum=0.0, maximum=1.0)
     rounding: str = option("keep", "weight rounding: keep (the initialisation's integer codes, scaled by the "
                            "learned step sizes) or learn (AdaRound variables learned jointly)",
                            choices=("keep", "learn"))
@@ -107,6 +111,7 @@ class AccuQuant(Method):
 
         @contextmanager
         def trajectory(index: int):
-            yield [Phase("group", c.iters, params, loss, end, save_every=c.save_every, curve=True)]
+            yield [Phase("group", c.iters, params, loss, end, save_every=c.save_every, curve=True, decay=c.lr_decay,
+                         average=c.average)]
 
         return [Unit("trajectory", c.iters, trajectory)]

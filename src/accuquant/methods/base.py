@@ -21,12 +21,12 @@ from ..errors import AccuQuantError, ConfigError
 
 
 def option(default, help: str, *, cli: bool = True, flag: str | None = None, choices: tuple | None = None,
-           minimum: float | None = None, positive: bool = False, rate: bool = False):
+           minimum: float | None = None, maximum: float | None = None, positive: bool = False, rate: bool = False):
     """A config field: its default, help text, whether it is a command-line flag (``flag``:
     another name than the field's), and what values are valid. ``rate``: a learning rate,
     which ``--resume`` may change (a diverged run continues with a smaller one)."""
-    meta = {"help": help, "cli": cli, "flag": flag, "choices": choices, "minimum": minimum, "positive": positive,
-            "rate": rate}
+    meta = {"help": help, "cli": cli, "flag": flag, "choices": choices, "minimum": minimum, "maximum": maximum,
+            "positive": positive, "rate": rate}
     return field(default=default, metadata=meta)
 
 
@@ -59,6 +59,8 @@ class MethodConfig(JSONConfig):
                 raise ConfigError(f"{f.name}: expected a positive number, got {v!r}")
             if meta.get("minimum") is not None and not v >= meta["minimum"]:
                 raise ConfigError(f"{f.name}: expected at least {meta['minimum']}, got {v!r}")
+            if meta.get("maximum") is not None and not v <= meta["maximum"]:
+                raise ConfigError(f"{f.name}: expected at most {meta['maximum']}, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.NAME, "version": self.VERSION, **dataclasses.asdict(self)}
