@@ -85,3 +85,35 @@ def test_saved_trajectories_are_read_from_the_disk_by_the_rows_used(tmp_path):
     for name in ("xs", "outs", "timesteps"):
         assert torch.equal(getattr(mapped, name), getattr(whole, name))
     assert torch.equal(mapped.xs[[4, 1], 2], traj.xs[[4, 1], 2]) and mapped.digest() == traj.digest()
+
+
+@pytest.mark.parametrize("pipe_kind", ["class", "text"])
+def test_collection_streamed_to_a_file_equals_the_set_held_in_memory(tmp_path, pipe_kind):
+    """With ``path``, rows go to the file batch by batch (header first) and the set comes back
+    mapped from it: the same tensors, conditions, metadata and digest as the in-memory set,
+    readable by safetensors itself, and nothing left beside it."""
+    from safetensors.torch import load_file
+
+    from conftest import text_conditions, tiny_cond_unet
+
+    if pipe_kind == "class":
+        pipe, cond = class_pipeline(), None
+    else:
+        pipe = aq.Pipeline(tiny_cond_unet(), class_pipeline().scheduler_config, defaults=aq.SamplingDefaults(3.0))
+        cond = text_conditions(5)
+    cond = cond if cond is not None else pipe.conditions(5)
+    solver = aq.make_scheduler("ddim", pipe.scheduler_config, 4)
+    kw = dict(seed=2, cond=cond, batch_size=2, progress=False, meta={"model": "m1"})
+    held = aq.collect_trajectories(pipe.denoiser(), solver, 5, **kw)
+    path = tmp_path / "calib.safetensors"
+    streamed = aq.collect_trajectories(pipe.denoiser(), solver, 5, path=path, **kw)
+    assert streamed.xs.untyped_storage().nbytes() == path.stat().st_size  # mapped from the file
+    for name in ("xs", "outs", "timesteps"):
+        assert torch.equal(getattr(streamed, name), getattr(held, name)), name
+    assert [k for k, _ in streamed.cond.items()] == [k for k, _ in held.cond.items()]
+    assert all(torch.equal(streamed.cond[k], v) for k, v in held.cond.items())
+    assert streamed.meta == held.meta and streamed.meta["model"] == "m1"
+    assert streamed.digest() == held.digest()
+    whole = load_file(str(path))
+    assert torch.equal(whole["xs"], held.xs) and torch.equal(whole["timesteps"], held.timesteps)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.safetensors"]

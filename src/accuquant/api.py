@@ -61,11 +61,9 @@ def calibration_data(pipe: Pipeline, solver, num: int, seed: int, guidance_scale
             return Trajectories.load(path)
         except AccuQuantError:
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
-    traj = collect_trajectories(den, solver, num, seed, cond, batch_size, device, progress)
-    traj.meta["model"] = pipe.fingerprint()  # a saved set passed to another model is refused
-    if use_cache and is_main():
-        traj.save(path)
-    return traj
+    # the model's fingerprint goes with the set: a saved set passed to another model is refused
+    return collect_trajectories(den, solver, num, seed, cond, batch_size, device, progress,
+                                path=path if use_cache else None, meta={"model": pipe.fingerprint()})
 
 
 def keys(fingerprint: str, config: QuantConfig, mconfig: MethodConfig, calib: Trajectories, seed: int,

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import struct
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +120,45 @@ class Trajectories:
         return cls(t["xs"], t["outs"], t["timesteps"], Conditions.from_tensors(t), json.loads(md.get("meta", "{}")))
 
 
+class _RowFile:
+    """A safetensors file written in place: the header first (every shape is known before
+    sampling), then each batch's rows of the large tensors where they belong, so that a
+    collection holds one batch at a time however many trajectories it makes."""
+
+    def __init__(self, path: Path, large: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 small: dict[str, torch.Tensor], metadata: dict[str, str]):
+        entries = [(k, dt, tuple(shape)) for k, (dt, shape) in large.items()]
+        entries += [(k, t.dtype, tuple(t.shape)) for k, t in small.items()]
+        entries.sort(key=lambda e: -torch.empty((), dtype=e[1]).element_size())  # each tensor aligned to its type
+        codes = {v: k for k, v in _DTYPES.items()}
+        header, offset = {}, 0
+        for name, dt, shape in entries:
+            size = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+            header[name] = {"dtype": codes[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = metadata
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.base, self.header = 8 + len(text), header
+        self.fd = os.open(path, os.O_WRONLY)
+        os.write(self.fd, struct.pack("<Q", len(text)) + text)
+        os.ftruncate(self.fd, self.base + offset)
+        for name, t in small.items():
+            self.write(name, 0, t)
+
+    def write(self, name: str, row: int, t: torch.Tensor) -> None:
+        """``t`` as the rows of tensor ``name`` from ``row`` on."""
+        data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        row_bytes = len(data) // max(1, t.shape[0]) if t.dim() else 0
+        at = self.base + self.header[name]["data_offsets"][0] + row * row_bytes
+        while data:
+            n = os.pwrite(self.fd, data, at)
+            data, at = data[n:], at + n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -159,6 +201,8 @@ def collect_trajectories(
     device: str | torch.device = "cpu",
     progress: bool = True,
     stream: str = "calib",
+    path: str | Path | None = None,
+    meta: dict | None = None,
 ) -> Trajectories:
     """Run the FP ``denoiser`` from ``num`` seeded noises and keep every step.
 
@@ -172,9 +216,13 @@ def collect_trajectories(
         batch_size: trajectories run at once.
         device: where to run; results are returned on the CPU.
         progress: show a progress bar over denoiser evaluations.
+        path: also save the set there (atomically); in one process the rows go to the file
+            batch by batch and the set returned is mapped from it, so collecting holds one
+            batch of trajectories in memory, not all of them.
+        meta: more metadata to keep with the set.
 
     Under ``torch.distributed`` each rank runs its share of the samples and every rank
-    returns all of them.
+    returns all of them (rank 0 saves them to ``path``).
     """
     if scheduler.stochastic:
         raise AccuQuantError(f"scheduler {scheduler.name!r} is stochastic: calibration trajectories need a "
@@ -185,26 +233,45 @@ def collect_trajectories(
     if num < world()[1]:
         raise AccuQuantError(f"{num} calibration samples cannot be shared by {world()[1]} ranks")
     mine = rows(num)
-    xs, outs = [], []
-    n_batches = math.ceil(len(mine) / batch_size)
-    with progress_bar(total=n_batches * scheduler.num_steps, desc="FP trajectories",
-                      disable=not (progress and is_main())) as bar:
-        for _, noise, c in noise_batches(denoiser.sample_shape, cond, mine.stop, batch_size, seed, stream, device,
-                                         first=mine.start):
-            _, x, o = run_trajectory(denoiser, scheduler, noise, c, keep=True, callback=lambda i: bar.update(1))
-            xs.append(x.cpu())
-            outs.append(o.cpu())
-    xs, outs = gather_rows(torch.cat(xs)), gather_rows(torch.cat(outs))
-    bad = ~torch.isfinite(outs.flatten(2)).all(2).all(0)  # per step: a non-finite model output
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise AccuQuantError(f"the FP model's output is not finite (NaN or inf) at sampling step {i} "
-                             f"(timestep {float(scheduler.timesteps[i]):g}): it cannot be calibrated on")
     meta = {
         "num": num,
         "seed": seed,
         "guidance_scale": denoiser.guidance_scale,
         **{k: v for k, v in scheduler.describe().items() if k != "scheduler_config"},
         "scheduler_config": json.loads(json.dumps(scheduler.describe()["scheduler_config"], default=str)),
+        **(meta or {}),
     }
-    return Trajectories(xs, outs, scheduler.timesteps.clone(), cond, meta)
+    timesteps, steps, shape = scheduler.timesteps.clone(), scheduler.num_steps, tuple(denoiser.sample_shape)
+    xs, outs = [], []
+    n_batches = math.ceil(len(mine) / batch_size)
+    with ExitStack() as stack:
+        file = None
+        if path is not None and world()[1] == 1:  # streamed to the file, batch by batch
+            tmp = stack.enter_context(atomic_path(Path(path)))
+            small = {"timesteps": timesteps.contiguous(), **cond.to_tensors()}
+            file = _RowFile(tmp, {"xs": (torch.float32, (num, steps + 1, *shape)),
+                                  "outs": (torch.float32, (num, steps, *shape))}, small,
+                            {"format": FORMAT, "meta": json.dumps(meta, default=str)})
+            stack.callback(file.close)
+        bar = stack.enter_context(progress_bar(total=n_batches * steps, desc="FP trajectories",
+                                               disable=not (progress and is_main())))
+        for idx, noise, c in noise_batches(denoiser.sample_shape, cond, mine.stop, batch_size, seed, stream, device,
+                                           first=mine.start):
+            _, x, o = run_trajectory(denoiser, scheduler, noise, c, keep=True, callback=lambda i: bar.update(1))
+            bad = ~torch.isfinite(o.flatten(2)).all(2).all(0)  # per step: a non-finite model output
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise AccuQuantError(f"the FP model's output is not finite (NaN or inf) at sampling step {i} "
+                                     f"(timestep {float(scheduler.timesteps[i]):g}): it cannot be calibrated on")
+            if file is not None:
+                file.write("xs", idx[0], x.float())
+                file.write("outs", idx[0], o.float())
+            else:
+                xs.append(x.cpu())
+                outs.append(o.cpu())
+    if file is not None:
+        return Trajectories.load(path)
+    traj = Trajectories(gather_rows(torch.cat(xs)), gather_rows(torch.cat(outs)), timesteps, cond, meta)
+    if path is not None and is_main():
+        traj.save(path)
+    return traj
