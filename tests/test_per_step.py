@@ -295,3 +295,33 @@ def test_max_memory_spills_block_data_with_the_same_result():
     assert all(v["chunks_on_disk"] > 0 for v in b.quant["method_log"]["blocks"].values())
     ca, cb = _codes(a), _codes(b)
     assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+
+
+def test_block_data_holds_at_most_its_budget_and_one_capture_batch(tmp_path):
+    """Rows past the budget go to files as they come, also inside a chunk being filled: RAM
+    never holds more than ``max_bytes`` plus one added batch, and every batch drawn is the
+    one an unbounded store gives."""
+    from accuquant.block_data import BlockData
+
+    g = torch.Generator().manual_seed(0)
+    adds = [(torch.randn(4, 3, 8, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, 3, 8, generator=g))
+            for _ in range(25)]
+    one_add = sum(t.numel() * 4 for t in adds[0])
+    stores = {b: BlockData(chunk_rows=40, max_bytes=b, spill_dir=tmp_path / "spill") for b in (2**30, 3 * one_add, 0)}
+    for data in stores.values():
+        for x, emb, y in adds:
+            data.add((x,), {"emb": emb, "flag": True}, y)
+        data.finish()
+    full, small, none = stores.values()
+    assert full.on_disk == 0 and full.ram_bytes == 25 * one_add
+    assert small.peak_ram_bytes <= 3 * one_add + one_add and small.ram_bytes <= 3 * one_add and small.on_disk >= 2
+    assert none.ram_bytes == 0 and none.on_disk == len(none.chunks) == 3
+    for seed in range(5):
+        ref = full.batch(torch.Generator().manual_seed(seed), 16)
+        for data in (small, none):
+            args, kwargs, y = data.batch(torch.Generator().manual_seed(seed), 16)
+            assert torch.equal(args[0], ref[0][0]) and torch.equal(kwargs["emb"], ref[1]["emb"])
+            assert kwargs["flag"] is True and torch.equal(y, ref[2])
+    for data in stores.values():
+        data.close()
+    assert not any((tmp_path / "spill").iterdir())

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .calibration import map_safetensors
 from .errors import AccuQuantError
 from .quantizers import UniformQuantizer
 
@@ -102,9 +103,11 @@ class BlockData:
 
     Tensor arguments whose first dimension is the batch are stored row-wise; every other
     argument (flags, ``None``, shared tensors) is kept once. Rows are grouped in chunks of
-    about ``chunk_rows``; chunks beyond ``max_bytes`` in RAM go to safetensors files in a
-    temporary folder (under ``spill_dir`` if given) that is removed by :meth:`close`.
-    Where the rows are does not change which rows a batch draws.
+    about ``chunk_rows`` (a batch draws its rows from one chunk). At most ``max_bytes`` of
+    rows are held in RAM, counting the chunk being filled: rows beyond go, as they come,
+    to safetensors files in a temporary folder (under ``spill_dir`` if given) that
+    :meth:`close` removes; a batch reads its rows from there through a file mapping, so
+    reading holds one batch. Where rows are kept never changes which rows a batch draws.
     """
 
     def __init__(self, chunk_rows: int = 256, max_bytes: int = 2 * 2**30, spill_dir: str | Path | None = None):
@@ -112,14 +115,20 @@ class BlockData:
         self.max_ram_bytes = max_bytes
         self.spill_dir = spill_dir
         self._tmp: tempfile.TemporaryDirectory | None = None
-        self.chunks: list[dict[str, torch.Tensor] | Path] = []
+        #: per chunk, its parts in row order: tensors in RAM, or a file
+        self.chunks: list[list[dict[str, torch.Tensor] | Path]] = []
+        self._sizes: list[list[int]] = []  # rows of each part
         self.ram_bytes = 0
         self.rows = 0
         self.spec: tuple | None = None  # (arg slots, kwarg slots, constants)
         self.n_targets: int | None = None  # outputs of a block with several; None: one tensor
-        self._pending: list[dict[str, torch.Tensor]] = []
+        self._open: list[dict[str, torch.Tensor] | Path] = []  # the parts of the chunk being filled
+        self._open_sizes: list[int] = []
+        self._pending: list[dict[str, torch.Tensor]] = []  # its rows not placed yet
         self._pending_rows = 0
-        self._loaded: tuple[int, dict] | None = None
+        self._pending_bytes = 0
+        self._mapped: dict[Path, dict[str, torch.Tensor]] = {}
+        self.peak_ram_bytes = 0  # the most held at once, pending rows included
 
     # ------------------------------------------------------------------ filling
     def add(self, args: tuple, kwargs: dict, target) -> None:
@@ -150,68 +159,94 @@ class BlockData:
                 tensors[slot] = kwargs[k].detach().cpu()
         self._pending.append(tensors)
         self._pending_rows += rows
+        self._pending_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         self.rows += rows
-        if self._pending_rows >= self.chunk_rows:
-            self._flush()
+        self.peak_ram_bytes = max(self.peak_ram_bytes, self.ram_bytes + self._pending_bytes)
+        if self.ram_bytes + self._pending_bytes > self.max_ram_bytes:
+            self._place(to_disk=True)
+        if sum(self._open_sizes) + self._pending_rows >= self.chunk_rows:
+            self._close_chunk()
 
-    def _flush(self) -> None:
+    def _place(self, to_disk: bool) -> None:
+        """The pending rows become a part of the open chunk: in RAM, or a file."""
         if not self._pending:
             return
-        chunk = {k: torch.cat([p[k] for p in self._pending]).contiguous() for k in self._pending[0]}
-        self._pending, self._pending_rows = [], 0
-        size = sum(t.numel() * t.element_size() for t in chunk.values())
-        if self.ram_bytes + size <= self.max_ram_bytes:
-            self.chunks.append(chunk)
+        part = {k: torch.cat([p[k] for p in self._pending]).contiguous() for k in self._pending[0]}
+        self._open_sizes.append(self._pending_rows)
+        self._pending, self._pending_rows, size, self._pending_bytes = [], 0, self._pending_bytes, 0
+        if not to_disk:
+            self._open.append(part)
             self.ram_bytes += size
             return
         if self._tmp is None:
             if self.spill_dir is not None:
                 Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
             self._tmp = tempfile.TemporaryDirectory(prefix="accuquant-blockdata-", dir=self.spill_dir)
-        path = Path(self._tmp.name) / f"chunk{len(self.chunks):05d}.safetensors"
-        save_file(chunk, str(path))
-        self.chunks.append(path)
+        path = Path(self._tmp.name) / f"part{len(self.chunks):05d}-{len(self._open):03d}.safetensors"
+        save_file(part, str(path))
+        self._open.append(path)
+
+    def _close_chunk(self) -> None:
+        self._place(to_disk=self.ram_bytes + self._pending_bytes > self.max_ram_bytes)
+        if self._open:
+            self.chunks.append(self._open)
+            self._sizes.append(self._open_sizes)
+        self._open, self._open_sizes = [], []
 
     def finish(self) -> "BlockData":
-        self._flush()
+        self._close_chunk()
         return self
 
     @property
     def on_disk(self) -> int:
-        return sum(isinstance(c, Path) for c in self.chunks)
+        """Chunks with rows in files."""
+        return sum(any(isinstance(p, Path) for p in c) for c in self.chunks)
 
     def close(self) -> None:
-        self.chunks, self._loaded = [], None
+        self.chunks, self._sizes, self._mapped = [], [], {}
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
 
     # ------------------------------------------------------------------ reading
-    def _chunk(self, i: int) -> dict[str, torch.Tensor]:
-        c = self.chunks[i]
-        if not isinstance(c, Path):
-            return c
-        if self._loaded is None or self._loaded[0] != i:
-            self._loaded = (i, load_file(str(c)))
-        return self._loaded[1]
+    def _part(self, p) -> dict[str, torch.Tensor]:
+        if not isinstance(p, Path):
+            return p
+        if p not in self._mapped:
+            self._mapped[p] = map_safetensors(p) or load_file(str(p))
+        return self._mapped[p]
 
     def batch(self, generator: torch.Generator, size: int, device="cpu", shard=None):
         """A random batch: a random chunk, then ``size`` random rows of it (of those, the
         ones ``shard`` keeps: this rank's, in data-parallel calibration).
         Returns ``(args, kwargs, target)`` on ``device``."""
         i = int(torch.randint(len(self.chunks), (1,), generator=generator))
-        chunk = self._chunk(i)
-        n = chunk["target0"].shape[0]
+        n = sum(self._sizes[i])
         idx = torch.randperm(n, generator=generator)[: min(size, n)]
-        return self._rows(chunk, idx if shard is None else shard(idx), device)
+        return self._rows(i, idx if shard is None else shard(idx), device)
 
-    def _rows(self, chunk, idx, device):
+    def _take(self, i: int, key: str, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` of chunk ``i``'s tensor ``key``, gathered from its parts."""
+        parts, out, start = self.chunks[i], None, 0
+        for p, n in zip(parts, self._sizes[i]):
+            sel = ((idx >= start) & (idx < start + n)).nonzero().flatten()
+            if len(sel):
+                rows = self._part(p)[key][idx[sel] - start]
+                if out is None:
+                    out = rows.new_empty((len(idx), *rows.shape[1:]))
+                out[sel] = rows
+            start += n
+        return out
+
+    def _rows(self, i, idx, device):
         arg_slots, kw_slots, consts = self.spec
-        args = [chunk[s][idx].to(device) if s is not None else consts[f"a{i}"] for i, s in enumerate(arg_slots)]
-        kwargs = {k: chunk[s][idx].to(device) if s is not None else consts[f"k.{k}"] for k, s in kw_slots.items()}
+        args = [self._take(i, s, idx).to(device) if s is not None else consts[f"a{j}"]
+                for j, s in enumerate(arg_slots)]
+        kwargs = {k: self._take(i, s, idx).to(device) if s is not None else consts[f"k.{k}"]
+                  for k, s in kw_slots.items()}
         if self.n_targets is None:
-            return args, kwargs, chunk["target0"][idx].to(device)
-        return args, kwargs, tuple(chunk[f"target{i}"][idx].to(device) for i in range(self.n_targets))
+            return args, kwargs, self._take(i, "target0", idx).to(device)
+        return args, kwargs, tuple(self._take(i, f"target{j}", idx).to(device) for j in range(self.n_targets))
 
 
 def collect(denoiser, module: nn.Module, batches, chunk_rows: int = 256, max_bytes: int = 2 * 2**30,

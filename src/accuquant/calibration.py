@@ -116,7 +116,7 @@ class Trajectories:
             md = f.metadata() or {}
         if md.get("format") != FORMAT:
             raise AccuQuantError(f"{path}: not an accuquant calibration file")
-        t = (_mapped(path) if mmap else None) or load_file(str(path))
+        t = (map_safetensors(path) if mmap else None) or load_file(str(path))
         return cls(t["xs"], t["outs"], t["timesteps"], Conditions.from_tensors(t), json.loads(md.get("meta", "{}")))
 
 
@@ -164,7 +164,7 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
            "BOOL": torch.bool}
 
 
-def _mapped(path: Path) -> dict[str, torch.Tensor] | None:
+def map_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
     """The tensors of a safetensors file as views of the file mapped copy-on-write (``None``
     when a tensor's dtype or alignment does not allow it: the caller reads the file)."""
     import struct
