@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT
+from common import ROOT, sd15_conditions, sd15_unet
 
 from accuquant.safety import atomic_path
 
@@ -48,19 +48,10 @@ def build(name: str):
     ddim = dict(diffusers.DDIMScheduler().config)
     if name == "mnist-ddpm":
         return aq.load("mnist-ddpm"), None, None
-    torch.manual_seed(0)
     if name == "sd15-unet":
-        unet = diffusers.UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
-        pipe = aq.Pipeline(unet, ddim, defaults=aq.SamplingDefaults(7.5))
-
-        def cond(n):
-            g = torch.Generator().manual_seed(n)
-            return aq.Conditions(embeds=torch.randn(n, 77, 768, generator=g), negative_embeds=torch.zeros(n, 77, 768))
-        return pipe, cond, cond(1)
+        pipe = aq.Pipeline(sd15_unet(64), ddim, defaults=aq.SamplingDefaults(7.5))
+        return pipe, sd15_conditions, sd15_conditions(1)
+    torch.manual_seed(0)
     dit = diffusers.DiTTransformer2DModel(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
                                           out_channels=8, patch_size=2, sample_size=32,
                                           num_embeds_ada_norm=1000).eval()
