@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .backends import LayerSpec, register_backend
-from .int8_backend import Unsupported, _input_grid, centred_weights, check_layer, with_fallback
+from .int8_backend import IntegerLayer, Unsupported, centred_weights, with_fallback
 
 #: at least this many rows, and sizes padded to a multiple of ``ALIGN``: what cuBLASLt's
 #: int8 matmul behind ``torch._int_mm`` takes on CUDA
@@ -36,21 +35,17 @@ def _pad_to(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-class IntMMLayer(nn.Module):
+class IntMMLayer(IntegerLayer):
     """A frozen Linear (``torch._int_mm``) or Conv2d (bfloat16 on codes); see the module docstring."""
 
     runs_on = "cuda-int8"
-    holds_weights = True  # its int8 buffers are the weight's only copy (see QuantLayer.freeze)
 
     def __init__(self, spec: LayerSpec):
-        super().__init__()
         if not hasattr(torch, "_int_mm"):
             raise Unsupported("this torch build has no torch._int_mm")
-        check_layer(spec)
-        self.kind, self.split = spec.kind, spec.split
-        self.inputs = [_input_grid(g) for g in spec.input_grids]  # (s, z, lo, hi) on 0..255
+        super().__init__(spec)
         parts = centred_weights(spec)
-        self.n_parts, self.out_features = len(parts), parts[0][0].shape[0]
+        self.out_features = parts[0][0].shape[0]
         n_out = _pad_to(self.out_features)
         for i, (q, scale) in enumerate(parts):
             s = self.inputs[i][0]
@@ -66,17 +61,6 @@ class IntMMLayer(nn.Module):
                 self.register_buffer(f"w{i}", q, persistent=False)
                 out_scale = (scale * s).reshape(1, -1, 1, 1)
             self.register_buffer(f"scale{i}", out_scale, persistent=False)
-        self.register_buffer("input_scales", torch.stack([g.scale.detach().reshape(()).float()
-                                                          for g in spec.input_grids]), persistent=False)
-        self.register_buffer("bias", None if spec.bias is None else spec.bias.detach().float().contiguous(),
-                             persistent=False)
-        self.stride, self.padding = list(spec.stride), list(spec.padding)
-        self.dilation, self.groups = list(spec.dilation), spec.groups
-
-    def _codes(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """``clamp(round(x / s) + z)`` on grid ``i`` (0..255), as the fake backend rounds."""
-        _, z, lo, hi = self.inputs[i]
-        return torch.div(x, self.input_scales[i]).round_().add_(z).clamp_(lo, hi)
 
     def _linear(self, x: torch.Tensor, i: int) -> torch.Tensor:
         z = self.inputs[i][1]
@@ -98,20 +82,13 @@ class IntMMLayer(nn.Module):
         return y.float().mul_(getattr(self, f"scale{i}"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        dim = -1 if self.kind == "linear" else 1
-        sizes = (x.shape[dim],) if self.split is None else (self.split, x.shape[dim] - self.split)
         out = None
-        for i, p in enumerate(x.split(sizes, dim)):
+        for i, p in enumerate(self._parts(x)):
             y = self._linear(p, i) if self.kind == "linear" else self._conv(p, i)
             out = y if out is None else out.add_(y)
         if self.bias is not None:
             out = out.add_(self.bias if self.kind == "linear" else self.bias.reshape(1, -1, 1, 1))
-        return out.to(dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.kind}, parts={self.n_parts}, inputs={len(self.inputs)}"
+        return out.to(x.dtype)
 
 
 register_backend("cuda-int8", with_fallback(IntMMLayer))

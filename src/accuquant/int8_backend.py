@@ -76,87 +76,91 @@ def centred_weights(spec: LayerSpec, limit: int = 127) -> list[tuple[torch.Tenso
     return out
 
 
-def check_layer(spec: LayerSpec) -> None:
-    """What every integer backend needs of a layer: a Linear or Conv2d with integer weights,
-    quantized inputs and zero padding."""
-    if spec.kind not in ("linear", "conv2d"):
-        raise Unsupported(f"{spec.kind} layers")
-    if spec.weight_codes is None:
-        raise Unsupported("float weights")
-    if not spec.input_grids:
-        raise Unsupported("float activations")
-    if spec.padding_mode != "zeros" or isinstance(spec.padding, str):
-        raise Unsupported(f"padding {spec.padding_mode!r}/{spec.padding!r}")
+class IntegerLayer(nn.Module):
+    """What the integer backends share: a frozen Linear or Conv2d with integer weights,
+    quantized inputs and zero padding, its inputs' grids, bias and conv settings, the
+    rounding of an input to its codes, and the cut of an input at a shortcut split."""
 
-
-class Int8Layer(nn.Module):
-    """A frozen Linear or Conv2d on oneDNN's int8 kernels (see the module docstring)."""
-
-    runs_on = "int8"
-    holds_weights = True  # the prepacked tensors are the weight's only copy (see QuantLayer.freeze)
+    holds_weights = True  # the kernel's weights are the only copy (see QuantLayer.freeze)
 
     def __init__(self, spec: LayerSpec):
         super().__init__()
-        if not available():
-            raise Unsupported("this torch build has no oneDNN int8 kernels")
-        check_layer(spec)
-        if spec.weight_codes.device.type != "cpu":
-            raise Unsupported("a device other than the CPU")
+        if spec.kind not in ("linear", "conv2d"):
+            raise Unsupported(f"{spec.kind} layers")
+        if spec.weight_codes is None:
+            raise Unsupported("float weights")
+        if not spec.input_grids:
+            raise Unsupported("float activations")
+        if spec.padding_mode != "zeros" or isinstance(spec.padding, str):
+            raise Unsupported(f"padding {spec.padding_mode!r}/{spec.padding!r}")
         self.kind, self.split = spec.kind, spec.split
-        limit = 127 if vnni() else 64
-        self.inputs = [_input_grid(g) for g in spec.input_grids]
+        self.inputs = [_input_grid(g) for g in spec.input_grids]  # (s, z, lo, hi) on 0..255
         self.register_buffer("input_scales", torch.stack([g.scale.detach().reshape(()).float()
                                                           for g in spec.input_grids]), persistent=False)
-        parts = centred_weights(spec, limit)
-        self.packed, self.w_scales = [], []
-        for i, (q, scale) in enumerate(parts):
-            if self.kind == "linear":
-                packed = torch.ops.onednn.qlinear_prepack(q, None)
-            else:
-                s, z = self.inputs[i][0], self.inputs[i][1]
-                packed = torch.ops.onednn.qconv_prepack(q, scale, s, z,
-                                                        list(spec.stride), list(spec.padding), list(spec.dilation),
-                                                        spec.groups, None)
-            self.packed.append(packed)  # an opaque oneDNN tensor: kept out of the module's buffers
-            self.w_scales.append(scale)
-        self.n_parts = len(parts)
-        self.w_zero = torch.zeros(parts[0][0].shape[0], dtype=torch.long)
         self.register_buffer("bias", None if spec.bias is None else spec.bias.detach().float().contiguous(),
                              persistent=False)
         self.stride, self.padding = list(spec.stride), list(spec.padding)
         self.dilation, self.groups = list(spec.dilation), spec.groups
 
     def _codes(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """``x``'s uint8 codes on input grid ``i``: ``clamp(round(x / s) + z)``, as the fake
-        backend rounds (the division by the same float32 step size)."""
+        """``x``'s codes on input grid ``i`` (0..255, in float): ``clamp(round(x / s) + z)``,
+        as the fake backend rounds (the division by the same float32 step size)."""
         _, z, lo, hi = self.inputs[i]
-        return torch.div(x, self.input_scales[i]).round_().add_(z).clamp_(lo, hi).to(torch.uint8)
+        return torch.div(x, self.input_scales[i]).round_().add_(z).clamp_(lo, hi)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``x`` in float32, cut at the split (a Linear's last dimension, a conv's channels)."""
         dim = -1 if self.kind == "linear" else 1
         sizes = (x.shape[dim],) if self.split is None else (self.split, x.shape[dim] - self.split)
+        return x.float().split(sizes, dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, parts={len(self.inputs)}, inputs={len(self.inputs)}"
+
+
+class Int8Layer(IntegerLayer):
+    """A frozen Linear or Conv2d on oneDNN's int8 kernels (see the module docstring)."""
+
+    runs_on = "int8"
+
+    def __init__(self, spec: LayerSpec):
+        if not available():
+            raise Unsupported("this torch build has no oneDNN int8 kernels")
+        super().__init__(spec)
+        if spec.weight_codes.device.type != "cpu":
+            raise Unsupported("a device other than the CPU")
+        parts = centred_weights(spec, 127 if vnni() else 64)
+        self.packed, self.w_scales = [], []
+        for i, (q, scale) in enumerate(parts):
+            if self.kind == "linear":
+                packed = torch.ops.onednn.qlinear_prepack(q, None)
+            else:
+                s, z = self.inputs[i][0], self.inputs[i][1]
+                packed = torch.ops.onednn.qconv_prepack(q, scale, s, z, self.stride, self.padding, self.dilation,
+                                                        self.groups, None)
+            self.packed.append(packed)  # an opaque oneDNN tensor: kept out of the module's buffers
+            self.w_scales.append(scale)
+        self.n_parts = len(parts)
+        self.w_zero = torch.zeros(parts[0][0].shape[0], dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
-        for i, p in enumerate(x.split(sizes, dim)):
+        for i, p in enumerate(self._parts(x)):
             s, z = self.inputs[i][0], self.inputs[i][1]
             bias = self.bias if i == self.n_parts - 1 else None
             packed, w_scale = self.packed[i], self.w_scales[i]
             if self.kind == "linear":
-                q = self._codes(p.reshape(-1, p.shape[-1]), i)
+                q = self._codes(p.reshape(-1, p.shape[-1]), i).to(torch.uint8)
                 y = torch.ops.onednn.qlinear_pointwise(q, s, z, packed, w_scale, self.w_zero, bias, 1.0, 0,
                                                        torch.float32, "none", [], "")
                 y = y.reshape(*p.shape[:-1], y.shape[-1])
             else:
-                q = self._codes(p, i).contiguous(memory_format=torch.channels_last)
+                q = self._codes(p, i).to(torch.uint8).contiguous(memory_format=torch.channels_last)
                 y = torch.ops.onednn.qconv_pointwise(q, s, z, packed, w_scale, self.w_zero, bias, self.stride,
                                                      self.padding, self.dilation, self.groups, 1.0, 0,
                                                      torch.float32, "none", [], "")
             out = y if out is None else out.add_(y)
-        return out.to(dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.kind}, parts={self.n_parts}, inputs={len(self.inputs)}"
+        return out.to(x.dtype)
 
 
 def with_fallback(cls):
