@@ -155,6 +155,27 @@ OTHER_TABLES = [
      "how much this shared machine's speed varies). The target of at most 150 s is not met yet: the per-step "
      "initialisation, AccuQuant's 100 steps and the quality summary (the naive model and 900 samples) each take "
      "a third of it (data-parallel ranks cut the AccuQuant phase 2.45x, see above)."),
+    ("seed_spread.md", "Spread over calibration seeds",
+     "`python benchmarks/seed_spread.py --seeds 0,1,2,3,4` (and `--label ... --args ...` per variant; "
+     "`benchmarks/results/seed_spread.{md,json}`): the main job (AccuQuant W4A8 on the bundled model) quantized "
+     "with calibration seeds 0 to 4, one thread per job, two jobs at a time, each scored on the same 300 paired "
+     "samples (evaluation seed 0). The seed alone moves AccuQuant's FID to FP by 1.9x (0.48 to 0.89), more than "
+     "the run-to-run float differences between machines and thread counts (0.80 with two threads, 0.88 with one, "
+     "0.63 on an AVX2 machine, all seed 0). Damping the last iterates does not make it steadier: a cosine rate "
+     "from 2e-3 (the same mean rate as the default's constant 1e-3) lowers the median (0.58 against 0.67) but "
+     "moves single seeds both ways (better on 3 of 5, worse on 2) and leaves the range as wide (0.49 to 0.99); a "
+     "cosine rate from 1e-3 with the mean of the last half of the iterates is worse on both seeds it ran (1.12 and "
+     "1.20 against 0.88 and 0.89): the optimisation is still improving at its 100th step (the ablation's rates "
+     "agree: 3e-4 is worse, 3e-3 diverges), so what varies between seeds is where the per-step start and the "
+     "calibration batches lead, not the noise of the last steps. The defaults stay; `--lr-decay` and `--average` "
+     "remain as options."),
+    ("memory_sd.md", "Memory at Stable Diffusion size",
+     "`python benchmarks/memory_sd.py` (`benchmarks/results/memory_sd.{md,json}`): a UNet with SD-1.5's "
+     "configuration, random weights, 8x8 latents (activations scale with the latent's area; weights and the "
+     "77-token text embeddings do not; 64x64 would take hours per collection on 2 cores), while other jobs ran "
+     "(memory, not time). Collection streams each batch to the file, so its peak does not grow with the number "
+     "of prompts; the capture keeps at most `--max-memory` of block data in RAM; an AccuQuant step's memory does "
+     "not grow with M (checkpoint gradient: one step's activations at a time)."),
     ("int8_speed.md", "Speed of the int8 backend",
      "`python benchmarks/int8_speed.py --threads 1,2 --repeats 3` (`benchmarks/results/int8_speed.{md,json}`), "
      "nothing else running. The target (int8 at least 2x float32 and at least as fast as bf16 on the SD-1.5-size "
