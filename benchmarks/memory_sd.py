@@ -12,7 +12,7 @@ minus the resident memory before it:
 
 * trajectory collection of N prompts, 4 at a time (streamed to its file), for each N of
   ``--prompts``: flat in N when nothing grows with the number of trajectories;
-* per-step's capture of its largest block (2 points per step, 80 rows) with each
+* per-step's capture of the block with the most data per row (2 points per step, 80 rows) with each
   ``--max-memory`` budget of ``--budgets``: the block data held in RAM against the budget;
 * one AccuQuant optimisation step (checkpoint gradient, one trajectory) at M = 1, 4, 8,
   W4A8 with min-max ranges: the target is M = 8 within 1.15x of M = 1.
@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from accuquant.block_data import parse_size
 from accuquant.safety import atomic_path
 from common import ROOT, sd15_conditions, sd15_unet
 
@@ -108,14 +109,20 @@ def child(kind: str, value: str, latent: int, folder: Path) -> dict:
         save_checkpoint(folder / "quantizers.safetensors", pipe.model, "memory-sd", 0)
         return out
     elif kind == "capture":
-        from accuquant.block_data import collect, parse_size
+        from accuquant.block_data import capture, collect, parse_size
         from accuquant.blocks import find_blocks
 
         pipe, den = _wrapped(latent, folder)
         calib = aq.Trajectories.load(folder / "calib.safetensors")
         first = next(calib.batches(calib.points(1, 0)[:2], 2))
         blocks = find_blocks(pipe.model, lambda: den(*first), den.block_types)
-        block = max(blocks, key=lambda b: sum(p.numel() for p in b.module.parameters()))
+        def row_bytes(b):  # bytes per row of what per-step keeps of the block: batched inputs
+            args, kwargs = capture(b.module, lambda: den(*first), "input")
+            rows = first[0].shape[0] * 2  # guided: two branches
+            return sum(t.numel() * t.element_size() for t in [*args, *kwargs.values()]
+                       if torch.is_tensor(t) and t.dim() and t.shape[0] == rows) / rows
+
+        block = max(blocks, key=row_bytes)
         points = calib.points(2, 0)
         before = _reset_peak()
         t0 = time.perf_counter()
@@ -178,6 +185,11 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             if kind != "setup":
                 rows.append({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})
+    path = Path(args.out).with_suffix(".json")
+    if path.exists():  # measurements not repeated now are kept
+        done = {(r["kind"], r["value"]) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["rows"] if (r["kind"], r["value"]) not in done] + rows
+        rows.sort(key=lambda r: (["collect", "capture", "step"].index(r["kind"]), parse_size(r["value"])))
     steps = {r["value"]: r for r in rows if r["kind"] == "step"}
     for r in steps.values():
         r["vs_m1"] = round(r["peak_mb"] / steps["1"]["peak_mb"], 3) if "1" in steps else None
