@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.backends import build_layer
 from accuquant.layers import placement, quant_layers, resident_bytes
 from conftest import class_pipeline
-from test_int8 import _layer_outputs
+from test_int8 import layers_on
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "_int_mm"), reason="this torch build has no torch._int_mm")
 
@@ -18,17 +17,9 @@ def test_every_layer_matches_the_fake_backend(act_symmetric):
     """W4A8, guided: Linear layers (few rows and token rows, padded to _int_mm's sizes) give
     fake's output to 1e-5 relative; convs (3x3, 1x1, strided, shortcut-split), summed in
     float32 but returned in bfloat16, to 4e-3."""
-    cfg = aq.QuantConfig(weight_bits=4, act_bits=8, act_symmetric=act_symmetric)
-    q = aq.quantize(class_pipeline(), cfg, "naive", steps=4, calib_samples=4, progress=False)
     kinds = set()
-    for name, layer, x, ref in _layer_outputs(q, guidance=2.0):
-        spec = layer.spec()
-        k = build_layer(spec, "cuda-int8")
-        assert k.runs_on == "cuda-int8", (name, getattr(k, "why", ""))
-        with torch.no_grad():
-            y = k(x)
-        err = ((y - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-        assert y.shape == ref.shape and err < (1e-5 if spec.kind == "linear" else 4e-3), (name, err)
+    for name, spec, x, ref, y, err in layers_on("cuda-int8", act_symmetric):
+        assert err < (1e-5 if spec.kind == "linear" else 4e-3), (name, err)
         kinds.add((spec.kind, spec.split is not None, x.reshape(-1, x.shape[-1]).shape[0] < 17))
     assert {k[0] for k in kinds} == {"linear", "conv2d"}
     assert any(k[1] for k in kinds), "no shortcut-split conv"

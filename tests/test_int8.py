@@ -27,24 +27,31 @@ def _layer_outputs(q, guidance):
     return seen
 
 
+def layers_on(backend: str, act_symmetric: bool):
+    """W4A8 naive on a guided class-conditional UNet: per quantized layer, ``(name, spec,
+    input, fake output, output of the layer built on backend, relative error)``; every
+    layer must run on ``backend`` and keep its output shape."""
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=8, act_symmetric=act_symmetric)
+    q = aq.quantize(class_pipeline(), cfg, "naive", steps=4, calib_samples=4, progress=False)
+    for name, layer, x, ref in _layer_outputs(q, guidance=2.0):
+        spec = layer.spec()
+        k = build_layer(spec, backend)
+        assert k.runs_on == backend, (name, getattr(k, "why", ""))
+        with torch.no_grad():
+            y = k(x)
+        assert y.shape == ref.shape, name
+        yield name, spec, x, ref, y, ((y - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
 @pytest.mark.parametrize("act_symmetric", [False, True])
 def test_every_layer_matches_the_fake_backend(act_symmetric):
     """W4A8 on a class-conditional UNet with guidance (both branches in one batch): every
     layer kind (Linear on vectors and on tokens, 3x3 and 1x1 and strided convs, shortcut-split
     convs), with asymmetric and symmetric activation grids, runs on the int8 kernels and
     gives the fake backend's output to a relative error of 1e-5."""
-    cfg = aq.QuantConfig(weight_bits=4, act_bits=8, act_symmetric=act_symmetric)
-    q = aq.quantize(class_pipeline(), cfg, "naive", steps=4, calib_samples=4, progress=False)
-    seen = _layer_outputs(q, guidance=2.0)
     kinds = set()
-    for name, layer, x, ref in seen:
-        spec = layer.spec()
-        k = build_layer(spec, "int8")
-        assert k.runs_on == "int8", (name, getattr(k, "why", ""))
-        with torch.no_grad():
-            y = k(x)
-        err = ((y - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-        assert y.shape == ref.shape and err < 1e-5, (name, err)
+    for name, spec, x, ref, y, err in layers_on("int8", act_symmetric):
+        assert err < 1e-5, (name, err)
         kinds.add((spec.kind, spec.split is not None, x.dim(), tuple(spec.stride)[:1], spec.weight_codes.dim() == 4
                    and spec.weight_codes.shape[-1] == 1))
     assert {k[0] for k in kinds} == {"linear", "conv2d"}

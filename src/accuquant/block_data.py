@@ -187,7 +187,7 @@ class BlockData:
         self._open.append(path)
 
     def _close_chunk(self) -> None:
-        self._place(to_disk=self.ram_bytes + self._pending_bytes > self.max_ram_bytes)
+        self._place(to_disk=False)  # add() has already sent to disk what the budget does not hold
         if self._open:
             self.chunks.append(self._open)
             self._sizes.append(self._open_sizes)

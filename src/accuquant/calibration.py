@@ -167,8 +167,6 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 def map_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
     """The tensors of a safetensors file as views of the file mapped copy-on-write (``None``
     when a tensor's dtype or alignment does not allow it: the caller reads the file)."""
-    import struct
-
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))

@@ -115,7 +115,7 @@ class IntegerLayer(nn.Module):
         return x.float().split(sizes, dim)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, parts={len(self.inputs)}, inputs={len(self.inputs)}"
+        return f"{self.kind}, parts={len(self.inputs)}"
 
 
 class Int8Layer(IntegerLayer):
@@ -140,14 +140,13 @@ class Int8Layer(IntegerLayer):
                                                         self.groups, None)
             self.packed.append(packed)  # an opaque oneDNN tensor: kept out of the module's buffers
             self.w_scales.append(scale)
-        self.n_parts = len(parts)
         self.w_zero = torch.zeros(parts[0][0].shape[0], dtype=torch.long)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
         for i, p in enumerate(self._parts(x)):
             s, z = self.inputs[i][0], self.inputs[i][1]
-            bias = self.bias if i == self.n_parts - 1 else None
+            bias = self.bias if i == len(self.inputs) - 1 else None
             packed, w_scale = self.packed[i], self.w_scales[i]
             if self.kind == "linear":
                 q = self._codes(p.reshape(-1, p.shape[-1]), i).to(torch.uint8)
