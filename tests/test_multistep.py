@@ -283,6 +283,45 @@ def test_the_init_method_result_is_cached_and_shared():
     assert all(torch.equal(a[k], v) for k, v in _scales(fresh).items())
 
 
+def test_a_default_run_is_served_from_the_result_cache_and_per_step_keeps_naive_s():
+    """Per-step starts from naive's ranges and leaves them cached as naive's result, so the
+    naive method on the same model, bits, data and seed then costs nothing and gives the
+    same model as a fresh naive run; options other than the defaults always run."""
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
+    kw = dict(steps=4, calib_samples=6, progress=False)
+    per_step = aq.quantize(class_pipeline(), cfg, "per-step", iters=2, act_iters=0, **kw)  # runs naive
+    assert "cached" not in per_step.quant["method_log"]["init"]
+    naive = aq.quantize(class_pipeline(), cfg, "naive", **kw)
+    assert naive.quant["method_log"]["cached"] is True
+    fresh = aq.quantize(class_pipeline(), cfg, "naive", use_cache=False, **kw)
+    assert "cached" not in fresh.quant["method_log"]
+    a, b = _scales(naive), _scales(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = aq.quantize(class_pipeline(), cfg, "per-step", iters=2, act_iters=0, **kw)
+    assert again.quant["method_log"]["init"]["cached"] is True and "cached" not in again.quant["method_log"]
+
+
+def test_accuquant_s_per_step_start_takes_its_own_options_and_is_cached_under_them():
+    from accuquant.engine import result_key
+    from accuquant.methods.per_step import PerStepConfig
+
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
+    kw = dict(steps=4, calib_samples=6, progress=False, iters=0, init_iters=3, init_act_iters=2, init_samples=2)
+    first = aq.quantize(class_pipeline(), cfg, "accuquant", **kw)
+    init = first.quant["method_log"]["init"]
+    assert init["method"] == "per-step" and "cached" not in init and init["points"] == 2 * 4  # 2 per step
+    block = next(iter(init["blocks"].values()))
+    assert block["rows"] == 2 * 2 * 4  # both guidance branches
+    again = aq.quantize(class_pipeline(), cfg, "accuquant", **kw)
+    assert again.quant["method_log"]["init"]["cached"] is True
+    a, b = _scales(first), _scales(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the defaults' entry (shared with `--method per-step`) is another one
+    assert result_key("base", PerStepConfig()) != result_key("base", PerStepConfig(iters=3, act_iters=2,
+                                                                                 samples_per_step=2))
+    assert result_key("base", PerStepConfig()) == result_key("base", PerStepConfig(iters=300))
+
+
 def test_a_new_method_version_neither_resumes_nor_reuses_older_results(monkeypatch):
     """The method's version is part of the run key (checkpoints) and of the result cache key."""
     from accuquant.api import keys

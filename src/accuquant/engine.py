@@ -40,7 +40,7 @@ from .checkpoint import load_quantizers, read_checkpoint, save_checkpoint
 from .config import QuantConfig
 from .distributed import active, is_main, shard, sum_over_ranks
 from .errors import DivergenceError
-from .methods.base import MethodConfig, config_class, method_class
+from .methods.base import MethodConfig, method_class, options_of
 from .progress import progress_bar
 from .sampling import Solver
 
@@ -404,8 +404,10 @@ def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resu
 
 # ---------------------------------------------------------------------------- results of default options
 def result_key(base_key: str, config: MethodConfig) -> str:
-    """The key of the result of ``config`` (default options) under a run's ``base_key``."""
-    return digest({"base": base_key, "method": config.NAME, "version": config.VERSION})
+    """The key of the result of ``config`` under a run's ``base_key`` (other options than the
+    defaults are part of it)."""
+    extra = {} if config.is_default() else {"options": config.to_dict()}
+    return digest({"base": base_key, "method": config.NAME, "version": config.VERSION, **extra})
 
 
 def _result_path(run: Run, config: MethodConfig) -> tuple[str, Path | None]:
@@ -414,7 +416,7 @@ def _result_path(run: Run, config: MethodConfig) -> tuple[str, Path | None]:
 
 
 def save_result(run: Run, config: MethodConfig, log: dict) -> None:
-    """Keep the quantizers as the result of ``config`` (default options) for :func:`start_from`.
+    """Keep the quantizers as the result of ``config`` for :func:`start_from`.
     An entry that exists stays: runs that share a starting point must share exactly the
     same one (another thread count can flip a learned rounding)."""
     key, path = _result_path(run, config)
@@ -422,16 +424,25 @@ def save_result(run: Run, config: MethodConfig, log: dict) -> None:
         save_checkpoint(path, run.model, key, 1, extra=log)
 
 
-def start_from(run: Run, name: str) -> None:
-    """Set the quantizers to method ``name``'s result with its default options: from the
-    cache when this model, config, data and seed had it, else by running it (resumable
-    under this run's key) and caching it."""
-    config = config_class(name)()
+def cached_result(run: Run, config: MethodConfig) -> dict | None:
+    """Set the quantizers to ``config``'s (default options) cached result for this model,
+    config, data and seed and return its log, or return ``None`` when there is none."""
     key, path = _result_path(run, config)
     state = read_checkpoint(path, key) if path is not None else None
-    if state is not None:
-        load_quantizers(run.model, state[1])
-        run.log["init"] = {**state[2], "cached": True}
+    if state is None:
+        return None
+    load_quantizers(run.model, state[1])
+    return {**state[2], "cached": True}
+
+
+def start_from(run: Run, name: str, options: dict | None = None) -> None:
+    """Set the quantizers to method ``name``'s result with ``options`` (default: its
+    defaults): from the cache when this model, config, data and seed had it, else by running
+    it (resumable under this run's key) and caching it."""
+    config = options_of(name, options or {})
+    log = cached_result(run, config)
+    if log is not None:
+        run.log["init"] = log
         return
     ckpt = None if run.checkpoint is None else run.checkpoint.with_name(run.checkpoint.stem + ".init.safetensors")
     sub = dataclasses.replace(run, checkpoint=ckpt, log={})

@@ -42,6 +42,9 @@ class AccuQuantConfig(MethodConfig):
     group_size: int = option(4, "denoising steps simulated per group, M", minimum=1)
     grad: str = option("checkpoint", "gradient through a group", choices=GRAD_MODES)
     init: str = option("per-step", "starting point", choices=("per-step", "naive"))
+    init_iters: int = option(300, "AdaRound iterations per block of the per-step start", minimum=0)
+    init_act_iters: int = option(100, "activation step-size iterations per block of the per-step start", minimum=0)
+    init_samples: int = option(32, "calibration points per sampling step of the per-step start", minimum=1)
     iters: int = option(100, "optimisation steps", minimum=0)
     lr: float = option(1e-3, "learning rate relative to each step size", positive=True, rate=True)
     traj_batch: int = option(8, "trajectories per optimisation step", flag="batch-size", minimum=1)
@@ -72,7 +75,9 @@ class AccuQuant(Method):
     Config = AccuQuantConfig
 
     def initialise(self, run: Run) -> None:
-        start_from(run, self.config.init)
+        c = self.config
+        start_from(run, c.init, {"iters": c.init_iters, "act_iters": c.init_act_iters,
+                                 "samples_per_step": c.init_samples} if c.init == "per-step" else {})
 
     def units(self, run: Run) -> list[Unit]:
         c = self.config

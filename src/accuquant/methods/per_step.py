@@ -27,11 +27,10 @@ import torch
 from ..block_data import block_outputs, collect
 from ..blocks import Block, find_blocks
 from ..cache import derive_seed
-from ..engine import Group, Method, Phase, Run, Unit
+from ..engine import Group, Method, Phase, Run, Unit, start_from
 from ..quantizers import annealed_beta
 from ..rounding import harden, learnable_rounding, penalty, weight_quantizers
 from .base import MethodConfig, option, register_method
-from .naive import init_act_ranges, init_weight_ranges
 
 
 @dataclass
@@ -73,8 +72,7 @@ class PerStep(Method):
     Config = PerStepConfig
 
     def initialise(self, run: Run) -> None:
-        init_weight_ranges(run)
-        init_act_ranges(run)
+        start_from(run, "naive")  # naive's ranges, kept for the naive method itself
 
     def units(self, run: Run) -> list[Unit]:
         points = run.calib.points(self.config.samples_per_step, run.seed)
