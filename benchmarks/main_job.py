@@ -56,34 +56,36 @@ def run_once(threads: int | None, extra: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="runs of the variant (0: only write the table again)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the job (default: unset)")
     p.add_argument("--label", default="default")
     p.add_argument("--args", default="", help="extra arguments of accuquant quantize, e.g. '--iters 50'")
     p.add_argument("--out", default=str(RESULTS / "main_job"))
     args = p.parse_args()
+    path = Path(args.out).with_suffix(".json")
+    doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
     runs = []
     for i in range(args.repeats):
         runs.append(run_once(args.threads, args.args.split()))
         print(json.dumps(runs[-1]), flush=True)
-    row = {"label": args.label, "threads": args.threads, "args": args.args, "runs": runs,
-           "median_wall_s": statistics.median(r["wall_s"] for r in runs),
-           "median_phases_s": {k: statistics.median(r["phases_s"][k] for r in runs) for k in runs[0]["phases_s"]}}
-    path = Path(args.out).with_suffix(".json")
-    doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    doc["rows"] = [r for r in doc["rows"] if r["label"] != args.label] + [row]
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2))
+    if runs:  # --repeats 0 only writes the table again
+        row = {"label": args.label, "threads": args.threads, "args": args.args, "runs": runs,
+               "median_wall_s": statistics.median(r["wall_s"] for r in runs),
+               "median_phases_s": {k: statistics.median(r["phases_s"][k] for r in runs) for k in runs[0]["phases_s"]}}
+        doc["rows"] = [r for r in doc["rows"] if r["label"] != args.label] + [row]
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2))
+    first = doc["rows"][0]
     lines = ["Written by benchmarks/main_job.py: `accuquant quantize` (AccuQuant W4A8 on the bundled model, its "
              "quality summary on 300 paired samples included) from an empty cache, a fresh process per run; "
              "median seconds over runs, by phase; quality as printed (AccuQuant and naive).", "",
-             "| variant | runs | wall (s) | " + " | ".join(row["median_phases_s"]) + " | accuquant fid2fp / psnr |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in row["median_phases_s"]) + " | --- |"]
+             "| variant | runs | wall (s) | " + " | ".join(first["median_phases_s"]) + " | accuquant fid2fp / psnr |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in first["median_phases_s"]) + " | --- |"]
     for r in doc["rows"]:
         q = [x["quality"].get("accuquant", {}) for x in r["runs"]]
         qual = ", ".join(f"{x.get('fid2fp', float('nan')):.3f} / {x.get('psnr', float('nan')):.2f}" for x in q)
         lines.append(f"| {r['label']} | {len(r['runs'])} | {r['median_wall_s']:.0f} | "
-                     + " | ".join(f"{v:.0f}" for v in r["median_phases_s"].values()) + f" | {qual} |")
+                     + " | ".join(f"{r['median_phases_s'][k]:.0f}" for k in first["median_phases_s"]) + f" | {qual} |")
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
