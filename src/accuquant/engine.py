@@ -402,7 +402,7 @@ def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resu
         phase.end()
 
 
-# ---------------------------------------------------------------------------- results of default options
+# ---------------------------------------------------------------------------- cached results of methods
 def result_key(base_key: str, config: MethodConfig) -> str:
     """The key of the result of ``config`` under a run's ``base_key`` (other options than the
     defaults are part of it)."""
@@ -425,8 +425,8 @@ def save_result(run: Run, config: MethodConfig, log: dict) -> None:
 
 
 def cached_result(run: Run, config: MethodConfig) -> dict | None:
-    """Set the quantizers to ``config``'s (default options) cached result for this model,
-    config, data and seed and return its log, or return ``None`` when there is none."""
+    """Set the quantizers to ``config``'s cached result for this model, config, data and
+    seed and return its log, or return ``None`` when there is none."""
     key, path = _result_path(run, config)
     state = read_checkpoint(path, key) if path is not None else None
     if state is None:
