@@ -28,7 +28,9 @@ def test_quantize_then_sample_a_saved_pipeline(tiny_pipeline_dir, tmp_path, caps
     out = tmp_path / "q"
     code, stdout, err = run(capsys, *_quantize_args(tiny_pipeline_dir, out))
     assert code == 0, err
-    assert "kept in full precision: conv_in, conv_out" in stdout
+    assert "kept in full precision: conv_in, conv_out" in stdout and "from the cache" not in stdout
+    code, again, err = run(capsys, *_quantize_args(tiny_pipeline_dir, tmp_path / "again"))
+    assert code == 0 and "the calibration came from the cache" in again, err
     assert (out / "accuquant.json").is_file() and (out / "unet" / "accuquant_weights.safetensors").is_file()
     grid = tmp_path / "grid.png"
     code, stdout, err = run(capsys, "sample", "--model", out, "--num", 16, "--seed", 0, "--out", grid, "--quiet")

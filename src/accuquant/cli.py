@@ -423,6 +423,9 @@ def _quantize_in(args, model_path, cfg, mconfig, out: Path, bundled: bool, main:
           f"{len(report['quantized'])} layers ({len(report['split'])} shortcut-split), "
           f"{len(report['attention'])} attention blocks; kept in full precision: {', '.join(report['kept_fp']) or 'none'}")
     print(f"saved {out} (weights {os.path.getsize(wfile) / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s")
+    if pipe.quant["method_log"].get("cached"):
+        print("the calibration came from the cache: this method with its defaults had run on this model, bits, "
+              "data and seed before (--no-cache runs it again)")
     if summary:
         _summary(pipe, model_path, cfg, args, common, summary)
 
