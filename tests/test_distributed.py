@@ -87,10 +87,15 @@ def test_two_ranks_compute_what_one_process_does_in_two_micro_batches(tmp_path, 
     micro-batches computes the same pieces: the same model, bit for bit. (One process on
     whole batches differs by float rounding, which Adam's first steps make visible.)"""
     monkeypatch.setenv("ACCUQUANT_CACHE", str(tmp_path / "one"))
-    one = _state(_quantize(method, micro_batches=2))
+    q = _quantize(method, micro_batches=2)
+    one = _state(q)
     two = _two_ranks(tmp_path, method)
     assert one.keys() == two.keys() and any(k.endswith(".codes") for k in one)
     assert all(torch.equal(one[k], two[k]) for k in one), [k for k in one if not torch.equal(one[k], two[k])][:5]
+    if method == "per-step":  # each block's 8 batches: rank 0 captured the first and 4 of the other 7
+        blocks = json.loads((tmp_path / "log.json").read_text())["blocks"]
+        assert blocks and all(b["rows_captured"] * 8 == b["rows"] * 5 for b in blocks.values()), blocks
+        assert all(b["rows_captured"] == b["rows"] for b in q.quant["method_log"]["blocks"].values())
     # rank 0 alone wrote: the trajectories' cache entry, and no checkpoint is left
     assert len(list((tmp_path / "cache" / "calib").glob("*.safetensors"))) == 1
     assert not list((tmp_path / "cache" / "runs").glob("*.safetensors"))

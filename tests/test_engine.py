@@ -86,7 +86,8 @@ def test_adam_relative_rates_move_each_element_by_its_own_scale():
 def test_command_line_flags_come_from_the_configs():
     flags = method_flags()
     assert {"iters", "lr", "group-size", "grad", "init", "schedule", "lr-decay", "average", "rounding", "act-iters",
-            "act-lr", "samples-per-step", "batch-size", "init-iters", "init-act-iters", "init-samples"} == set(flags)
+            "act-lr", "samples-per-step", "batch-size", "init-iters", "init-act-iters", "init-samples",
+            "select-every", "holdout"} == set(flags)
     assert {m for m, _ in flags["iters"]} == {"per-step", "accuquant"}
     helptext = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
     assert "per-step: AdaRound iterations per block (default 300)" in " ".join(helptext.split())

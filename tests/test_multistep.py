@@ -140,6 +140,44 @@ def test_averaging_ends_on_the_mean_of_the_last_iterates_and_cosine_decays_the_r
         _accuquant(average=1.5)
 
 
+def test_select_every_ends_on_the_best_scored_iterate_and_holds_its_trajectories_out(monkeypatch):
+    """``select_every=5`` of 15 iterations: the start and iterates 5, 10 and 15 are scored, the
+    result is the lowest-scoring one; batches never draw the ``holdout`` trajectories."""
+    from accuquant import engine
+
+    seen, real_step = [], engine.Adam.step
+    drawn, real_shard = [], engine.Run.shard
+
+    def step(self, rate=1.0):
+        real_step(self, rate)
+        seen.append({k: p.detach().clone() for g in self.groups for k, p in g.params.items()})
+
+    def shard(self, idx):
+        drawn.append(idx.clone())
+        return real_shard(self, idx)
+
+    monkeypatch.setattr(engine.Adam, "step", step)
+    monkeypatch.setattr(engine.Run, "shard", shard)
+    start = _scales(_accuquant(iters=0))
+    q = _accuquant(select_every=5, holdout=2)
+    log = q.quant["method_log"]
+    its, scores = zip(*log["scores"])
+    assert its == (0, 5, 10, 15) and len(set(scores)) == 4 and all(s > 0 for s in scores)
+    chosen = its[scores.index(min(scores))]
+    assert log["chosen_iterate"] == chosen
+    final = {n + ".scale": s for n, s in _scales(q).items()}
+    ref = {n + ".scale": s for n, s in start.items()} if chosen == 0 else seen[chosen - 1]
+    assert ref.keys() <= final.keys() and all(torch.equal(final[k], ref[k]) for k in ref)
+    assert len(drawn) == 15 and max(int(d.max()) for d in drawn) == 3  # 6 trajectories, the last 2 held out
+    drawn.clear()
+    plain = _accuquant()
+    assert max(int(d.max()) for d in drawn) == 5 and "scores" not in plain.quant["method_log"]
+    with pytest.raises(aq.AccuQuantError, match="exclude each other"):
+        _accuquant(select_every=5, average=0.5)
+    with pytest.raises(aq.AccuQuantError, match="leaves no trajectory"):
+        _accuquant(select_every=5, holdout=6)
+
+
 def _codes(q):
     from accuquant.layers import quant_layers
 
@@ -169,9 +207,11 @@ def _interrupted_then_resumed(monkeypatch, **opts):
 
 
 @pytest.mark.parametrize("rounding, opts", [("keep", {}), ("learn", {}),
-                                            ("keep", {"lr_decay": "cosine", "average": 0.8})])
+                                            ("keep", {"lr_decay": "cosine", "average": 0.8}),
+                                            ("keep", {"select_every": 3, "holdout": 2})])
 def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding, opts):
-    """Also with a decaying rate and averaged iterates (the running mean is in the checkpoint)."""
+    """Also with a decaying rate and averaged iterates (the running mean is in the checkpoint),
+    and keeping the best scored iterate (the best so far is in the checkpoint)."""
     full = _accuquant(rounding=rounding, **opts)
     resumed = _interrupted_then_resumed(monkeypatch, rounding=rounding, **opts)
     a, b = _scales(full), _scales(resumed)

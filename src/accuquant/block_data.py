@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .calibration import map_safetensors
+from .distributed import broadcast_rows, world
 from .errors import AccuQuantError
 from .quantizers import UniformQuantizer
 
@@ -129,9 +131,15 @@ class BlockData:
         self._pending_bytes = 0
         self._mapped: dict[Path, dict[str, torch.Tensor]] = {}
         self.peak_ram_bytes = 0  # the most held at once, pending rows included
+        self.captured = 0  # rows this process computed (see :func:`collect`)
 
     # ------------------------------------------------------------------ filling
     def add(self, args: tuple, kwargs: dict, target) -> None:
+        self.add_rows(self.row_tensors(args, kwargs, target))
+
+    def row_tensors(self, args: tuple, kwargs: dict, target) -> dict[str, torch.Tensor]:
+        """A captured batch as its row tensors by slot, on the CPU (the first batch fixes
+        which arguments are rows and keeps the others as constants)."""
         targets = target if isinstance(target, tuple) else (target,)
         rows = targets[0].shape[0]
         if self.spec is None:
@@ -157,6 +165,11 @@ class BlockData:
         for k, slot in kw_slots.items():
             if slot is not None:
                 tensors[slot] = kwargs[k].detach().cpu()
+        return tensors
+
+    def add_rows(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Store a batch's row tensors (:meth:`row_tensors`)."""
+        rows = tensors["target0"].shape[0]
         self._pending.append(tensors)
         self._pending_rows += rows
         self._pending_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -253,14 +266,33 @@ def collect(denoiser, module: nn.Module, batches, chunk_rows: int = 256, max_byt
             spill_dir: str | Path | None = None) -> BlockData:
     """``module``'s inputs in the (quantized) ``denoiser`` and its outputs in the same network
     with every quantizer off (the FP network: the weights are not held twice), for every
-    ``(x, t, cond)`` of ``batches``."""
+    ``(x, t, cond)`` of ``batches``.
+
+    Under ``torch.distributed`` the ranks share the work: every rank captures the first
+    batch (which fixes the layout), then each rank one batch of every ``world size`` in
+    turn, and each sends its rows to the others, so every rank holds the rows one process
+    would, in the same order (``captured``: the rows this rank computed)."""
     data = BlockData(chunk_rows, max_bytes, spill_dir)
-    for x, t, cond in batches:
-        def run(x=x, t=t, cond=cond):
+    rank, size = world()
+
+    def one(x, t, cond) -> dict[str, torch.Tensor]:
+        def run():
             return denoiser(x, t, cond)
 
         args, kwargs = capture(module, run, "input")
         with quantization_disabled(denoiser.model):
             target = capture(module, run, "output")
-        data.add(args, kwargs, target)
+        rows = data.row_tensors(args, kwargs, target)
+        data.captured += rows["target0"].shape[0]
+        return rows
+
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is not None:
+        layout = one(*first)
+        data.add_rows(layout)
+        while turn := list(islice(batches, size)):
+            mine = one(*turn[rank]) if rank < len(turn) else None
+            for k in range(len(turn)):
+                data.add_rows(broadcast_rows(mine, k, layout))
     return data.finish()

@@ -3,8 +3,9 @@
 Run under ``torchrun --nproc-per-node N -m accuquant quantize ...`` (or from Python, in
 processes that called ``torch.distributed.init_process_group`` themselves), calibration
 splits its work by sample: every rank collects its share of the FP trajectories and they
-are gathered; every rank draws the same batches from the same seeded generators (the
-engine's) and computes the loss on its own rows of each batch (:func:`shard`); the engine
+are gathered; per-step's block data is captured by the ranks in turn and shared
+(:func:`accuquant.block_data.collect`); every rank draws the same batches from the same
+seeded generators (the engine's) and computes the loss on its own rows of each batch (:func:`shard`); the engine
 sums the gradients, each weighted by its rank's share of the rows (:func:`sum_over_ranks`),
 so every rank takes the same optimiser step. Checkpoints hold nothing rank-specific, so a
 run resumes on any number of ranks. Only rank 0 writes (checkpoints, caches, output).
@@ -99,6 +100,25 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[: int(c.item())] for p, c in zip(parts, all_counts)])
+
+
+def broadcast_rows(tensors: dict[str, torch.Tensor] | None, src: int,
+                   like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank ``src``'s ``tensors`` (``None`` elsewhere) on every rank: the keys, dtypes and
+    trailing shapes of ``like``, the number of rows ``src``'s. Returned on ``like``'s device."""
+    if not active():
+        return tensors
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = dist.get_rank() == src
+    n = torch.tensor([next(iter(tensors.values())).shape[0] if mine else 0], device=dev)
+    dist.broadcast(n, src)
+    out = {}
+    for k, ref in like.items():
+        t = tensors[k].to(dev).contiguous() if mine else torch.empty((int(n), *ref.shape[1:]), dtype=ref.dtype,
+                                                                        device=dev)
+        dist.broadcast(t, src)
+        out[k] = tensors[k] if mine else t.to(ref.device)
+    return out
 
 
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:

@@ -121,6 +121,11 @@ class Phase:
     #: the parameters end as the mean of the iterates of this last fraction of the
     #: iterations (0: the last iterate), which damps the noise of the last batches
     average: float = 0.0
+    #: keep the best iterate: ``score()`` (lower is better; every rank must compute the same
+    #: value) of the starting point and of every ``score_every``-th iterate, and of the last;
+    #: the phase ends on the best of them (logged as ``scores`` and ``chosen_iterate``)
+    score: Callable[[], float] | None = None
+    score_every: int = 0
 
     def rate(self, it: int) -> float:
         """The multiplier of the learning rates at iteration ``it``."""
@@ -356,11 +361,28 @@ def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resu
     first_avg = phase.averaged_from()
     # the running mean of the iterates from ``first_avg`` on, kept in checkpoints
     avg = {k: torch.zeros_like(p) for k, p in named.items()} if first_avg < phase.iters else {}
+    scored = phase.score is not None and phase.score_every > 0
+    best: dict[str, torch.Tensor] = {}
+    best_at = [math.inf, -1]  # the best score and its iterate
     if resumed is not None:
         opt.load(resumed)
         for k in avg:
             if f"engine.avg.{k}" in resumed:
                 avg[k] = resumed[f"engine.avg.{k}"].to(avg[k]).clone()
+        if scored and "engine.best_at" in resumed:
+            best_at = resumed["engine.best_at"].tolist()
+            best = {k: resumed[f"engine.best.{k}"].to(p).clone() for k, p in named.items()}
+
+    def score(done: int) -> None:
+        with torch.no_grad():
+            s = float(phase.score())
+            run.log.setdefault("scores", []).append([done, s])
+            if s < best_at[0]:
+                best_at[:] = [s, done]
+                best.update({k: p.detach().clone() for k, p in named.items()})
+
+    if scored and not best:
+        score(at.iteration)
     counts = run.denoiser.evaluations
     losses = []
     try:
@@ -388,13 +410,21 @@ def _run_phase(run: Run, phase: Phase, gen: torch.Generator, at: _Position, resu
             bar.set_postfix_str(f"{phase.name} {it}: loss {out:.4g}", refresh=False)
             bar.update(1)
             done = it + 1
+            if scored and (done % phase.score_every == 0 or done == phase.iters):
+                score(done)
             if phase.save_every and done % phase.save_every == 0 and done < phase.iters:
                 _save(run, _Position(at.unit, at.phase, done),
                       {**opt.state_tensors(), "engine.generator": gen.get_state(),
-                       **{f"engine.avg.{k}": a for k, a in avg.items()}})
+                       **{f"engine.avg.{k}": a for k, a in avg.items()},
+                       **({"engine.best_at": torch.tensor(best_at, dtype=torch.float64),
+                           **{f"engine.best.{k}": b for k, b in best.items()}} if scored else {})})
         with torch.no_grad():
             for k, a in avg.items():
                 named[k].copy_(a)
+            for k, b in best.items():
+                named[k].copy_(b)
+        if scored:
+            run.log["chosen_iterate"] = int(best_at[1])
     finally:
         for p in params:
             p.requires_grad_(False)

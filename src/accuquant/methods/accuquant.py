@@ -18,6 +18,11 @@ to each step size), starting from the ``init`` method's result. With ``rounding=
 a learned rounding (per-step's) stays as the integer codes it chose and the weight step
 sizes scale them; with ``"learn"`` the AdaRound variables are learned jointly, softened
 around the initial decisions, with AdaRound's annealed regulariser, and hardened at the end.
+
+With ``select_every`` the last ``holdout`` trajectories are kept out of the batches, and
+every ``select_every`` steps the iterate is scored by the error of its samples from their
+initial noise against their FP samples (what PSNR to FP measures); the result is the
+best-scoring iterate, the starting point included.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import Group, Method, Phase, Run, Unit, start_from
+from ..errors import AccuQuantError, ConfigError
 from ..layers import all_quantizers, quant_layers
-from ..multistep import GRAD_MODES, multistep_backward
+from ..multistep import GRAD_MODES, multistep_backward, multistep_loss
 from ..quantizers import annealed_beta
 from ..rounding import fix_learned_codes, harden, learnable_rounding, penalty
 from .base import MethodConfig, option, register_method
@@ -53,6 +59,10 @@ class AccuQuantConfig(MethodConfig):
                            choices=("constant", "cosine"))
     average: float = option(0.0, "fraction of the last iterations whose iterates are averaged into the result "
                             "(0: the last iterate)", minimum=0.0, maximum=1.0)
+    select_every: int = option(0, "score the iterate every this many steps by the sampling error of held-out "
+                               "trajectories, and keep the best (0: keep the last iterate)", minimum=0)
+    holdout: int = option(8, "trajectories held out of the batches to score the iterates (with --select-every)",
+                          minimum=1)
     rounding: str = option("keep", "weight rounding: keep (the initialisation's integer codes, scaled by the "
                            "learned step sizes) or learn (AdaRound variables learned jointly)",
                            choices=("keep", "learn"))
@@ -61,6 +71,11 @@ class AccuQuantConfig(MethodConfig):
                              positive=True, rate=True)
     round_reg: float = option(1e-4, "weight of the rounding regulariser, relative to the loss", cli=False, minimum=0)
     round_margin: float = option(2.0, "|alpha| of a hard decision made learnable again", cli=False, positive=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.select_every and self.average:
+            raise ConfigError("select_every and average exclude each other: keep the best iterate or average the last")
 
 
 def groups(num_steps: int, m: int) -> list[tuple[int, int]]:
@@ -85,6 +100,10 @@ class AccuQuant(Method):
         layers = quant_layers(run.model)
         learn = c.rounding == "learn"
         start: dict = {}
+        n, steps = run.calib.num_samples, run.calib.num_steps
+        held = c.holdout if c.select_every else 0
+        if held >= n:
+            raise AccuQuantError(f"--holdout {held} leaves no trajectory to calibrate on ({n} in all)")
 
         def params(resumed: bool) -> list[Group]:
             scales = Group({f"{n}.scale": q.scale for n, q in all_quantizers(run.model).items() if q.enabled}, c.lr,
@@ -99,7 +118,7 @@ class AccuQuant(Method):
         def loss(gen: torch.Generator, it: int) -> float:
             s, length = grp[int(torch.randint(len(grp), (1,), generator=gen)) if c.schedule == "uniform"
                             else it % len(grp)]
-            idx = run.shard(torch.randperm(run.calib.num_samples, generator=gen)[: c.traj_batch])
+            idx = run.shard(torch.randperm(n - held, generator=gen)[: c.traj_batch])
             xs, outs = run.calib.xs[idx].to(run.device), run.calib.outs[idx].to(run.device)
             cond = run.calib.cond.index(idx).to(run.device)
             value = multistep_backward(run.denoiser, run.solver, xs[:, s], run.solver.state_at(s, xs, outs), s,
@@ -110,6 +129,16 @@ class AccuQuant(Method):
                 (c.round_reg * value * penalty(all_quantizers(run.model).values(), beta)).backward()
             return value
 
+        def score() -> float:
+            """The error of the quantized model's samples from the held-out trajectories' start
+            against their FP samples (the last ``holdout`` trajectories; every rank scores all)."""
+            idx = torch.arange(n - held, n)
+            xs, outs = run.calib.xs[idx].to(run.device), run.calib.outs[idx].to(run.device)
+            x0 = xs[:, 0]
+            loss = multistep_loss(run.denoiser, run.solver, x0, run.solver.state_at(0, xs, outs), 0, steps,
+                                  run.calib.cond.index(idx).to(run.device), xs[:, steps])
+            return loss.item()
+
         def end() -> None:
             if learn:
                 run.log["rounding"] = harden(layers, start)
@@ -117,6 +146,6 @@ class AccuQuant(Method):
         @contextmanager
         def trajectory(index: int):
             yield [Phase("group", c.iters, params, loss, end, save_every=c.save_every, curve=True, decay=c.lr_decay,
-                         average=c.average)]
+                         average=c.average, score=score if held else None, score_every=c.select_every)]
 
         return [Unit("trajectory", c.iters, trajectory)]

@@ -114,7 +114,8 @@ class PerStep(Method):
             with torch.no_grad():
                 after = _block_loss(block, probe).item()
             run.log.setdefault("blocks", {})[block.name] = {
-                "loss_naive": before, "loss": after, "rows": data.rows, "chunks_on_disk": data.on_disk,
+                "loss_naive": before, "loss": after, "rows": data.rows, "rows_captured": data.captured,
+                "chunks_on_disk": data.on_disk,
                 "data_ram_peak_mb": round(data.peak_ram_bytes / 2**20, 2),
                 "seconds": round(time.perf_counter() - t0, 2)}
         finally:
