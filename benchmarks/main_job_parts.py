@@ -2,7 +2,8 @@
 summary's parts, timed one by one in one process (with the threads it is given).
 
 * the FP UNet's forward pass per row at the summary's pass size (32 samples, both guidance
-  branches: 64 rows), and the share of its time in convolutions (torch.profiler);
+  branches: 64 rows), the share of its time in convolutions (torch.profiler), and the same
+  pass in channels-last memory format;
 * the summary's parts: the calibration trajectories and the naive method's ranges, 300
   FP samples, 300 samples of the naive (fake-quantized) model, and an evaluation of it on
   300 pairs (the FP samples cached: its own samples and the scoring).
@@ -33,20 +34,27 @@ def forward_profile(repeats: int = 10) -> dict:
 
     model = load_pipeline("mnist-ddpm").denoiser().model.eval()
     x, t, y = torch.randn(64, 1, 28, 28), torch.full((64,), 500), torch.randint(0, 10, (64,))
-    with torch.no_grad():
+    def ms_per_row(m, inp) -> float:
         for _ in range(3):
-            model(x, t, class_labels=y)
+            m(inp, t, class_labels=y)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            model(x, t, class_labels=y)
-        ms_row = (time.perf_counter() - t0) / repeats / 64 * 1e3
+            m(inp, t, class_labels=y)
+        return (time.perf_counter() - t0) / repeats / 64 * 1e3
+
+    with torch.no_grad():
+        ms_row = ms_per_row(model, x)
         with profile() as prof:
             for _ in range(3):
                 model(x, t, class_labels=y)
+        # the same pass in channels-last memory format (oneDNN's preferred layout), then back
+        ms_cl = ms_per_row(model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last))
+        ms_again = ms_per_row(model.to(memory_format=torch.contiguous_format), x)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
-    return {"ms_per_row": round(ms_row, 3), "conv_share": round(conv / total, 3)}
+    return {"ms_per_row": round(ms_row, 3), "conv_share": round(conv / total, 3),
+            "channels_last_ms_per_row": round(ms_cl, 3), "ms_per_row_after": round(ms_again, 3)}
 
 
 def summary_parts(num: int) -> dict:
@@ -87,7 +95,9 @@ def main() -> None:
     fw = doc["forward"]
     lines = [f"Written by benchmarks/main_job_parts.py ({doc['threads']} threads, one process): the bundled UNet's "
              f"FP forward pass takes {fw['ms_per_row']:.2f} ms per row at 64 rows, {fw['conv_share']:.0%} of it in "
-             "convolutions; the quality summary's parts in seconds:", "",
+             f"convolutions (in channels-last memory format {fw['channels_last_ms_per_row']:.2f} ms, then "
+             f"{fw['ms_per_row_after']:.2f} ms again in the default format); the quality summary's parts in seconds:",
+             "",
              "| part | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in doc["summary_s"].items()]
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")

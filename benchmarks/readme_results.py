@@ -148,6 +148,15 @@ OTHER_TABLES = [
      "`python benchmarks/data_parallel.py --repeats 3 --iters 25` (`benchmarks/results/data_parallel.{md,json}`): "
      "the main job's AccuQuant phase (25 of its 100 iterations, the per-step start cached), timed from the saved "
      "model's own timing, nothing else running."),
+    ("data_parallel_per-step.md", "Data-parallel calibration: per-step",
+     "`python benchmarks/data_parallel.py --method per-step --iters 50 --args \"--act-iters 0\" --repeats 3` "
+     "(`benchmarks/results/data_parallel_per-step.{md,json}`): the per-step method's phase, block capture "
+     "included (50 AdaRound iterations per block, no activation phase, so that the capture, split over the "
+     "ranks, weighs more than in the default), nothing else running. On these 2 cores two ranks of one thread "
+     "are 1.59x one process of one thread but slower than one process of two threads (1.76x): per-step's batches "
+     "of 32 rows (16 per rank) on one block are small pieces of work, the first batch of every block is "
+     "captured by both ranks, and the ranks send each other every captured row; the split is for several "
+     "GPUs, where each rank has its own device."),
     ("main_job.md", "Time of the main job",
      "`python benchmarks/main_job.py --repeats 3 --label \"default (2 threads)\"` and `--repeats 2 --label "
      "\"faster start (2 threads)\" --args \"--init-iters 150 --init-act-iters 0 --init-samples 16\"` "
@@ -167,8 +176,12 @@ OTHER_TABLES = [
      "the main job it gave a lower FID to FP than the defaults but a lower PSNR. "
      "The defaults stay (the other families' results were measured with them, and AccuQuant's start stays "
      "`--method per-step`'s own result, shared through the cache); the faster start is an option. "
-     "Two ranks cut the AccuQuant phase 2.45x (\"Data-parallel calibration\"), but on 2 cores the summary and "
-     "the per-step capture would not gain."),
+     "Two ranks cut the AccuQuant phase 2.45x (\"Data-parallel calibration\"), but on 2 cores the summary would "
+     "not gain and per-step is slower on two ranks of one thread than in one process of two (\"Data-parallel "
+     "calibration: per-step\"). The exact gradient (`--grad exact`) saves the checkpoint gradient's extra "
+     "forward pass: 25 AccuQuant steps took 19.0 and 19.6 s against 22.9 and 22.5 s (runs in turn, 2 threads, "
+     "the start cached), so about 17 s of the main job; it is not the default, because its memory grows with "
+     "M and its float order differs (a new result to measure over seeds for 5% of the time)."),
     ("main_job_parts.md", "The main job's fixed costs",
      "`python benchmarks/main_job_parts.py` (`benchmarks/results/main_job_parts.{md,json}`), nothing else "
      "running, 2 threads: the FP forward pass of the bundled UNet, and the parts of the quality summary."),
@@ -186,7 +199,16 @@ OTHER_TABLES = [
      "agree: 3e-4 is worse, 3e-3 diverges), so what varies between seeds is where the per-step start and the "
      "calibration batches lead, not the noise of the last steps. The defaults stay; `--lr-decay` and `--average` "
      "remain as options. The faster per-step start (`--init-iters 150 --init-act-iters 0 --init-samples 16`, "
-     "\"Time of the main job\") ran on seeds 0 to 2: FID to FP 0.770, 0.715 and 0.662 against the defaults' 0.877, 0.889 and 0.670 on the same seeds (lower on each), PSNR 33.85, 34.01 and 34.17 dB against 34.75, 34.49 and 35.60 (lower on each, by 0.5 to 1.4 dB). In the main job itself (two threads, seed 0) it printed 0.591 / 34.27 dB against the defaults' 0.802 / 34.59 dB."),
+     "\"Time of the main job\") ran on seeds 0 to 2: FID to FP 0.770, 0.715 and 0.662 against the defaults' 0.877, 0.889 and 0.670 on the same seeds (lower on each), PSNR 33.85, 34.01 and 34.17 dB against 34.75, 34.49 and 35.60 (lower on each, by 0.5 to 1.4 dB). In the main job itself (two threads, seed 0) it printed 0.591 / 34.27 dB against the defaults' 0.802 / 34.59 dB. "
+     "Keeping the best iterate by the sampling error of 8 held-out trajectories (`--select-every 10`: the start "
+     "and every 10th iterate scored) did not make it steadier either: FID to FP 1.170, 0.944, 0.436, 0.535 and "
+     "1.114 on seeds 0 to 4 (median 0.94, 0.44 to 1.17, against the defaults' 0.67, 0.48 to 0.89), PSNR median "
+     "34.75 dB as the defaults'. Its scores show that the iterates do move late: the held-out error of scored "
+     "iterates 10 steps apart differs by up to 2x after step 50 (seed 4: 0.00133 at step 70, 0.00273 at 80, "
+     "0.00152 at 90), but the choice made on 8 trajectories does not carry over to 300 samples (seed 4's chosen "
+     "70th iterate scored 1.11), and holding 8 of the 64 trajectories out also changes every batch. The chosen "
+     "iterate was the 70th to the 100th on every seed, never the per-step start, whose held-out error was 1.9 "
+     "to 15 times the chosen iterate's (0.0015 to 0.0203 by seed). It stays an option, off by default."),
     ("memory_sd.md", "Memory at Stable Diffusion size",
      "`python benchmarks/memory_sd.py` (`benchmarks/results/memory_sd.{md,json}`): a UNet with SD-1.5's "
      "configuration, random weights, 8x8 latents (activations scale with the latent's area; weights and the "

@@ -19,7 +19,7 @@ from . import cache
 from .block_data import parse_size
 from .calibration import Trajectories, collect_trajectories
 from .config import QuantConfig
-from .engine import Run, cached_result, calibrate, save_result
+from .engine import Run, cached_or_calibrate
 from .distributed import is_main, world
 from .errors import AccuQuantError
 from .layers import freeze_model, wrap_model
@@ -179,13 +179,9 @@ def quantize(
               base_key=base_key, result_cache=cache.cache_dir() / "results" if use_cache else None,
               micro_batches=int(micro_batches), max_memory=max_memory)
     t1 = time.perf_counter()
-    cached = cached_result(run, mconfig) if mconfig.is_default() else None
-    if cached is not None:  # this method's result for this model, data and seed, kept by an earlier run
-        run.log.update(cached)
-    else:
-        calibrate(run, mconfig)
-    if mconfig.is_default():  # a later run may start from this result (AccuQuant's init)
-        save_result(run, mconfig, {"method": mconfig.NAME, "seconds": round(time.perf_counter() - t1, 2), **run.log})
+    # a method with its default options may come from an earlier run's result; every result
+    # is kept for later runs (AccuQuant's start)
+    run.log.update(cached_or_calibrate(run, mconfig, reuse=mconfig.is_default()))
     if is_main():
         run.checkpoint.unlink(missing_ok=True)
     freeze_model(pipe.model)

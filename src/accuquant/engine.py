@@ -465,20 +465,25 @@ def cached_result(run: Run, config: MethodConfig) -> dict | None:
     return {**state[2], "cached": True}
 
 
+def cached_or_calibrate(run: Run, config: MethodConfig, reuse: bool = True) -> dict:
+    """Set the quantizers to ``config``'s result: from the result cache when ``reuse`` and
+    this model, config, data and seed have it there, else by :func:`calibrate` on ``run``
+    (resumable from its checkpoint), then kept in the cache. Returns the result's log."""
+    log = cached_result(run, config) if reuse else None
+    if log is None:
+        t0 = time.perf_counter()
+        calibrate(run, config)
+        log = {"method": config.NAME, "seconds": round(time.perf_counter() - t0, 2), **run.log}
+        save_result(run, config, log)
+    return log
+
+
 def start_from(run: Run, name: str, options: dict | None = None) -> None:
     """Set the quantizers to method ``name``'s result with ``options`` (default: its
-    defaults): from the cache when this model, config, data and seed had it, else by running
-    it (resumable under this run's key) and caching it."""
-    config = options_of(name, options or {})
-    log = cached_result(run, config)
-    if log is not None:
-        run.log["init"] = log
-        return
+    defaults), cached or computed (:func:`cached_or_calibrate`, resumable from its own
+    checkpoint beside this run's); its log becomes ``run.log["init"]``."""
     ckpt = None if run.checkpoint is None else run.checkpoint.with_name(run.checkpoint.stem + ".init.safetensors")
-    sub = dataclasses.replace(run, checkpoint=ckpt, log={})
-    t0 = time.perf_counter()
-    calibrate(sub, config)
-    run.log["init"] = {"method": name, "seconds": round(time.perf_counter() - t0, 2), **sub.log}
+    run.log["init"] = cached_or_calibrate(dataclasses.replace(run, checkpoint=ckpt, log={}),
+                                          options_of(name, options or {}))
     if ckpt is not None and is_main():
         ckpt.unlink(missing_ok=True)
-    save_result(run, config, run.log["init"])
