@@ -5,9 +5,9 @@ processes that called ``torch.distributed.init_process_group`` themselves), cali
 splits its work by sample: every rank collects its share of the FP trajectories and they
 are gathered; per-step's block data is captured by the ranks in turn and shared
 (:func:`accuquant.block_data.collect`); every rank draws the same batches from the same
-seeded generators (the engine's) and computes the loss on its own rows of each batch (:func:`shard`); the engine
-sums the gradients, each weighted by its rank's share of the rows (:func:`sum_over_ranks`),
-so every rank takes the same optimiser step. Checkpoints hold nothing rank-specific, so a
+seeded generators (the engine's) and computes the loss on its own rows of each batch
+(:func:`shard`); the engine sums the gradients, each weighted by its rank's share of the
+rows (:func:`sum_over_ranks`), so every rank takes the same optimiser step. Checkpoints hold nothing rank-specific, so a
 run resumes on any number of ranks. Only rank 0 writes (checkpoints, caches, output).
 
 ``N`` ranks compute exactly what one process computes with the batch cut into ``N``

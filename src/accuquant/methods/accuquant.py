@@ -134,8 +134,7 @@ class AccuQuant(Method):
             against their FP samples (the last ``holdout`` trajectories; every rank scores all)."""
             idx = torch.arange(n - held, n)
             xs, outs = run.calib.xs[idx].to(run.device), run.calib.outs[idx].to(run.device)
-            x0 = xs[:, 0]
-            loss = multistep_loss(run.denoiser, run.solver, x0, run.solver.state_at(0, xs, outs), 0, steps,
+            loss = multistep_loss(run.denoiser, run.solver, xs[:, 0], run.solver.state_at(0, xs, outs), 0, steps,
                                   run.calib.cond.index(idx).to(run.device), xs[:, steps])
             return loss.item()
 
