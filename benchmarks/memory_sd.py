@@ -132,12 +132,16 @@ def child(kind: str, value: str, latent: int, folder: Path) -> dict:
         seconds, peak = time.perf_counter() - t0, _rss_mb("VmHWM")
         data.close()
         return {**out, "seconds": seconds, "rss_before_mb": before, "peak_mb": peak - before}
-    elif kind == "step":
-        from accuquant.layers import all_quantizers
+    elif kind in ("step", "step-codes"):
+        from accuquant.layers import all_quantizers, quant_layers
         from accuquant.multistep import multistep_backward
 
         m = int(value)
         pipe, den = _wrapped(latent, folder)
+        if kind == "step-codes":  # AccuQuant's default: the start's integer codes fixed, step sizes learned
+            for layer in quant_layers(pipe.model).values():
+                for q, part in layer.weight_parts():
+                    q.fix_codes(part.detach())
         calib = aq.Trajectories.load(folder / "calib.safetensors")
         solver = solver_of(pipe)
         for q in all_quantizers(pipe.model).values():
@@ -160,6 +164,7 @@ def main() -> None:
     p.add_argument("--prompts", default="4,16", help="collection sizes (the first is what the others calibrate on)")
     p.add_argument("--budgets", default="2GB,4MB", help="--max-memory budgets of the capture")
     p.add_argument("--ms", default="1,4,8")
+    p.add_argument("--codes-ms", default="1", help="M of the step with fixed weight codes (AccuQuant's default)")
     p.add_argument("--out", default=str(RESULTS / "memory_sd"))
     p.add_argument("--child", nargs=3, metavar=("KIND", "VALUE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -171,7 +176,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [("collect", n) for n in args.prompts.split(",")] + [("setup", "-")]
-        jobs += [("capture", b) for b in args.budgets.split(",")] + [("step", m) for m in args.ms.split(",")]
+        jobs += [("capture", b) for b in args.budgets.split(",") if b] + [("step", m) for m in args.ms.split(",") if m]
+        jobs += [("step-codes", m) for m in args.codes_ms.split(",") if m]
         for kind, value in jobs:
             t0 = time.perf_counter()
             res = subprocess.run([sys.executable, __file__, "--child", kind, value, tmp, "--latent", str(args.latent)],
@@ -189,7 +195,7 @@ def main() -> None:
     if path.exists():  # measurements not repeated now are kept
         done = {(r["kind"], r["value"]) for r in rows}
         rows = [r for r in json.loads(path.read_text())["rows"] if (r["kind"], r["value"]) not in done] + rows
-        rows.sort(key=lambda r: (["collect", "capture", "step"].index(r["kind"]), parse_size(r["value"])))
+        rows.sort(key=lambda r: (["collect", "capture", "step", "step-codes"].index(r["kind"]), parse_size(r["value"])))
     steps = {r["value"]: r for r in rows if r["kind"] == "step"}
     for r in steps.values():
         r["vs_m1"] = round(r["peak_mb"] / steps["1"]["peak_mb"], 3) if "1" in steps else None
@@ -209,9 +215,13 @@ def main() -> None:
             other = (f"block data in RAM at most {r['data_ram_peak_mb']:.0f} MB (budget {r['budget_mb']:.0f} MB); "
                      f"{r['rows']} rows, {r['chunks_on_disk']}/{r['chunks']} chunks on disk")
             what, setting = f"per-step capture of {r['block']}", f"--max-memory {r['value']}"
-        else:
+        elif r["kind"] == "step":
             other = f"{r['vs_m1']}x M = 1" if r.get("vs_m1") else ""
             what, setting = "one AccuQuant step (checkpoint gradient, 1 trajectory, 2 rows)", f"M = {r['value']}"
+        else:
+            other = "weight codes fixed (AccuQuant's default start: rounding=keep)"
+            what, setting = "one AccuQuant step, fixed codes (checkpoint gradient, 1 trajectory, 2 rows)", \
+                f"M = {r['value']}"
         lines.append(f"| {what} | {setting} | {r['peak_mb']:.0f} | {other} | {r['seconds']:.0f} |")
     with atomic_path(Path(args.out).with_suffix(".md")) as t:
         t.write_text("\n".join(lines) + "\n")

@@ -223,7 +223,14 @@ OTHER_TABLES = [
      "77-token text embeddings do not; 64x64 would take hours per collection on 2 cores), while other jobs ran "
      "(memory, not time). Collection streams each batch to the file, so its peak does not grow with the number "
      "of prompts; the capture keeps at most `--max-memory` of block data in RAM; an AccuQuant step's memory does "
-     "not grow with M (checkpoint gradient: one step's activations at a time)."),
+     "not grow with M (checkpoint gradient: one step's activations at a time). Most of a step's memory is the "
+     "weight quantizers' autograd state, not activations: with the weight codes fixed (AccuQuant's default, "
+     "which keeps the per-step start's codes and learns the step sizes), the step held 6870 MB above the model "
+     "when the step size's gradient went through plain autograd, which saves a float copy of `codes - z` per "
+     "layer (this script run on the previous commit, `--prompts 4 --budgets \"\" --ms \"\" --out "
+     "results/memory_sd_plain_autograd`: `benchmarks/results/memory_sd_plain_autograd.{md,json}`), and "
+     "3592 MB since the quantizer's backward recomputes it from the int16 codes it already holds (the row "
+     "above; the same gradient bit for bit, tested)."),
     ("int8_speed.md", "Speed of the int8 backend",
      "`python benchmarks/int8_speed.py --threads 1,2 --repeats 3` (`benchmarks/results/int8_speed.{md,json}`), "
      "nothing else running. The target (int8 at least 2x float32 and at least as fast as bf16 on the SD-1.5-size "

@@ -141,3 +141,31 @@ def test_fixed_codes_keep_the_rounding_when_the_step_size_moves():
     q.scale.grad = None
     (q(w) * w).sum().backward()
     assert torch.allclose(q.scale.grad.squeeze(1), (codes.float() * w).sum(1))  # d/ds of s * codes
+
+
+@pytest.mark.parametrize("shape", [(), (16, 1, 1, 1)])
+def test_fixed_codes_backward_keeps_the_int_codes_and_matches_autograd(shape):
+    """With fixed codes the step size's gradient is exactly plain autograd's on
+    ``(codes - z) * s``, but the backward pass keeps the int16 codes (already held) instead
+    of a float tensor the size of the weight."""
+    torch.manual_seed(0)
+    w, g = torch.randn(16, 8, 3, 3), torch.randn(16, 8, 3, 3)
+    q = UniformQuantizer(4, False, shape, 0 if shape else None)
+    q.init_range(w, "minmax")
+    q.fix_codes(w)
+    q.scale = torch.nn.Parameter(q.scale.detach().clone())
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = q(w)
+    y.backward(g)
+    grad, q.scale.grad = q.scale.grad.clone(), None
+    ref = (q.codes.to(torch.float32) - q.zero_point) * q.scale
+    ref.backward(g)
+    assert torch.equal(y, ref) and torch.equal(grad, q.scale.grad) and grad.abs().sum() > 0
+    floats = [t for t in saved if t.is_floating_point() and t.numel() == w.numel()]
+    assert not floats and any(t.dtype == torch.int16 and t.numel() == w.numel() for t in saved)
