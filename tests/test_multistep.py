@@ -117,9 +117,8 @@ def test_accuquant_lowers_its_loss_and_the_trajectory_error():
     assert err["accuquant"] < err["naive"], err
 
 
-def test_averaging_ends_on_the_mean_of_the_last_iterates_and_cosine_decays_the_rate(monkeypatch):
-    """``average=0.4`` of 15 iterations: the step sizes end as the mean of the last 6
-    iterates; ``lr_decay="cosine"``: the rate multiplier runs from 1 down towards 0."""
+def _record_steps(monkeypatch) -> tuple[list[dict], list[float]]:
+    """Lists that will hold, for every optimiser step, the parameters after it and its rate multiplier."""
     from accuquant import engine
 
     seen, rates, real = [], [], engine.Adam.step
@@ -130,6 +129,13 @@ def test_averaging_ends_on_the_mean_of_the_last_iterates_and_cosine_decays_the_r
         seen.append({k: p.detach().clone() for g in self.groups for k, p in g.params.items()})
 
     monkeypatch.setattr(engine.Adam, "step", step)
+    return seen, rates
+
+
+def test_averaging_ends_on_the_mean_of_the_last_iterates_and_cosine_decays_the_rate(monkeypatch):
+    """``average=0.4`` of 15 iterations: the step sizes end as the mean of the last 6
+    iterates; ``lr_decay="cosine"``: the rate multiplier runs from 1 down towards 0."""
+    seen, rates = _record_steps(monkeypatch)
     q = _accuquant(average=0.4, lr_decay="cosine")
     assert len(seen) == 15 and rates[0] == 1.0 and 0 < rates[-1] < 0.02 and rates == sorted(rates, reverse=True)
     final = {n + ".scale": s for n, s in _scales(q).items()}
@@ -145,18 +151,13 @@ def test_select_every_ends_on_the_best_scored_iterate_and_holds_its_trajectories
     result is the lowest-scoring one; batches never draw the ``holdout`` trajectories."""
     from accuquant import engine
 
-    seen, real_step = [], engine.Adam.step
+    seen, _ = _record_steps(monkeypatch)
     drawn, real_shard = [], engine.Run.shard
-
-    def step(self, rate=1.0):
-        real_step(self, rate)
-        seen.append({k: p.detach().clone() for g in self.groups for k, p in g.params.items()})
 
     def shard(self, idx):
         drawn.append(idx.clone())
         return real_shard(self, idx)
 
-    monkeypatch.setattr(engine.Adam, "step", step)
     monkeypatch.setattr(engine.Run, "shard", shard)
     start = _scales(_accuquant(iters=0))
     q = _accuquant(select_every=5, holdout=2)

@@ -115,7 +115,7 @@ class UniformQuantizer(nn.Module):
             return x
         s = self.scale
         if self.codes is not None:
-            return _FromCodes.apply(self.codes, self.zero_point, s)
+            return self.from_int(self.codes)
         if not torch.is_grad_enabled() and self.alpha is None:
             # Inference: the same arithmetic as below, in place on one fresh tensor (3x faster).
             y = x / s
@@ -140,8 +140,8 @@ class UniformQuantizer(nn.Module):
             return torch.clamp(x_int + self.zero_point, self.qmin, self.qmax).to(torch.int16)
 
     def from_int(self, q: torch.Tensor) -> torch.Tensor:
-        """Floats from integer codes: ``(q - z) * s``."""
-        return (q.to(self.scale.dtype) - self.zero_point) * self.scale
+        """Floats from integer codes: ``(q - z) * s`` (differentiable in ``s``)."""
+        return _FromCodes.apply(q, self.zero_point, self.scale)
 
     # ------------------------------------------------------------------ ranges
     @torch.no_grad()

@@ -115,12 +115,16 @@ class AccuQuant(Method):
             start.update({k: a.detach() >= 0 for k, a in alphas.items()})
             return [scales, Group(alphas, c.round_lr)]
 
+        def trajectories(idx: torch.Tensor):
+            """Trajectories ``idx`` on the device: samples, model outputs, conditions."""
+            return (run.calib.xs[idx].to(run.device), run.calib.outs[idx].to(run.device),
+                    run.calib.cond.index(idx).to(run.device))
+
         def loss(gen: torch.Generator, it: int) -> float:
             s, length = grp[int(torch.randint(len(grp), (1,), generator=gen)) if c.schedule == "uniform"
                             else it % len(grp)]
             idx = run.shard(torch.randperm(n - held, generator=gen)[: c.traj_batch])
-            xs, outs = run.calib.xs[idx].to(run.device), run.calib.outs[idx].to(run.device)
-            cond = run.calib.cond.index(idx).to(run.device)
+            xs, outs, cond = trajectories(idx)
             value = multistep_backward(run.denoiser, run.solver, xs[:, s], run.solver.state_at(s, xs, outs), s,
                                        length, cond, xs[:, s + length], c.grad)
             warm = int(0.2 * c.iters)
@@ -132,11 +136,9 @@ class AccuQuant(Method):
         def score() -> float:
             """The error of the quantized model's samples from the held-out trajectories' start
             against their FP samples (the last ``holdout`` trajectories; every rank scores all)."""
-            idx = torch.arange(n - held, n)
-            xs, outs = run.calib.xs[idx].to(run.device), run.calib.outs[idx].to(run.device)
-            loss = multistep_loss(run.denoiser, run.solver, xs[:, 0], run.solver.state_at(0, xs, outs), 0, steps,
-                                  run.calib.cond.index(idx).to(run.device), xs[:, steps])
-            return loss.item()
+            xs, outs, cond = trajectories(torch.arange(n - held, n))
+            return multistep_loss(run.denoiser, run.solver, xs[:, 0], run.solver.state_at(0, xs, outs), 0, steps,
+                                  cond, xs[:, steps]).item()
 
         def end() -> None:
             if learn:
