@@ -34,10 +34,10 @@ import torch
 
 import accuquant as aq
 from accuquant import bundled
-from accuquant.evaluation import evaluate, to_json_safe
+from accuquant.eval.evaluation import evaluate, to_json_safe
 from accuquant.api import METHODS
-from accuquant.safety import atomic_path
-from accuquant.compare import parse_bits
+from accuquant.io.files import atomic_path
+from accuquant.eval.compare import parse_bits
 
 from common import ROOT, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")

@@ -6,7 +6,7 @@ The job (``accuquant quantize``: AccuQuant, or ``--method per-step``, W4A8 on th
 model) runs once to fill a private cache (FP trajectories, the method's start); then each
 variant runs ``--repeats`` times in turn, so that other load falls on all alike, and the
 method's phase (its own work; the cached start is loaded, not rerun) is timed from the
-saved model's ``timing_s``. It also checks the claim of :mod:`accuquant.distributed`: the
+saved model's ``timing_s``. It also checks the claim of :mod:`accuquant.calibrate.distributed`: the
 2-rank model is bit-identical to one process's with ``--micro-batches 2``.
 
     python benchmarks/data_parallel.py --repeats 3 --iters 25   # writes results/data_parallel.{json,md}

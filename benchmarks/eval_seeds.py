@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import accuquant as aq
-from accuquant.evaluation import evaluate
+from accuquant.eval.evaluation import evaluate
 
 from common import ROOT  # noqa: E402  (benchmarks/ is on the path when run)
 

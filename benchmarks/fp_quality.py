@@ -23,9 +23,9 @@ import torch
 
 import accuquant as aq
 from accuquant import bundled
-from accuquant.evaluation import DigitFeatures
-from accuquant.images import save_grid
-from accuquant.metrics import fid_from_features, inception_score
+from accuquant.eval.evaluation import DigitFeatures
+from accuquant.eval.images import save_grid
+from accuquant.eval.metrics import fid_from_features, inception_score
 
 ROOT = Path(__file__).resolve().parent.parent
 

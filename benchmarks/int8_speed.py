@@ -7,7 +7,7 @@ weights are fine for speed (the kernels do not look at the values) but nothing e
 Each model is quantized with the naive method (8-bit weights symmetric, so their codes fit
 int8; a few calibration points and, for the large models, min-max ranges: quality is not
 measured here), frozen onto ``fake`` and,
-in a copy, onto ``int8``, and timed with ``accuquant.speed.measure_pipelines``, one
+in a copy, onto ``int8``, and timed with ``accuquant.eval.speed.measure_pipelines``, one
 process per model and bit width, each thread count in turn (variants in turn, medians). The large models time one denoiser
 call only; the bundled one also a whole 20-step sample.
 
@@ -33,7 +33,7 @@ import torch
 
 from common import ROOT, sd15_conditions, sd15_unet
 
-from accuquant.safety import atomic_path
+from accuquant.io.files import atomic_path
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("mnist-ddpm", "sd15-unet", "dit-xl-2")
@@ -62,8 +62,8 @@ def build(name: str):
 def run_one(name: str, bits: str, threads: list[int], repeats: int, backend: str = "int8",
             device: str = "cpu") -> list[dict]:
     import accuquant as aq
-    from accuquant.layers import freeze_model
-    from accuquant.speed import measure_pipelines
+    from accuquant.quant.layers import freeze_model
+    from accuquant.eval.speed import measure_pipelines
 
     torch.set_num_threads(max(threads))
     fp, calib_cond, call_cond = build(name)
@@ -73,7 +73,7 @@ def run_one(name: str, bits: str, threads: list[int], repeats: int, backend: str
     t0 = time.perf_counter()
     calib = None
     if calib_cond is not None:  # no text encoder: trajectories from given embeddings
-        calib = aq.collect_trajectories(fp.denoiser(), aq.make_scheduler("ddim", fp.scheduler_config, kw["steps"]),
+        calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, kw["steps"]),
                                         1, cond=calib_cond(1), batch_size=1, progress=False)
     # the large models take min-max ranges (an MSE range search over 860 M weights takes many
     # minutes here, and the kernels' speed does not depend on the ranges)

@@ -33,7 +33,7 @@ import diffusers
 import torch
 from safetensors.torch import load_file
 
-from accuquant.safety import atomic_path
+from accuquant.io.files import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

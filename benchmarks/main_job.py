@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from accuquant.safety import atomic_path
+from accuquant.io.files import atomic_path
 from common import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"

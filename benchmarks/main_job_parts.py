@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from accuquant.safety import atomic_path
+from accuquant.io.files import atomic_path
 from common import ROOT
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -30,7 +30,7 @@ def forward_profile(repeats: int = 10) -> dict:
     import torch
     from torch.profiler import profile
 
-    from accuquant.loading import load_pipeline
+    from accuquant.io.load import load_pipeline
 
     model = load_pipeline("mnist-ddpm").denoiser().model.eval()
     x, t, y = torch.randn(64, 1, 28, 28), torch.full((64,), 500), torch.randint(0, 10, (64,))
@@ -59,8 +59,8 @@ def forward_profile(repeats: int = 10) -> dict:
 
 def summary_parts(num: int) -> dict:
     import accuquant as aq
-    from accuquant.evaluation import evaluate, fp_samples
-    from accuquant.loading import load_pipeline
+    from accuquant.eval.evaluation import evaluate, fp_samples
+    from accuquant.io.load import load_pipeline
 
     cfg, parts = aq.QuantConfig(weight_bits=4, act_bits=8), {}
     fp = load_pipeline("mnist-ddpm")

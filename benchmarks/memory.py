@@ -36,19 +36,19 @@ def _rss_mb() -> float:
 def _wrapped(batch: int):
     import accuquant as aq
     from accuquant import bundled
-    from accuquant.layers import wrap_model
+    from accuquant.quant.layers import wrap_model
 
     pipe = aq.load(bundled.DEFAULT_MODEL)
-    solver = aq.make_scheduler("ddim", pipe.scheduler_config, 20)
+    solver = aq.make_solver("ddim", pipe.scheduler_config, 20)
     wrap_model(pipe.model, aq.QuantConfig(weight_bits=4, act_bits=8), pipe.denoiser().shortcut_splits())
     return pipe, solver
 
 
 def setup(batch: int, folder: Path) -> None:
     """Once: FP trajectories and naive W4A8 quantizers, saved for the measuring processes."""
-    from accuquant.block_data import quantization_disabled
-    from accuquant.checkpoint import save_checkpoint
-    from accuquant.engine import Run, calibrate
+    from accuquant.calibrate.block_data import quantization_disabled
+    from accuquant.io.checkpoint import save_checkpoint
+    from accuquant.calibrate.loop import Run, calibrate
     from accuquant.methods.naive import NaiveConfig
 
     import accuquant as aq
@@ -66,9 +66,9 @@ def child(mode: str, m: int, batch: int, device: str, folder: Path) -> dict:
     import torch
 
     import accuquant as aq
-    from accuquant.checkpoint import load_quantizers, read_checkpoint
-    from accuquant.layers import all_quantizers
-    from accuquant.multistep import multistep_backward
+    from accuquant.io.checkpoint import load_quantizers, read_checkpoint
+    from accuquant.quant.layers import all_quantizers
+    from accuquant.calibrate.multistep import multistep_backward
 
 
     pipe, solver = _wrapped(batch)

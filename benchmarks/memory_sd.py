@@ -32,8 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from accuquant.block_data import parse_size
-from accuquant.safety import atomic_path
+from accuquant.calibrate.block_data import parse_size
+from accuquant.io.files import atomic_path
 from common import ROOT, sd15_conditions, sd15_unet
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -65,8 +65,8 @@ def _pipe(latent: int):
 def _wrapped(latent: int, folder: Path):
     """The W4A8 UNet with the quantizers of ``setup`` loaded."""
     import accuquant as aq
-    from accuquant.checkpoint import load_quantizers, read_checkpoint
-    from accuquant.layers import wrap_model
+    from accuquant.io.checkpoint import load_quantizers, read_checkpoint
+    from accuquant.quant.layers import wrap_model
 
     pipe = _pipe(latent)
     den = pipe.denoiser()
@@ -83,7 +83,7 @@ def child(kind: str, value: str, latent: int, folder: Path) -> dict:
     import accuquant as aq
 
     torch.set_grad_enabled(False)
-    solver_of = lambda p: aq.make_scheduler("ddim", p.scheduler_config, 20)  # noqa: E731
+    solver_of = lambda p: aq.make_solver("ddim", p.scheduler_config, 20)  # noqa: E731
     out: dict = {"kind": kind, "value": value}
     if kind == "collect":
         n = int(value)
@@ -95,9 +95,9 @@ def child(kind: str, value: str, latent: int, folder: Path) -> dict:
                                 path=folder / f"calib{n}.safetensors")
         out.update(file_mb=(folder / f"calib{n}.safetensors").stat().st_size / 2**20)
     elif kind == "setup":  # min-max ranges on the smallest set, saved for the other processes
-        from accuquant.checkpoint import save_checkpoint
-        from accuquant.engine import Run, calibrate
-        from accuquant.layers import wrap_model
+        from accuquant.io.checkpoint import save_checkpoint
+        from accuquant.calibrate.loop import Run, calibrate
+        from accuquant.quant.layers import wrap_model
         from accuquant.methods.naive import NaiveConfig
 
         pipe = _pipe(latent)
@@ -109,8 +109,8 @@ def child(kind: str, value: str, latent: int, folder: Path) -> dict:
         save_checkpoint(folder / "quantizers.safetensors", pipe.model, "memory-sd", 0)
         return out
     elif kind == "capture":
-        from accuquant.block_data import capture, collect, parse_size
-        from accuquant.blocks import find_blocks
+        from accuquant.calibrate.block_data import capture, collect, parse_size
+        from accuquant.calibrate.blocks import find_blocks
 
         pipe, den = _wrapped(latent, folder)
         calib = aq.Trajectories.load(folder / "calib.safetensors")
@@ -133,8 +133,8 @@ def child(kind: str, value: str, latent: int, folder: Path) -> dict:
         data.close()
         return {**out, "seconds": seconds, "rss_before_mb": before, "peak_mb": peak - before}
     elif kind in ("step", "step-codes"):
-        from accuquant.layers import all_quantizers, quant_layers
-        from accuquant.multistep import multistep_backward
+        from accuquant.quant.layers import all_quantizers, quant_layers
+        from accuquant.calibrate.multistep import multistep_backward
 
         m = int(value)
         pipe, den = _wrapped(latent, folder)

@@ -22,8 +22,8 @@ import torch
 
 import accuquant as aq
 from accuquant import bundled
-from accuquant.compare import CompareSettings, quantize_process
-from accuquant.evaluation import evaluate, to_json_safe
+from accuquant.eval.compare import CompareSettings, quantize_process
+from accuquant.eval.evaluation import evaluate, to_json_safe
 
 from common import ROOT, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "class_accuracy")

@@ -24,7 +24,7 @@ from pathlib import Path
 from ablation import version_note
 from common import ROOT  # noqa: E402  (benchmarks/ is on the path when run)
 
-from accuquant.report import NOTES, markdown_table
+from accuquant.eval.report import NOTES, markdown_table
 
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "compare"

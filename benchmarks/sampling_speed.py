@@ -54,7 +54,7 @@ def main() -> None:
 
     import accuquant as aq
     from accuquant import bundled
-    from accuquant.layers import quant_layers
+    from accuquant.quant.layers import quant_layers
 
     if args.threads:
         torch.set_num_threads(args.threads)

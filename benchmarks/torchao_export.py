@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import accuquant as aq
-from accuquant.metrics import psnr
+from accuquant.eval.metrics import psnr
 from common import ROOT
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.layers import QuantLayer
+from accuquant.quant.layers import QuantLayer
 from conftest import tiny_unet
 
 
@@ -40,7 +40,7 @@ def test_quantize_refuses_bad_input():
 
 def test_calibration_for_other_steps_is_refused():
     pipe = aq.Pipeline(tiny_unet(num_class_embeds=None), dict(diffusers.DDIMScheduler().config))
-    calib = aq.collect_trajectories(pipe.denoiser(), aq.make_scheduler("ddim", pipe.scheduler_config, 4), 2,
+    calib = aq.collect_trajectories(pipe.denoiser(), aq.make_solver("ddim", pipe.scheduler_config, 4), 2,
                                     progress=False)
     with pytest.raises(aq.AccuQuantError, match="do not match"):
         aq.quantize(pipe, calib=calib, steps=5, progress=False)

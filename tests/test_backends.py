@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant import backends
-from accuquant.adapters import shortcut_splits
-from accuquant.backends import BACKENDS, FakeQuantLayer, LayerSpec, build_layer, fake_quant_
-from accuquant.layers import QuantLayer, freeze_model, quant_layers, wrap_model
-from accuquant.quantizers import UniformQuantizer
+from accuquant.backends import base as backends
+from accuquant.models import shortcut_splits
+from accuquant.backends.base import BACKENDS, FakeQuantLayer, LayerSpec, build_layer, fake_quant_
+from accuquant.quant.layers import QuantLayer, freeze_model, quant_layers, wrap_model
+from accuquant.quant.quantizers import UniformQuantizer
 from conftest import tiny_unet
 
 LEGACY = Path(__file__).parent / "data" / "legacy-w4a8"

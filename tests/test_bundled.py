@@ -10,7 +10,7 @@ import torch
 import accuquant as aq
 from accuquant import bundled
 from accuquant.cli import main
-from accuquant.evaluation import DigitFeatures
+from accuquant.eval.evaluation import DigitFeatures
 
 
 def test_heldout_split_is_balanced():

@@ -2,13 +2,13 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.calibration import seeded_noise
+from accuquant.calibrate.data import seeded_noise
 from conftest import class_pipeline
 
 
 def test_trajectories_round_trip(tmp_path):
     pipe = class_pipeline()
-    solver = aq.make_scheduler("ddim", pipe.scheduler_config, 5)
+    solver = aq.make_solver("ddim", pipe.scheduler_config, 5)
     cond = pipe.conditions(6)
     traj = aq.collect_trajectories(pipe.denoiser(), solver, 6, seed=3, cond=cond, batch_size=4, progress=False)
     assert traj.xs.shape == (6, 6, 1, 16, 16) and traj.outs.shape == (6, 5, 1, 16, 16)
@@ -59,7 +59,7 @@ def test_an_fp_model_that_produces_nan_is_refused_naming_the_step():
 
     pipe = class_pipeline()
     den = pipe.denoiser(1.0)
-    solver = aq.make_scheduler("ddim", pipe.scheduler_config, 5)
+    solver = aq.make_solver("ddim", pipe.scheduler_config, 5)
     raw = den.raw
 
     def broken(x, t, cond):
@@ -75,7 +75,7 @@ def test_saved_trajectories_are_read_from_the_disk_by_the_rows_used(tmp_path):
     """Loaded sets are views of the file mapped in memory (nothing is read until used): the
     same tensors, rows and digest as a set read whole."""
     pipe = class_pipeline()
-    solver = aq.make_scheduler("ddim", pipe.scheduler_config, 4)
+    solver = aq.make_solver("ddim", pipe.scheduler_config, 4)
     traj = aq.collect_trajectories(pipe.denoiser(), solver, 5, seed=1, cond=pipe.conditions(5), batch_size=5,
                                    progress=False)
     path = tmp_path / "calib.safetensors"
@@ -102,7 +102,7 @@ def test_collection_streamed_to_a_file_equals_the_set_held_in_memory(tmp_path, p
         pipe = aq.Pipeline(tiny_cond_unet(), class_pipeline().scheduler_config, defaults=aq.SamplingDefaults(3.0))
         cond = text_conditions(5)
     cond = cond if cond is not None else pipe.conditions(5)
-    solver = aq.make_scheduler("ddim", pipe.scheduler_config, 4)
+    solver = aq.make_solver("ddim", pipe.scheduler_config, 4)
     kw = dict(seed=2, cond=cond, batch_size=2, progress=False, meta={"model": "m1"})
     held = aq.collect_trajectories(pipe.denoiser(), solver, 5, **kw)
     path = tmp_path / "calib.safetensors"

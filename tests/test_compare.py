@@ -9,7 +9,7 @@ import diffusers
 import pytest
 
 from accuquant.cli import main
-from accuquant.report import markdown_table, table_rows
+from accuquant.eval.report import markdown_table, table_rows
 from conftest import tiny_digit_unet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ def test_bad_input_is_refused_in_one_line(tmp_path, capsys, args, message):
 def test_models_can_be_scored_on_the_int8_backend(comparison, tmp_path, capsys):
     """``--backend int8`` scores the saved models on the integer kernels; the backend is part
     of the settings, so the same directory refuses a rerun on another backend."""
-    from accuquant.int8_backend import available
+    from accuquant.backends.int8 import available
 
     if not available():
         pytest.skip("this torch build has no oneDNN int8 kernels")

@@ -13,7 +13,7 @@ def test_defaults_and_json_round_trip():
     assert d["format_version"] == 1 and d["keep_fp"] == ["conv_in"] and d["weight_bits"] == 4
     assert QuantConfig().weight_granularity == "channel" and QuantConfig().act_granularity == "tensor"
     # keep_fp None: the model family's defaults (a UNet's first and last convolutions)
-    from accuquant.adapters import adapter_class
+    from accuquant.models import adapter_class
 
     assert QuantConfig().keep_fp is None and QuantConfig.from_json(QuantConfig().to_json()) == QuantConfig()
     assert adapter_class("UNet2DModel").keep_fp == ("conv_in", "conv_out")

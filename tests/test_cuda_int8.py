@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.layers import placement, quant_layers, resident_bytes
+from accuquant.quant.layers import placement, quant_layers, resident_bytes
 from conftest import class_pipeline
 from test_int8 import layers_on
 
@@ -32,7 +32,7 @@ def test_loaded_model_runs_on_cuda_int8_in_a_third_of_fp32(tmp_path):
     layers), 4-step samples close to fake's (a random-weight model: see the int8 test),
     and saving refused since the kernels hold the only copy."""
     from accuquant.errors import AccuQuantError
-    from accuquant.metrics import psnr
+    from accuquant.eval.metrics import psnr
 
     base = class_pipeline()
     fp = {n: resident_bytes(m) for n, m in base.model.named_modules()}

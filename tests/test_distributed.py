@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import accuquant as aq
-from accuquant.layers import all_quantizers, quant_layers
+from accuquant.quant.layers import all_quantizers, quant_layers
 from conftest import class_pipeline
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed")
@@ -105,7 +105,7 @@ def test_micro_batches_give_the_whole_batch_gradient(monkeypatch, one_thread):
     """Two micro-batches against one pass: the loss and every gradient of the first
     optimisation step equal to float rounding (later steps drift apart: Adam moves a
     near-zero gradient by the full rate whatever its sign)."""
-    import accuquant.engine as engine
+    import accuquant.calibrate.loop as engine
 
     real, seen = engine._loss_and_gradients, []
 

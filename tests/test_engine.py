@@ -10,7 +10,7 @@ import torch
 import accuquant as aq
 from accuquant.cache import cache_dir
 from accuquant.cli import build_parser, method_flags
-from accuquant.engine import Adam, Group
+from accuquant.calibrate.loop import Adam, Group
 from accuquant.methods.accuquant import AccuQuantConfig
 from accuquant.methods.base import method_config
 from accuquant.methods.per_step import PerStepConfig

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant import evaluation
-from accuquant.analysis import COLUMNS, error_accumulation, read_csv
+from accuquant.eval import evaluation
+from accuquant.eval.analysis import COLUMNS, error_accumulation, read_csv
 from accuquant.cli import main
 
 

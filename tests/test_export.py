@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.export import FORMAT, QUANT_FILE, WEIGHTS_FILE, pack_codes, unpack_codes
+from accuquant.io.save import FORMAT, QUANT_FILE, WEIGHTS_FILE, pack_codes, unpack_codes
 from conftest import class_pipeline, text_conditions, tiny_cond_unet, tiny_unet
 
 
@@ -37,7 +37,7 @@ def test_saved_model_is_bit_identical(tmp_path):
 
 def test_text_model_saves_and_loads_bit_identically(tmp_path):
     fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
-    calib = aq.collect_trajectories(fp.denoiser(), aq.make_scheduler("ddim", fp.scheduler_config, 3), 2,
+    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 3), 2,
                                     cond=text_conditions(2), progress=False)
     q = aq.quantize(fp, aq.QuantConfig(weight_bits=3, act_bits=6), calib=calib, steps=3, progress=False)
     q.save(tmp_path / "q")

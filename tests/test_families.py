@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.layers import QuantLayer
+from accuquant.quant.layers import QuantLayer
 from accuquant.cli import main
 
 W4A8 = aq.QuantConfig(weight_bits=4, act_bits=8)
@@ -23,7 +23,7 @@ def test_sd_samples_as_diffusers_does(sd_pipeline_dir):
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_pipeline_dir))
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = ours.conditions(1, prompts=["the digit 7"])
-    solver = aq.make_scheduler("ddim", ours.scheduler_config, 3)
+    solver = aq.make_solver("ddim", ours.scheduler_config, 3)
     x = aq.run_trajectory(ours.denoiser(2.0), solver, noise, cond)
     ref = theirs("the digit 7", num_inference_steps=3, guidance_scale=2.0, latents=noise.clone(),
                  output_type="latent").images
@@ -57,7 +57,7 @@ def test_a_quantized_sd_runs_in_diffusers_own_pipeline(sd_pipeline_dir):
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe("the digit 7", num_inference_steps=2, guidance_scale=2.0, latents=noise.clone(),
                output_type="latent").images
-    x = aq.run_trajectory(q.denoiser(2.0), aq.make_scheduler("ddim", q.scheduler_config, 2), noise,
+    x = aq.run_trajectory(q.denoiser(2.0), aq.make_solver("ddim", q.scheduler_config, 2), noise,
                           q.conditions(1, prompts=["the digit 7"]))
     torch.testing.assert_close(x, ref, atol=1e-5, rtol=1e-4)
     images = pipe("a handwritten one", num_inference_steps=2, output_type="pt").images
@@ -109,7 +109,7 @@ def test_dit_pipeline_directory_quantizes_and_runs_in_diffusers(dit_pipeline_dir
     images = pipe([3], num_inference_steps=2, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
                   output_type="pt").images
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    x = aq.run_trajectory(back.denoiser(2.0), aq.make_scheduler("ddim", back.scheduler_config, 2), noise,
+    x = aq.run_trajectory(back.denoiser(2.0), aq.make_solver("ddim", back.scheduler_config, 2), noise,
                           back.conditions(1, labels=[3]))
     assert images.shape == (1, 1, 16, 16)
     torch.testing.assert_close(back.decode(x), images, atol=1e-5, rtol=1e-4)

@@ -6,8 +6,8 @@ import diffusers
 import torch
 
 import accuquant as aq
-from accuquant.attention import QuantJointAttnProcessor
-from accuquant.layers import QuantLayer
+from accuquant.quant.attention import QuantJointAttnProcessor
+from accuquant.quant.layers import QuantLayer
 
 W8A8 = aq.QuantConfig(weight_bits=8, act_bits=8)
 W4A8 = aq.QuantConfig(weight_bits=4, act_bits=8)
@@ -27,7 +27,7 @@ def test_sd3_samples_as_diffusers_does(sd3_pipeline_dir):
     theirs = diffusers.StableDiffusion3Pipeline.from_pretrained(str(sd3_pipeline_dir), text_encoder_3=None,
                                                                 tokenizer_3=None)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    x = aq.run_trajectory(ours.denoiser(3.0), aq.make_scheduler(None, ours.scheduler_config, 4), noise,
+    x = aq.run_trajectory(ours.denoiser(3.0), aq.make_solver(None, ours.scheduler_config, 4), noise,
                           ours.conditions(1, prompts=["the digit 7"]))
     torch.testing.assert_close(x, _reference(theirs, "the digit 7", 4, 3.0, noise), atol=1e-5, rtol=1e-4)
     images = ours.decode(x)  # through the VAE's scaling and shift factors
@@ -38,8 +38,8 @@ def test_sd3_samples_as_diffusers_does(sd3_pipeline_dir):
 
 def test_joint_attention_processor_computes_what_diffusers_does(sd3_pipeline_dir):
     """With quantization off, the quantized joint processor is the diffusers one."""
-    from accuquant.block_data import quantization_disabled
-    from accuquant.layers import wrap_model
+    from accuquant.calibrate.block_data import quantization_disabled
+    from accuquant.quant.layers import wrap_model
 
     fp = aq.load(sd3_pipeline_dir)
     model = diffusers.SD3Transformer2DModel.from_pretrained(str(sd3_pipeline_dir / "transformer")).eval()
@@ -77,7 +77,7 @@ def test_sd3_quantizes_per_step_with_both_streams_and_loads_back(sd3_pipeline_di
     pipe = back.to_diffusers()  # diffusers' own loop on the quantized transformer
     assert isinstance(pipe, diffusers.StableDiffusion3Pipeline) and pipe.transformer is back.model
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    ours = aq.run_trajectory(back.denoiser(3.0), aq.make_scheduler(None, back.scheduler_config, 3), noise,
+    ours = aq.run_trajectory(back.denoiser(3.0), aq.make_solver(None, back.scheduler_config, 3), noise,
                              back.conditions(1, prompts=["the digit 7"]))
     torch.testing.assert_close(ours, _reference(pipe, "the digit 7", 3, 3.0, noise), atol=1e-5, rtol=1e-4)
 

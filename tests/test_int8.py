@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.backends import build_layer
-from accuquant.layers import placement
-from accuquant.int8_backend import available, vnni
-from accuquant.layers import quant_layers
+from accuquant.backends.base import build_layer
+from accuquant.quant.layers import placement
+from accuquant.backends.int8 import available, vnni
+from accuquant.quant.layers import quant_layers
 from conftest import class_pipeline
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN int8 kernels")
@@ -81,14 +81,14 @@ def test_loaded_int8_model_samples_close_to_fake(tmp_path, capsys):
     a flip into a visible change (a 1e-7 change of its input moves a guided output by 0.4%),
     hence the loose bound; the bundled trained model's figure is in the README."""
     from accuquant.cli import main
-    from accuquant.metrics import psnr
+    from accuquant.eval.metrics import psnr
 
     q = aq.quantize(class_pipeline(), aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4, calib_samples=4,
                     progress=False)
     q.save(tmp_path / "q")
     a = aq.load(tmp_path / "q").sample(4, steps=4, progress=False)
     loaded = aq.load(tmp_path / "q", backend="int8")
-    from accuquant.attention import QuantAttnProcessor
+    from accuquant.quant.attention import QuantAttnProcessor
     procs = [m for m in loaded.model.modules() if isinstance(m, QuantAttnProcessor)]
     assert procs and all(m.backend == "int8" for m in procs)  # the attention follows the layers' backend
     b = loaded.sample(4, steps=4, progress=False)
@@ -127,7 +127,7 @@ def test_int8_model_holds_its_quantized_weights_in_a_quarter_of_fp32(tmp_path):
     at most 0.3x the bytes of their float32 weights; saving or moving such a model is refused
     with a clear error, since it keeps no other copy."""
     from accuquant.errors import AccuQuantError
-    from accuquant.layers import resident_bytes
+    from accuquant.quant.layers import resident_bytes
 
     base = class_pipeline()
     fp = {n: resident_bytes(m) for n, m in base.model.named_modules()}
@@ -172,7 +172,7 @@ def test_attention_off_fake_matches_fake_to_float_rounding(monkeypatch, int8_val
     with ``softmax . V`` on the int8 kernels (or, for few keys, in float): on every
     attention call of a guided denoiser step, in several blocks, it gives the fake path's
     output to a relative error of 1e-6."""
-    from accuquant import attention
+    from accuquant.quant import attention
 
     q = aq.quantize(class_pipeline(), aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4, calib_samples=4,
                     progress=False)

@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 import accuquant as aq
-from accuquant.adapters import shortcut_splits
-from accuquant.attention import QuantAttnProcessor
-from accuquant.layers import QuantLayer, quant_layers, wrap_model
+from accuquant.models import shortcut_splits
+from accuquant.quant.attention import QuantAttnProcessor
+from accuquant.quant.layers import QuantLayer, quant_layers, wrap_model
 from conftest import class_pipeline, text_conditions, tiny_cond_unet, tiny_dit, tiny_unet
 
 
@@ -119,7 +119,7 @@ def test_text_unet_quantizes_with_prompt_embeddings():
     fp = aq.Pipeline(tiny_cond_unet(), dict(__import__("diffusers").DDIMScheduler().config),
                      defaults=aq.SamplingDefaults(3.0))
     den = fp.denoiser()
-    solver = aq.make_scheduler("ddim", fp.scheduler_config, 4)
+    solver = aq.make_solver("ddim", fp.scheduler_config, 4)
     calib = aq.collect_trajectories(den, solver, 4, cond=text_conditions(4), progress=False)
     q = aq.quantize(fp, aq.QuantConfig(weight_bits=8, act_bits=8), calib=calib, steps=4, progress=False)
     x = torch.randn(2, 4, 8, 8)
@@ -158,7 +158,7 @@ def test_large_attention_at_inference_is_computed_by_row_blocks_bit_identically(
     with quantized Q, K, V and probabilities; while ranges are observed, whole calls only."""
     import types
 
-    import accuquant.attention as attention
+    import accuquant.quant.attention as attention
 
     proc = QuantAttnProcessor(8, 8)
     with torch.no_grad():

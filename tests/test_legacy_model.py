@@ -8,9 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import accuquant as aq
-from accuquant.backends import FakeQuantLayer, LayerSpec
-from accuquant.layers import QuantLayer, quant_layers
-from accuquant.quantizers import UniformQuantizer
+from accuquant.backends.base import FakeQuantLayer, LayerSpec
+from accuquant.quant.layers import QuantLayer, quant_layers
+from accuquant.quant.quantizers import UniformQuantizer
 
 DATA = Path(__file__).parent / "data"
 
@@ -58,7 +58,7 @@ def _check(monkeypatch, ref, md):
     cond = aq.Conditions(labels=ref["labels"])
     with torch.no_grad():
         out = den(ref["x"], int(md["timestep"]), cond)
-        traj = aq.run_trajectory(den, aq.make_scheduler(md["solver"], pipe.scheduler_config, int(md["steps"])),
+        traj = aq.run_trajectory(den, aq.make_solver(md["solver"], pipe.scheduler_config, int(md["steps"])),
                                  ref["noise"], cond)
     assert torch.equal(_bits(out), _bits(ref["out"]))
     assert torch.equal(_bits(traj), _bits(ref["trajectory"]))

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from accuquant.metrics import fid_from_features, frechet_distance, inception_score, mean_psnr, psnr, ssim
+from accuquant.eval.metrics import fid_from_features, frechet_distance, inception_score, mean_psnr, psnr, ssim
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_shift():
@@ -49,7 +49,7 @@ def test_psnr_and_ssim():
 
 
 def test_nan_features_give_nan_not_zero():
-    from accuquant.evaluation import to_json_safe
+    from accuquant.eval.evaluation import to_json_safe
 
     a = torch.randn(100, 4)
     b = a.clone()

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.adapters import shortcut_splits
-from accuquant.layers import all_quantizers, wrap_model
-from accuquant.engine import Method, Run, calibrate
+from accuquant.models import shortcut_splits
+from accuquant.quant.layers import all_quantizers, wrap_model
+from accuquant.calibrate.loop import Method, Run, calibrate
 from accuquant.methods.naive import NaiveConfig
-from accuquant.multistep import multistep_backward
+from accuquant.calibrate.multistep import multistep_backward
 from conftest import class_pipeline
 
 
@@ -17,7 +17,7 @@ def _setup(scheduler="ddim", steps=6, num=4, clip_sample=True):
     """A guided class-conditional model at W4A8 with naive ranges, its FP trajectories."""
     pipe = class_pipeline()
     den = pipe.denoiser()
-    solver = aq.make_scheduler(scheduler, dict(diffusers.DDIMScheduler(clip_sample=clip_sample).config), steps)
+    solver = aq.make_solver(scheduler, dict(diffusers.DDIMScheduler(clip_sample=clip_sample).config), steps)
     calib = aq.collect_trajectories(den, solver, num, cond=pipe.conditions(num), progress=False)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
     wrap_model(pipe.model, cfg, shortcut_splits(pipe.model))
@@ -119,7 +119,7 @@ def test_accuquant_lowers_its_loss_and_the_trajectory_error():
 
 def _record_steps(monkeypatch) -> tuple[list[dict], list[float]]:
     """Lists that will hold, for every optimiser step, the parameters after it and its rate multiplier."""
-    from accuquant import engine
+    from accuquant.calibrate import loop as engine
 
     seen, rates, real = [], [], engine.Adam.step
 
@@ -149,7 +149,7 @@ def test_averaging_ends_on_the_mean_of_the_last_iterates_and_cosine_decays_the_r
 def test_select_every_ends_on_the_best_scored_iterate_and_holds_its_trajectories_out(monkeypatch):
     """``select_every=5`` of 15 iterations: the start and iterates 5, 10 and 15 are scored, the
     result is the lowest-scoring one; batches never draw the ``holdout`` trajectories."""
-    from accuquant import engine
+    from accuquant.calibrate import loop as engine
 
     seen, _ = _record_steps(monkeypatch)
     drawn, real_shard = [], engine.Run.shard
@@ -180,7 +180,7 @@ def test_select_every_ends_on_the_best_scored_iterate_and_holds_its_trajectories
 
 
 def _codes(q):
-    from accuquant.layers import quant_layers
+    from accuquant.quant.layers import quant_layers
 
     return {n: l.weight_codes.clone() for n, l in quant_layers(q.model).items() if l.weight_codes is not None}
 
@@ -225,7 +225,7 @@ def test_accuquant_keeps_a_learned_rounding_as_fixed_codes(monkeypatch):
     """With init="per-step" and rounding="keep", the saved codes are exactly the init's while
     the step sizes move (also across an interruption and a resume). The stand-in per-step
     gives hard learned rounding decisions at random, so they are not round-to-nearest."""
-    from accuquant.layers import quant_layers
+    from accuquant.quant.layers import quant_layers
     from accuquant.methods import base, naive, per_step
 
     init_codes = {}
@@ -298,7 +298,7 @@ def test_accuquant_on_a_text_conditioned_unet_via_the_api():
 
     fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler(clip_sample=False).config),
                      defaults=aq.SamplingDefaults(3.0))
-    solver = aq.make_scheduler("ddim", fp.scheduler_config, 4)
+    solver = aq.make_solver("ddim", fp.scheduler_config, 4)
     calib = aq.collect_trajectories(fp.denoiser(), solver, 6, cond=text_conditions(6), progress=False)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
     q = aq.quantize(fp, cfg, "accuquant", calib=calib, steps=4, progress=False, init="naive", iters=40,
@@ -343,7 +343,7 @@ def test_a_default_run_is_served_from_the_result_cache_and_per_step_keeps_naive_
 
 
 def test_accuquant_s_per_step_start_takes_its_own_options_and_is_cached_under_them():
-    from accuquant.engine import result_key
+    from accuquant.calibrate.loop import result_key
     from accuquant.methods.per_step import PerStepConfig
 
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
@@ -366,11 +366,11 @@ def test_accuquant_s_per_step_start_takes_its_own_options_and_is_cached_under_th
 def test_a_new_method_version_neither_resumes_nor_reuses_older_results(monkeypatch):
     """The method's version is part of the run key (checkpoints) and of the result cache key."""
     from accuquant.api import keys
-    from accuquant.engine import result_key
+    from accuquant.calibrate.loop import result_key
     from accuquant.methods.per_step import PerStepConfig
 
     pipe = class_pipeline()
-    solver = aq.make_scheduler("ddim", dict(diffusers.DDIMScheduler().config), 4)
+    solver = aq.make_solver("ddim", dict(diffusers.DDIMScheduler().config), 4)
     calib = aq.collect_trajectories(pipe.denoiser(), solver, 2, cond=pipe.conditions(2), progress=False)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
 

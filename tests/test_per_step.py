@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.adapters import shortcut_splits
-from accuquant.blocks import find_blocks
-from accuquant.layers import QuantLayer, all_quantizers, wrap_model
-from accuquant.engine import Run, calibrate
+from accuquant.models import shortcut_splits
+from accuquant.calibrate.blocks import find_blocks
+from accuquant.quant.layers import QuantLayer, all_quantizers, wrap_model
+from accuquant.calibrate.loop import Run, calibrate
 from accuquant.methods import per_step as ps
 from accuquant.methods.naive import NaiveConfig
-from accuquant.quantizers import UniformQuantizer
+from accuquant.quant.quantizers import UniformQuantizer
 from conftest import class_pipeline, text_conditions, tiny_cond_unet
 
 W4A8 = aq.QuantConfig(weight_bits=4, act_bits=8)
@@ -23,7 +23,7 @@ def _context(pipe=None, steps=4, num=6, batch_size=8, cfg=W4A8, **options):
     """A wrapped class-conditional model (guidance 2) and its calibration context, not frozen."""
     pipe = pipe or class_pipeline()
     den = pipe.denoiser()
-    solver = aq.make_scheduler("ddim", pipe.scheduler_config, steps)
+    solver = aq.make_solver("ddim", pipe.scheduler_config, steps)
     calib = aq.collect_trajectories(den, solver, num, cond=pipe.conditions(num), progress=False)
     wrap_model(pipe.model, cfg, shortcut_splits(pipe.model))
     run = Run(den, solver, calib, cfg, batch_size=batch_size, progress=False, seed=0)
@@ -121,7 +121,7 @@ def test_per_step_lowers_block_losses_and_the_output_error_of_naive(watched_run)
 
 def test_per_step_on_a_text_conditioned_unet_via_the_api():
     fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config), defaults=aq.SamplingDefaults(3.0))
-    solver = aq.make_scheduler("ddim", fp.scheduler_config, 3)
+    solver = aq.make_solver("ddim", fp.scheduler_config, 3)
     calib = aq.collect_trajectories(fp.denoiser(), solver, 4, cond=text_conditions(4), progress=False)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
     naive = aq.quantize(fp, cfg, calib=calib, steps=3, progress=False)
@@ -283,7 +283,7 @@ def test_defect_batch_size_and_device_are_parameters(watched_run):
 def test_max_memory_spills_block_data_with_the_same_result():
     """``max_memory`` (``--max-memory``) bounds the block data kept in RAM; below one chunk
     every chunk goes to disk, and the model is the same bit for bit."""
-    from accuquant.block_data import parse_size
+    from accuquant.calibrate.block_data import parse_size
 
     assert [parse_size(s) for s in ("4GB", "512MB", "1.5g", "2048", "0")] == [4 * 2**30, 512 * 2**20,
                                                                              int(1.5 * 2**30), 2**31, 0]
@@ -301,7 +301,7 @@ def test_block_data_holds_at_most_its_budget_and_one_capture_batch(tmp_path):
     """Rows past the budget go to files as they come, also inside a chunk being filled: RAM
     never holds more than ``max_bytes`` plus one added batch, and every batch drawn is the
     one an unbounded store gives."""
-    from accuquant.block_data import BlockData
+    from accuquant.calibrate.block_data import BlockData
 
     g = torch.Generator().manual_seed(0)
     adds = [(torch.randn(4, 3, 8, generator=g), torch.randn(4, 5, generator=g), torch.randn(4, 3, 8, generator=g))

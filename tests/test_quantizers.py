@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from accuquant.quantizers import RangeObserver, UniformQuantizer, int_range
+from accuquant.quant.quantizers import RangeObserver, UniformQuantizer, int_range
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

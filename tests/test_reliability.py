@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from accuquant.calibration import Trajectories
-from accuquant.checkpoint import checksum
-from accuquant.safety import atomic_path, check_safetensors
+from accuquant.calibrate.data import Trajectories
+from accuquant.io.checkpoint import checksum
+from accuquant.io.files import atomic_path, check_safetensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kill_resume  # noqa: E402
@@ -90,7 +90,7 @@ def test_two_runs_at_once_on_one_cache_both_succeed_and_leave_it_valid(digit_pip
 def test_compare_killed_while_writing_its_marker_reruns(tmp_path):
     """A comparison killed between creating --out and renaming its settings file into it
     leaves only a dead writer's temporary there: the same command accepts the folder."""
-    from accuquant.compare import CompareSettings, prepare_out
+    from accuquant.eval.compare import CompareSettings, prepare_out
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     out = tmp_path / "cmp"

@@ -26,7 +26,7 @@ CASES = [
 @pytest.mark.parametrize("steps", [4, 20])
 def test_solver_matches_the_diffusers_loop(name, cls, extra, steps):
     base = dict(diffusers.DDIMScheduler(beta_schedule="scaled_linear").config)
-    solver = aq.make_scheduler(name, base, steps)
+    solver = aq.make_solver(name, base, steps)
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     ours = aq.run_trajectory(toy_model, solver, noise, generator=torch.Generator().manual_seed(2))
     sched = getattr(diffusers, cls).from_config(base, **extra)
@@ -40,7 +40,7 @@ def test_solver_matches_the_diffusers_loop(name, cls, extra, steps):
 
 @pytest.mark.parametrize("name", ["ddim", "pndm", "dpm++"])
 def test_step_resumes_from_any_point_of_a_stored_trajectory(name):
-    solver = aq.make_scheduler(name, dict(diffusers.DDIMScheduler().config), 10)
+    solver = aq.make_solver(name, dict(diffusers.DDIMScheduler().config), 10)
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     final, xs, outs = aq.run_trajectory(toy_model, solver, noise, keep=True)
     assert xs.shape[1] == solver.num_steps + 1 and torch.equal(xs[:, -1], final)
@@ -53,7 +53,7 @@ def test_step_resumes_from_any_point_of_a_stored_trajectory(name):
 
 @pytest.mark.parametrize("name", ["ddim", "pndm", "dpm++"])
 def test_step_is_differentiable(name):
-    solver = aq.make_scheduler(name, dict(diffusers.DDIMScheduler().config), 6)
+    solver = aq.make_solver(name, dict(diffusers.DDIMScheduler().config), 6)
     x = torch.randn(1, 3, 4, 4, requires_grad=True)
     state, y = solver.init_state(), x
     for i in range(3):
@@ -64,7 +64,7 @@ def test_step_is_differentiable(name):
 
 def test_unknown_scheduler_is_refused():
     with pytest.raises(aq.AccuQuantError, match="unknown scheduler 'euler'"):
-        aq.make_scheduler("euler", dict(diffusers.DDIMScheduler().config), 10)
+        aq.make_solver("euler", dict(diffusers.DDIMScheduler().config), 10)
     assert {"ddim", "ddpm", "pndm", "dpm++"} <= set(SOLVERS)
 
 
@@ -100,7 +100,7 @@ FLOW_DYNAMIC = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.
 @pytest.mark.parametrize("steps", [4, 28])
 def test_flow_euler_matches_the_diffusers_loop(extra, mu, steps):
     config = dict(diffusers.FlowMatchEulerDiscreteScheduler(**extra).config)
-    solver = aq.make_scheduler("flow-euler", config, steps, **({} if mu is None else {"mu": mu}))
+    solver = aq.make_solver("flow-euler", config, steps, **({} if mu is None else {"mu": mu}))
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     ours, xs, outs = aq.run_trajectory(toy_model, solver, noise, keep=True)
     sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
@@ -119,7 +119,7 @@ def test_flow_euler_matches_the_diffusers_loop(extra, mu, steps):
 
 
 def test_flow_euler_is_differentiable_and_predicts_x0():
-    solver = aq.make_scheduler("flow-euler", dict(diffusers.FlowMatchEulerDiscreteScheduler(**FLOW).config), 6)
+    solver = aq.make_solver("flow-euler", dict(diffusers.FlowMatchEulerDiscreteScheduler(**FLOW).config), 6)
     x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     s = solver.sigmas[2]
     xt = (1 - s) * x0 + s * eps
@@ -135,7 +135,7 @@ def test_flow_euler_is_differentiable_and_predicts_x0():
 def test_flow_euler_refuses_what_it_cannot_reproduce():
     dyn = dict(diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_DYNAMIC).config)
     with pytest.raises(aq.AccuQuantError, match="must give mu"):
-        aq.make_scheduler("flow-euler", dyn, 10)
+        aq.make_solver("flow-euler", dyn, 10)
     stoch = dict(diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).config)
     with pytest.raises(aq.AccuQuantError, match="stochastic_sampling"):
-        aq.make_scheduler("flow-euler", stoch, 10)
+        aq.make_solver("flow-euler", stoch, 10)

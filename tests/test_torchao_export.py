@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.layers import quant_layers
+from accuquant.quant.layers import quant_layers
 
 torchao = pytest.importorskip("torchao", reason="the torchao export needs torchao (pip install 'accuquant[export]')")
 

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from mnist_data import load_npz, split_indices  # noqa: E402
 
 from accuquant import bundled  # noqa: E402
-from accuquant.evaluation import DigitFeatures  # noqa: E402
-from accuquant.metrics import fid_from_features  # noqa: E402
+from accuquant.eval.evaluation import DigitFeatures  # noqa: E402
+from accuquant.eval.metrics import fid_from_features  # noqa: E402
 
 
 def main() -> None:

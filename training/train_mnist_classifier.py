@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(__file__))
 from mnist_data import start, to_tensor  # noqa: E402
 
-from accuquant.feature_nets import DigitClassifier  # noqa: E402
+from accuquant.eval.feature_nets import DigitClassifier  # noqa: E402
 
 
 def random_shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 2) -> torch.Tensor:

@@ -1,43 +1,178 @@
-"""Quantization settings: one dataclass that validates itself and round-trips through JSON."""
+"""Settings on one option system: :class:`QuantConfig` (what to quantize) and every method's
+config (how to calibrate) are dataclasses whose fields are made by :func:`option`.
+
+A field's metadata holds its help text, whether it is a command-line flag (the CLI's
+flags are generated from it), what values are valid, and how a text value is parsed.
+A config validates itself when built (before any work), carries a version, and
+round-trips through JSON; run and cache keys are made from its dict.
+
+The defaults that the command line and the Python API share are written here once
+(:data:`DEFAULT_METHOD` and the rest), as are the parsing of bit widths
+(:func:`parse_bits`), their label (:func:`bits_label`: ``w4a8``) and memory sizes
+(:func:`parse_size`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
-from typing import Any
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
-from .errors import ConfigError
+from .errors import AccuQuantError, ConfigError
 
 FORMAT_VERSION = 1
 
-#: Bit widths that mean "keep this tensor in floating point".
+#: the calibration run's defaults, shared by the command line and :func:`accuquant.quantize`
+DEFAULT_METHOD = "accuquant"
+DEFAULT_STEPS = 20
+DEFAULT_CALIB_SAMPLES = 64
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_MEMORY = "2GB"
+
+#: bit widths that mean "keep this tensor in floating point"
 FLOAT_BITS = (16, 32)
-
-GRANULARITIES = ("channel", "tensor")
-INIT_METHODS = ("minmax", "percentile", "mse")
+_FLOAT_WORDS = ("none", "fp", "float")
 
 
-def _norm_bits(name: str, value: Any, allow_act: bool = False) -> int | str | None:
-    """Return bits as an int in 2..8, ``None`` for "not quantized", or ``"act"``."""
+# ---------------------------------------------------------------------------- values
+def parse_bits(value: Any, name: str = "bits", allow_act: bool = False) -> int | str | None:
+    """A bit width from an int or text: 2..8, ``None`` for floating point (also 16, 32,
+    ``"none"``, ``"fp"``, ``"float"``), or ``"act"`` (the activation bits) where allowed."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if allow_act and text == "act":
+            return "act"
+        if text in _FLOAT_WORDS:
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a bit width (2 to 8, 16/32 or none), got {value!r}") from None
     if value is None:
         return None
-    if allow_act and value == "act":
-        return "act"
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name}: expected an integer bit width, got {value!r}")
     if value in FLOAT_BITS:
         return None
     if not 2 <= value <= 8:
-        raise ConfigError(f"{name}: {value} bits is out of range (2 to 8, or 16/32/None for floating point)")
+        raise ConfigError(f"{name}: {value} bits is out of range (2 to 8, or 16/32/none for floating point)")
     return value
 
 
-class JSONConfig:
-    """JSON round trip of a config dataclass with ``to_dict`` / ``from_dict``; ``WHAT`` names
-    it in error messages."""
+def bits_label(weight_bits: int | None, act_bits: int | None) -> str:
+    """``w4a8``; ``fp`` for a part kept in floating point (``w4afp``)."""
+    return f"w{weight_bits or 'fp'}a{act_bits or 'fp'}"
+
+
+_LABEL = re.compile(r"^w(\w+?)a(\w+)$")
+
+
+def parse_bits_label(text: str) -> tuple[int | None, int | None]:
+    """``"w4a8"`` -> ``(4, 8)``, the inverse of :func:`bits_label`."""
+    m = _LABEL.match(text.strip().lower())
+    if not m:
+        raise ConfigError(f"bit widths {text!r}: not of the form w<bits>a<bits> (e.g. w4a8)")
+    return parse_bits(m.group(1), "weight bits"), parse_bits(m.group(2), "activation bits")
+
+
+_UNITS = {"": 2**20, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(value) -> int:
+    """Bytes of a memory size: ``"4GB"``, ``"512MB"``, ``"1.5g"`` (binary units), a bare
+    number of megabytes (``"2048"``), or an int of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise AccuQuantError(f"memory size {value!r}: expected a finite size of at least 0")
+        return value
+    text = str(value).strip().lower().replace(" ", "")
+    num = text.rstrip("kmgib")
+    unit = text[len(num):]
+    try:
+        size = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise AccuQuantError(f"memory size {value!r}: expected a number with a unit, e.g. 4GB or 512MB") from None
+    if not size >= 0 or size == float("inf"):
+        raise AccuQuantError(f"memory size {value!r}: expected a finite size of at least 0")
+    return int(size)
+
+
+# ---------------------------------------------------------------------------- the option system
+def option(default, help: str, *, cli: bool = True, flag: str | None = None, choices: tuple | None = None,
+           minimum: float | None = None, maximum: float | None = None, positive: bool = False, rate: bool = False,
+           parse: Callable[[Any, str], Any] | None = None, factory: Callable[[], Any] | None = None):
+    """A config field: its default, help text, whether it is a command-line flag (``flag``:
+    another name than the field's), and what values are valid. ``parse(value, name)``
+    turns a given value (text from the command line included) into the field's value, or
+    raises :class:`ConfigError`; without it the field's type is checked. ``rate``: a
+    learning rate, which ``--resume`` may change (a diverged run continues with a smaller one)."""
+    meta = {"help": help, "cli": cli, "flag": flag, "choices": choices, "minimum": minimum, "maximum": maximum,
+            "positive": positive, "rate": rate, "parse": parse}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def field_type(cls, f: dataclasses.Field) -> type | None:
+    """The plain type of a field (``int`` of ``int | None``), or ``None`` when it has none."""
+    kind = typing.get_type_hints(cls)[f.name]
+    return next((t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind)), None)
+
+
+def nullable(cls, f: dataclasses.Field) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[f.name])
+
+
+class Options:
+    """Base of the config dataclasses: validation from the fields' :func:`option` metadata
+    when built, and the JSON round trip (``WHAT`` names the config in errors)."""
 
     WHAT = "config"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v, meta = getattr(self, f.name), f.metadata
+            if not meta:
+                continue
+            if meta.get("parse") is not None:
+                setattr(self, f.name, meta["parse"](v, f.name))
+                continue
+            if v is None and nullable(type(self), f):
+                continue
+            base = field_type(type(self), f)
+            if base is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+                setattr(self, f.name, v)
+            if base is not None and (not isinstance(v, base) or (base is int and isinstance(v, bool))):
+                raise ConfigError(f"{f.name}: expected {base.__name__}, got {v!r}")
+            if meta.get("choices") and v not in meta["choices"]:
+                raise ConfigError(f"{f.name}: {v!r} is not one of {', '.join(meta['choices'])}")
+            if meta.get("positive") and not (v > 0 and v != float("inf")):
+                raise ConfigError(f"{f.name}: expected a positive number, got {v!r}")
+            if meta.get("minimum") is not None and not v >= meta["minimum"]:
+                raise ConfigError(f"{f.name}: expected at least {meta['minimum']}, got {v!r}")
+            if meta.get("maximum") is not None and not v <= meta["maximum"]:
+                raise ConfigError(f"{f.name}: expected at most {meta['maximum']}, got {v!r}")
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        """The fields that are options (made by :func:`option`)."""
+        return [f for f in dataclasses.fields(cls) if f.metadata]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown {cls.WHAT} field")
+        return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -53,76 +188,82 @@ class JSONConfig:
         return cls.from_dict(d)
 
 
+# ---------------------------------------------------------------------------- what to quantize
+def _bits(value, name):
+    return parse_bits(value, name)
+
+
+def _bits_or_act(value, name):
+    return parse_bits(value, name, allow_act=True)
+
+
+def _bool(value, name):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    return value
+
+
+def _patterns(value, name):
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{name}: expected a list of module-name patterns, got {value!r}")
+    return tuple(value)
+
+
+def _percentile(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 50.0 < float(value) <= 100.0:
+        raise ConfigError(f"{name}: expected a value in (50, 100], got {value!r}")
+    return float(value)
+
+
+def _act_granularity(value, name):
+    if value != "tensor":
+        raise ConfigError(f"{name}: only 'tensor' is supported, got {value!r}")
+    return value
+
+
+def _format_version(value, name):
+    if value != FORMAT_VERSION:
+        raise ConfigError(f"{name}: this accuquant reads version {FORMAT_VERSION}, got {value!r}")
+    return value
+
+
+INIT_METHODS = ("minmax", "percentile", "mse")
+
+
 @dataclass
-class QuantConfig(JSONConfig):
-    """What to quantize and how.
+class QuantConfig(Options):
+    """What to quantize and how (default: W4A8, the command line's default). Every field is
+    also a flag of ``accuquant quantize`` (``weight_bits`` is ``--weight-bits``)."""
 
-    Args:
-        weight_bits: bits of weights, 2 to 8; ``None`` (or 16/32) keeps weights in floating point.
-        act_bits: bits of layer inputs (activations), 2 to 8; ``None`` (or 16/32) keeps them in
-            floating point.
-        weight_granularity: ``"channel"`` (one range per output channel) or ``"tensor"``.
-        act_granularity: ``"tensor"`` (one range per tensor); ``"channel"`` is refused for
-            activations, whose channel statistics change with the time step.
-        weight_symmetric: symmetric signed grid ``[-(2^(b-1)-1), 2^(b-1)-1]`` with zero point 0,
-            or (``False``) an affine grid ``[0, 2^b-1]`` with an integer zero point.
-        act_symmetric: the same choice for activations.
-        attn_bits: bits of the inputs of the attention matmuls (Q and K of Q.K^T, V of softmax.V);
-            ``"act"`` follows ``act_bits``; ``None`` keeps them in floating point.
-        softmax_bits: bits of the softmax output (the other input of softmax.V); ``"act"``
-            follows ``act_bits``; ``None`` keeps it in floating point.
-        keep_fp: fnmatch patterns of full module names left in full precision; ``None``: the
-            model family's defaults (its adapter's ``keep_fp``: a UNet's ``conv_in`` and
-            ``conv_out``, a DiT's patch embedding and output projections).
-        split_shortcut: quantize the channel-concatenated input of UNet up-block shortcut layers
-            as two parts (skip connection and upsampled features), each with its own range.
-        weight_init: range search of weight quantizers: ``"minmax"``, ``"percentile"`` or ``"mse"``.
-        act_init: range search of activation quantizers, from calibration data.
-        percentile: the percentile used by ``"percentile"`` range search.
-    """
-
-    weight_bits: int | None = 8
-    act_bits: int | None = 8
-    weight_granularity: str = "channel"
-    act_granularity: str = "tensor"
-    weight_symmetric: bool = False
-    act_symmetric: bool = False
-    attn_bits: int | str | None = "act"
-    softmax_bits: int | str | None = "act"
-    keep_fp: tuple[str, ...] | None = None
-    split_shortcut: bool = True
-    weight_init: str = "mse"
-    act_init: str = "mse"
-    percentile: float = 99.99
-    format_version: int = FORMAT_VERSION
+    weight_bits: int | None = option(4, "bits of weights, 2..8, or none (floating point)", parse=_bits)
+    act_bits: int | None = option(8, "bits of layer inputs (activations), 2..8, or none", parse=_bits)
+    weight_granularity: str = option("channel", "one weight range per output channel, or per tensor",
+                                     choices=("channel", "tensor"))
+    act_granularity: str = option("tensor", "activation ranges: per tensor (channel ranges change with the time "
+                                  "step: refused)", parse=_act_granularity)
+    weight_symmetric: bool = option(False, "symmetric signed weight grid with zero point 0 (default: affine, "
+                                    "an integer zero point)", parse=_bool)
+    act_symmetric: bool = option(False, "symmetric activation grid (default affine)", parse=_bool)
+    attn_bits: int | str | None = option("act", "bits of the attention matmul inputs (Q, K, V), 2..8, none, or act "
+                                         "(the activation bits)", parse=_bits_or_act)
+    softmax_bits: int | str | None = option("act", "bits of the softmax output, 2..8, none, or act",
+                                            parse=_bits_or_act)
+    keep_fp: tuple[str, ...] | None = option(None, "module-name pattern kept in full precision (repeatable; "
+                                             "default: the model family's)", parse=_patterns)
+    split_shortcut: bool = option(True, "quantize the concatenated input of UNet up-block shortcut layers as two "
+                                  "parts, each with its own range", flag="no-split-shortcut", parse=_bool)
+    weight_init: str = option("mse", "range search of weight quantizers", choices=INIT_METHODS)
+    act_init: str = option("mse", "range search of activation quantizers, from calibration data",
+                           choices=INIT_METHODS)
+    percentile: float = option(99.99, "the percentile of percentile range search", parse=_percentile)
+    format_version: int = option(FORMAT_VERSION, "version of this config's format", cli=False,
+                                 parse=_format_version)
 
     WHAT = "quantization config"
 
-    def __post_init__(self) -> None:
-        self.weight_bits = _norm_bits("weight_bits", self.weight_bits)
-        self.act_bits = _norm_bits("act_bits", self.act_bits)
-        self.attn_bits = _norm_bits("attn_bits", self.attn_bits, allow_act=True)
-        self.softmax_bits = _norm_bits("softmax_bits", self.softmax_bits, allow_act=True)
-        if self.weight_granularity not in GRANULARITIES:
-            raise ConfigError(f"weight_granularity: expected one of {GRANULARITIES}, got {self.weight_granularity!r}")
-        if self.act_granularity != "tensor":
-            raise ConfigError(f"act_granularity: only 'tensor' is supported, got {self.act_granularity!r}")
-        for name in ("weight_symmetric", "act_symmetric", "split_shortcut"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
-        for name in ("weight_init", "act_init"):
-            if getattr(self, name) not in INIT_METHODS:
-                raise ConfigError(f"{name}: expected one of {INIT_METHODS}, got {getattr(self, name)!r}")
-        if self.keep_fp is not None:
-            if isinstance(self.keep_fp, str) or not all(isinstance(p, str) for p in self.keep_fp):
-                raise ConfigError(f"keep_fp: expected a list of module-name patterns, got {self.keep_fp!r}")
-            self.keep_fp = tuple(self.keep_fp)
-        if not 50.0 < float(self.percentile) <= 100.0:
-            raise ConfigError(f"percentile: expected a value in (50, 100], got {self.percentile!r}")
-        if self.format_version != FORMAT_VERSION:
-            raise ConfigError(f"format_version: this accuquant reads version {FORMAT_VERSION}, got {self.format_version!r}")
-
-    # Effective bit widths of the attention matmul inputs.
+    # effective bit widths of the attention matmul inputs
     @property
     def resolved_attn_bits(self) -> int | None:
         return self.act_bits if self.attn_bits == "act" else self.attn_bits
@@ -131,15 +272,58 @@ class QuantConfig(JSONConfig):
     def resolved_softmax_bits(self) -> int | None:
         return self.act_bits if self.softmax_bits == "act" else self.softmax_bits
 
+    @property
+    def label(self) -> str:
+        return bits_label(self.weight_bits, self.act_bits)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["keep_fp"] = None if self.keep_fp is None else list(self.keep_fp)
         return d
 
+
+# ---------------------------------------------------------------------------- how to calibrate
+@dataclass
+class MethodConfig(Options):
+    """Base of every method's options. ``VERSION`` goes up when the same options give
+    another result; it is part of run and cache keys."""
+
+    WHAT = "method config"
+    NAME: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+    #: options that no longer exist or were settings of a run: ignored in saved configs
+    RETIRED: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.NAME, "version": self.VERSION, **dataclasses.asdict(self)}
+
+    def resume_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the learning rates: what a checkpoint must match to be resumed."""
+        rates = {f.name for f in dataclasses.fields(self) if f.metadata.get("rate")}
+        return {k: v for k, v in self.to_dict().items() if k not in rates}
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+    def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
+        d = dict(d)
+        if d.pop("method", cls.NAME) != cls.NAME:
+            raise ConfigError(f"method config: not a {cls.NAME} config")
+        version = d.pop("version", cls.VERSION)
+        if version != cls.VERSION:
+            raise ConfigError(f"method config: {cls.NAME} version {version}; this accuquant has version {cls.VERSION}")
+        for k in cls.RETIRED:
+            d.pop(k, None)
+        return cls.from_options(d)
+
+    @classmethod
+    def from_options(cls, options: dict) -> "MethodConfig":
+        """The config from keyword options (``None`` values take the default); unknown
+        options are refused naming what the method takes."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
         if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown quantization config field")
-        return cls(**d)
+            raise AccuQuantError(f"method {cls.NAME!r}: unknown option(s) {', '.join(unknown)}; it takes: "
+                                 f"{', '.join(sorted(names)) or 'none'}")
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
+    def is_default(self) -> bool:
+        return self == type(self)()

@@ -18,12 +18,14 @@ import torch
 from torch import nn
 
 from . import cache
-from .adapters import ADAPTERS, Conditions, Denoiser, make_denoiser
-from .calibration import noise_batches
+from .models import ADAPTERS, Conditions, Denoiser, make_denoiser
+from .calibrate.data import noise_batches
+from .config import DEFAULT_STEPS, QuantConfig
 from .errors import AccuQuantError
-from .export import save_quantized
+from .quant.layers import WrapReport
+from .io.save import save_quantized
 from .progress import progress_bar
-from .sampling import default_solver, make_scheduler, run_trajectory
+from .sampling import Solver, default_solver, make_solver, run_trajectory
 
 #: pipeline components that can hold the denoiser, as the families name them
 DENOISER_NAMES = tuple(dict.fromkeys(cls.component for cls in ADAPTERS.values()))
@@ -83,6 +85,55 @@ class SamplingDefaults:
 
 
 @dataclass
+class QuantRecord:
+    """What quantization did to a pipeline: saved with the model (``accuquant.json``) and
+    read back when it loads, so that loading needs nothing from today's family adapters
+    (the layers kept in FP are in ``config.keep_fp``, the quantized attention modules in
+    ``report.attention``)."""
+
+    config: QuantConfig
+    report: WrapReport
+    method: str
+    method_version: int | None = None
+    method_config: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)
+    #: samples, seed, solver, steps and guidance scale of the calibration trajectories
+    calibration: dict = field(default_factory=dict)
+    method_log: dict = field(default_factory=dict)
+    timing_s: dict = field(default_factory=dict)
+    accuquant_version: str | None = None
+    #: the denoiser's dtype (calibrated in float32, put back in it)
+    dtype: str = "float32"
+    #: the FP model it came from (a path, or ``bundled:NAME``)
+    base_model: str | None = None
+    component_dtypes: dict = field(default_factory=dict)
+
+    @property
+    def splits(self) -> dict[str, int]:
+        return self.report.split
+
+    @property
+    def label(self) -> str:
+        """``naive W4A8``"""
+        return f"{self.method} {self.config.label.upper()}"
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(config=self.config.to_dict(), report=self.report.to_dict(), splits=dict(self.report.split))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantRecord":
+        """From a saved ``accuquant.json`` (older ones lack the later fields)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        report = WrapReport.from_dict(d.get("report", {}))
+        if not report.split and d.get("splits"):
+            report.split = {k: int(v) for k, v in d["splits"].items()}
+        return cls(**{**{k: v for k, v in d.items() if k in known}, "config": QuantConfig.from_dict(d["config"]),
+                      "report": report})
+
+
+@dataclass
 class Pipeline:
     """A diffusers denoiser and what sampling it needs."""
 
@@ -92,7 +143,7 @@ class Pipeline:
     denoiser_name: str = "unet"
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     model_index: dict | None = None
-    quant: dict | None = None  # set by quantize/load: config, splits, report, method
+    quant: QuantRecord | None = None  # set by quantize and load
     source: str | None = None
 
     # ------------------------------------------------------------ the family's adapter
@@ -149,7 +200,7 @@ class Pipeline:
         self,
         num: int,
         seed: int = 0,
-        steps: int = 20,
+        steps: int | None = None,
         scheduler: str | None = None,
         labels=None,
         prompts: list[str] | None = None,
@@ -164,7 +215,7 @@ class Pipeline:
         Sample ``k`` starts from the ``k``-th noise of ``seed``, so two models sampled with
         the same arguments start from the same noises and labels.
         """
-        solver = make_scheduler(scheduler, self.scheduler_config, steps)
+        solver = self.solver(steps, scheduler)
         den = self.denoiser(guidance_scale)
         cond = self.conditions(num, labels, prompts, device)
         out = []
@@ -201,8 +252,7 @@ class Pipeline:
             raise AccuQuantError(f"diffusers' {name} cannot condition this {type(self.model).__name__} (class labels): "
                                  "sample with accuquant (Pipeline.sample)")
         if self.quant:  # the scheduler it was calibrated for (call it with the calibrated step count)
-            steps, solver = self.sampling_settings()
-            sched = make_scheduler(solver, self.scheduler_config, steps).scheduler
+            sched = self.solver().scheduler
         else:
             sched = self.diffusers_scheduler()
         given = {**self.components, self.denoiser_name: self.model, "scheduler": sched}
@@ -221,16 +271,24 @@ class Pipeline:
         """Save a quantized pipeline as a directory (see :mod:`accuquant.export`)."""
         save_quantized(self, out, overwrite=overwrite)
 
+    def solver(self, steps: int | None = None, scheduler: str | None = None) -> Solver:
+        """The one place a pipeline's solver is built: the steps and sampler of
+        :meth:`sampling_settings`, with the arguments the model's family adds (a flow
+        model's dynamic shift ``mu``: :meth:`~accuquant.models.Denoiser.solver_options`)."""
+        steps, name = self.sampling_settings(steps, scheduler)
+        return make_solver(name, self.scheduler_config, steps,
+                           **self.denoiser(1.0).solver_options(name, self.scheduler_config))
+
     def sampling_settings(self, steps: int | None = None, scheduler: str | None = None) -> tuple[int, str]:
-        """Steps and scheduler: as given, else those a quantized model was calibrated for, else 20
-        steps of the model's default solver (:func:`~accuquant.sampling.default_solver`)."""
-        cal = (self.quant or {}).get("calibration", {})
-        return steps or cal.get("steps", 20), scheduler or cal.get("solver") or default_solver(self.scheduler_config)
+        """Steps and scheduler: as given, else those a quantized model was calibrated for, else
+        :data:`~accuquant.config.DEFAULT_STEPS` steps of the model's default solver (:func:`~accuquant.sampling.default_solver`)."""
+        cal = self.quant.calibration if self.quant else {}
+        return steps or cal.get("steps", DEFAULT_STEPS), scheduler or cal.get("solver") or default_solver(self.scheduler_config)
 
     def fingerprint(self) -> str:
         """A hash of the denoiser (class, config, weights: computed once per model object) and
         the sampling defaults, for caches."""
-        return cache.digest({"model": cache.fingerprint(self.model), "defaults": self.defaults.to_dict()})
+        return cache.pipeline_key(cache.fingerprint(self.model), self.defaults.to_dict())
 
     def copy(self) -> "Pipeline":
         """A pipeline with its own copy of the denoiser (other components are shared)."""

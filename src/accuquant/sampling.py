@@ -223,7 +223,7 @@ class FlowEulerSolver(Solver):
     the model predicts the velocity ``eps - x_0``), as diffusers' ``FlowMatchEulerDiscreteScheduler``
     computes it: ``x_{i+1} = x_i + (s_{i+1} - s_i) v`` over the scheduler's sigmas (its
     ``shift``, or the dynamic shift ``mu`` a pipeline computes from the image size, passed as
-    ``make_scheduler(..., mu=...)``). Stateless, so it restarts anywhere."""
+    ``make_solver(..., mu=...)``). Stateless, so it restarts anywhere."""
 
     name = "flow-euler"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
@@ -282,7 +282,7 @@ def default_solver(scheduler_config: dict) -> str:
     return "flow-euler" if "FlowMatch" in str(scheduler_config.get("_class_name", "")) else "ddim"
 
 
-def make_scheduler(name: str | None, scheduler_config: dict, num_steps: int, **kwargs) -> Solver:
+def make_solver(name: str | None, scheduler_config: dict, num_steps: int, **kwargs) -> Solver:
     """The functional step (:class:`Solver`) of scheduler ``name`` (``ddim``, ``ddpm``, ``pndm``/``plms``,
     ``dpm++``, ``flow-euler``; ``None``: :func:`default_solver`) with ``num_steps`` steps, built
     from a diffusers scheduler config (``kwargs``: the solver's own, such as a flow model's ``mu``)."""

@@ -1,7 +1,13 @@
 """Calibration methods: ``naive``, ``per-step`` and ``accuquant``.
 
-Each is a module with its config dataclass and a :class:`~accuquant.engine.Method` that
-registers itself (:mod:`accuquant.methods.base`); the engine runs them all. The package
-imports none of them: :mod:`accuquant.api` does, so the registry is complete wherever
-the package is imported.
+Each is a module with its config dataclass and a
+:class:`~accuquant.calibrate.protocol.Method` decorated with :func:`register_method`;
+importing this package registers them all. The engine runs them all.
 """
+
+from . import accuquant, naive, per_step  # noqa: F401  (they register themselves)
+from .registry import METHODS, cached_or_calibrate, config_class, method_class, method_config, register_method, \
+    start_from
+
+__all__ = ["METHODS", "cached_or_calibrate", "config_class", "method_class", "method_config", "register_method",
+           "start_from"]

@@ -19,10 +19,6 @@ a learned rounding (per-step's) stays as the integer codes it chose and the weig
 sizes scale them; with ``"learn"`` the AdaRound variables are learned jointly, softened
 around the initial decisions, with AdaRound's annealed regulariser, and hardened at the end.
 
-With ``select_every`` the last ``holdout`` trajectories are kept out of the batches, and
-every ``select_every`` steps the iterate is scored by the error of its samples from their
-initial noise against their FP samples (what PSNR to FP measures); the result is the
-best-scoring iterate, the starting point included.
 """
 
 from __future__ import annotations
@@ -32,19 +28,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import Group, Method, Phase, Run, Unit, start_from
-from ..errors import AccuQuantError, ConfigError
-from ..layers import all_quantizers, quant_layers
-from ..multistep import GRAD_MODES, multistep_backward, multistep_loss
-from ..quantizers import annealed_beta
-from ..rounding import fix_learned_codes, harden, learnable_rounding, penalty
-from .base import MethodConfig, option, register_method
+from ..calibrate.protocol import Group, Method, Phase, Run, Unit
+from ..quant.layers import all_quantizers, quant_layers
+from ..calibrate.multistep import GRAD_MODES, multistep_backward
+from ..quant.quantizers import annealed_beta
+from ..quant.rounding import fix_learned_codes, harden, learnable_rounding, penalty
+from ..config import MethodConfig, option
+from .registry import register_method, start_from
 
 
 @dataclass
 class AccuQuantConfig(MethodConfig):
     NAME = "accuquant"
     VERSION = 3  # 2: learned rounding kept as fixed codes; 3: the engine's Adam and one random stream per run
+    #: options that measured no gain and were removed (their defaults gave this version's results)
+    RETIRED = ("lr_decay", "average", "select_every", "holdout")
     group_size: int = option(4, "denoising steps simulated per group, M", minimum=1)
     grad: str = option("checkpoint", "gradient through a group", choices=GRAD_MODES)
     init: str = option("per-step", "starting point", choices=("per-step", "naive"))
@@ -55,14 +53,6 @@ class AccuQuantConfig(MethodConfig):
     lr: float = option(1e-3, "learning rate relative to each step size", positive=True, rate=True)
     traj_batch: int = option(8, "trajectories per optimisation step", flag="batch-size", minimum=1)
     schedule: str = option("uniform", "order of groups (uniform: at random)", choices=("uniform", "cycle"))
-    lr_decay: str = option("constant", "the rate over the iterations: constant, or cosine (down to zero at the end)",
-                           choices=("constant", "cosine"))
-    average: float = option(0.0, "fraction of the last iterations whose iterates are averaged into the result "
-                            "(0: the last iterate)", minimum=0.0, maximum=1.0)
-    select_every: int = option(0, "score the iterate every this many steps by the sampling error of held-out "
-                               "trajectories, and keep the best (0: keep the last iterate)", minimum=0)
-    holdout: int = option(8, "trajectories held out of the batches to score the iterates (with --select-every)",
-                          minimum=1)
     rounding: str = option("keep", "weight rounding: keep (the initialisation's integer codes, scaled by the "
                            "learned step sizes) or learn (AdaRound variables learned jointly)",
                            choices=("keep", "learn"))
@@ -71,11 +61,6 @@ class AccuQuantConfig(MethodConfig):
                              positive=True, rate=True)
     round_reg: float = option(1e-4, "weight of the rounding regulariser, relative to the loss", cli=False, minimum=0)
     round_margin: float = option(2.0, "|alpha| of a hard decision made learnable again", cli=False, positive=True)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.select_every and self.average:
-            raise ConfigError("select_every and average exclude each other: keep the best iterate or average the last")
 
 
 def groups(num_steps: int, m: int) -> list[tuple[int, int]]:
@@ -100,10 +85,7 @@ class AccuQuant(Method):
         layers = quant_layers(run.model)
         learn = c.rounding == "learn"
         start: dict = {}
-        n, steps = run.calib.num_samples, run.calib.num_steps
-        held = c.holdout if c.select_every else 0
-        if held >= n:
-            raise AccuQuantError(f"--holdout {held} leaves no trajectory to calibrate on ({n} in all)")
+        n = run.calib.num_samples
 
         def params(resumed: bool) -> list[Group]:
             scales = Group({f"{n}.scale": q.scale for n, q in all_quantizers(run.model).items() if q.enabled}, c.lr,
@@ -115,16 +97,11 @@ class AccuQuant(Method):
             start.update({k: a.detach() >= 0 for k, a in alphas.items()})
             return [scales, Group(alphas, c.round_lr)]
 
-        def trajectories(idx: torch.Tensor):
-            """Trajectories ``idx`` on the device: samples, model outputs, conditions."""
-            return (run.calib.xs[idx].to(run.device), run.calib.outs[idx].to(run.device),
-                    run.calib.cond.index(idx).to(run.device))
-
         def loss(gen: torch.Generator, it: int) -> float:
             s, length = grp[int(torch.randint(len(grp), (1,), generator=gen)) if c.schedule == "uniform"
                             else it % len(grp)]
-            idx = run.shard(torch.randperm(n - held, generator=gen)[: c.traj_batch])
-            xs, outs, cond = trajectories(idx)
+            idx = run.shard(torch.randperm(n, generator=gen)[: c.traj_batch])
+            xs, outs, cond = run.trajectories(idx)
             value = multistep_backward(run.denoiser, run.solver, xs[:, s], run.solver.state_at(s, xs, outs), s,
                                        length, cond, xs[:, s + length], c.grad)
             warm = int(0.2 * c.iters)
@@ -133,20 +110,12 @@ class AccuQuant(Method):
                 (c.round_reg * value * penalty(all_quantizers(run.model).values(), beta)).backward()
             return value
 
-        def score() -> float:
-            """The error of the quantized model's samples from the held-out trajectories' start
-            against their FP samples (the last ``holdout`` trajectories; every rank scores all)."""
-            xs, outs, cond = trajectories(torch.arange(n - held, n))
-            return multistep_loss(run.denoiser, run.solver, xs[:, 0], run.solver.state_at(0, xs, outs), 0, steps,
-                                  cond, xs[:, steps]).item()
-
         def end() -> None:
             if learn:
                 run.log["rounding"] = harden(layers, start)
 
         @contextmanager
         def trajectory(index: int):
-            yield [Phase("group", c.iters, params, loss, end, save_every=c.save_every, curve=True, decay=c.lr_decay,
-                         average=c.average, score=score if held else None, score_every=c.select_every)]
+            yield [Phase("group", c.iters, params, loss, end, save_every=c.save_every, curve=True)]
 
         return [Unit("trajectory", c.iters, trajectory)]

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import Method, Run
-from ..layers import all_quantizers, quant_layers
+from ..calibrate.protocol import Method, Run
+from ..quant.layers import all_quantizers, quant_layers
 from ..progress import progress_bar
-from ..quantizers import RangeObserver
-from .base import MethodConfig, option, register_method
+from ..quant.quantizers import RangeObserver
+from ..config import MethodConfig, option
+from .registry import register_method
 
 
 @dataclass

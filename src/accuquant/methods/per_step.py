@@ -24,13 +24,14 @@ from functools import partial
 
 import torch
 
-from ..block_data import block_outputs, collect
-from ..blocks import Block, find_blocks
+from ..calibrate.block_data import block_outputs, collect
+from ..calibrate.blocks import Block, find_blocks
 from ..cache import derive_seed
-from ..engine import Group, Method, Phase, Run, Unit, start_from
-from ..quantizers import annealed_beta
-from ..rounding import harden, learnable_rounding, penalty, weight_quantizers
-from .base import MethodConfig, option, register_method
+from ..calibrate.protocol import Group, Method, Phase, Run, Unit
+from ..quant.quantizers import annealed_beta
+from ..quant.rounding import harden, learnable_rounding, penalty, weight_quantizers
+from ..config import MethodConfig, option
+from .registry import register_method, start_from
 
 
 @dataclass

@@ -1,0 +1,116 @@
+"""``accuquant speed``: how fast a quantized model runs on each backend, against its FP base.
+
+One process times, in alternating order so that other load falls on all alike: the FP
+base in float32, the FP base under bfloat16 autocast (and float16 autocast on a GPU), and
+the quantized model on each backend asked for. Per variant it reports the median (and min, max) over ``repeats`` of
+one denoiser call (the guided batch: ``2 x batch`` rows with guidance) and of a whole
+``batch``-sample run of ``steps`` steps, and the ratio of float32's median to each
+variant's (above 1: faster than float32). It also gives the bytes of the tensors each
+variant's denoiser holds (:func:`accuquant.layers.resident_bytes`; bf16 autocast casts on the
+fly and holds float32's), as a ratio of float32's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+
+from ..quant.layers import placement, resident_bytes
+from .evaluation import base_of
+from ..io.load import load_pipeline
+
+
+def _stats(times: list[float]) -> dict:
+    return {"median_ms": round(1e3 * statistics.median(times), 3), "min_ms": round(1e3 * min(times), 3),
+            "max_ms": round(1e3 * max(times), 3)}
+
+
+def measure(path: str, backends: list[str], batch: int = 2, steps: int = 20, repeats: int = 5,
+            threads: int | None = None, base: str | None = None, device: str = "cpu") -> dict:
+    """Latency of the FP base (float32, bf16 autocast) and of ``path`` on each of ``backends``."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    quant = {b: load_pipeline(path, device=device, backend=b) for b in backends}
+    fp = base_of(next(iter(quant.values())), base).to(device)
+    return {"model": str(path), **measure_pipelines(quant, fp, batch, steps, repeats)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = 20, repeats: int = 5,
+                      whole_sample: bool = True, cond=None) -> dict:
+    """:func:`measure` on pipelines in memory: ``quant`` maps a backend name to the quantized
+    pipeline frozen onto it, ``fp`` is their base; ``whole_sample=False`` times one
+    denoiser call only (for models whose whole sample takes minutes); ``cond``: the call's
+    conditions, when the pipeline cannot make them (a denoiser without its text encoder)."""
+    first = next(iter(quant.values()))
+    device = next(fp.model.parameters()).device
+    variants = {"fp32": (fp, contextlib.nullcontext),
+                "bf16": (fp, lambda: torch.autocast(device.type, torch.bfloat16))}
+    if device.type == "cuda":
+        variants["fp16"] = (fp, lambda: torch.autocast("cuda", torch.float16))
+    variants.update({f"{first.quant.config.label}-{b}": (p, contextlib.nullcontext) for b, p in quant.items()})
+    steps_, solver = first.sampling_settings(steps, None)
+    den0 = fp.denoiser()
+    x = torch.randn(batch, *den0.sample_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    cond = cond if cond is not None else fp.conditions(batch, device=device)
+    t = first.solver(steps_, solver).timesteps[steps_ // 2]  # a mid-trajectory step
+    calls: dict[str, list[float]] = {k: [] for k in variants}
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.inference_mode():
+        for k, (p, ctx) in variants.items():  # warm-up: first-call allocation and kernel selection
+            with ctx():
+                p.denoiser()(x, t, cond)
+        for _ in range(repeats):
+            for k, (p, ctx) in variants.items():
+                den = p.denoiser()
+                with ctx():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    den(x, t, cond)
+                    _sync(device)
+                    calls[k].append(time.perf_counter() - t0)
+                    if whole_sample:
+                        t0 = time.perf_counter()
+                        p.sample(batch, steps=steps_, scheduler=solver, batch_size=batch, progress=False)
+                        _sync(device)
+                        samples[k].append(time.perf_counter() - t0)
+    ref_call = statistics.median(calls["fp32"])
+    ref_sample = statistics.median(samples["fp32"]) if whole_sample else None
+    ref_bytes = resident_bytes(fp.model)
+    rows = {}
+    for k, (p, _) in variants.items():
+        held = resident_bytes(p.model)
+        rows[k] = {"call": _stats(calls[k]), "call_speedup": round(ref_call / statistics.median(calls[k]), 3),
+                   "weights_mb": round(held / 2**20, 3), "weights_vs_fp32": round(held / ref_bytes, 3)}
+        if whole_sample:
+            rows[k].update(sample=_stats(samples[k]),
+                           sample_speedup=round(ref_sample / statistics.median(samples[k]), 3))
+    where = {b: {kind: len(v) for kind, v in placement(p.model).items()} for b, p in quant.items()}
+    return {"batch": batch, "guided": den0.guided, "steps": steps_, "solver": solver,
+            "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
+            "placement": where, "variants": rows}
+
+
+def format_speed(r: dict) -> str:
+    lines = [f"{r['model']}: batch {r['batch']}{' (guided: twice the rows)' if r['guided'] else ''}, "
+             f"{r['steps']} {r['solver']} steps, {r['threads']} thread(s), medians of {r['repeats']} "
+             f"({r['cpu_capability']})",
+             f"{'variant':>14}  {'denoiser call':>14}  {'x fp32':>7}  {'whole sample':>13}  {'x fp32':>7}  "
+             f"{'weights':>10}  {'x fp32':>6}"]
+    for k, v in r["variants"].items():
+        sample = (f"{v['sample']['median_ms'] / 1e3:>11.2f} s  {v['sample_speedup']:>7.2f}" if "sample" in v
+                  else f"{'-':>13}  {'-':>7}")
+        lines.append(f"{k:>14}  {v['call']['median_ms']:>11.2f} ms  {v['call_speedup']:>7.2f}  {sample}  "
+                     f"{v['weights_mb']:>7.2f} MB  {v['weights_vs_fp32']:>6.3f}")
+    for b, where in r["placement"].items():
+        lines.append(f"{b}: " + ", ".join(f"{n} layers on {kind}" for kind, n in where.items()))
+    return "\n".join(lines)

@@ -1,0 +1,269 @@
+"""The denoiser interface every model family implements, and the registry of families.
+
+Samplers and methods only call ``denoiser(x, t, cond)`` and get the model output the
+scheduler expects (noise, v or sample prediction), classifier-free guidance included.
+Everything that differs between model families lives in an adapter: how the model is
+called, how conditions are made and the unconditional branch built, the latent shape
+and how latents become images, and what quantization needs to know (reconstruction
+block types, layers kept in full precision, attention processors to replace, layers
+whose input is a channel concatenation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import AccuQuantError, ConfigError
+
+
+class Conditions(Mapping):
+    """Per-sample conditions of a batch: named tensors whose first dimension is the sample
+    (``labels``, ``embeds``, ``negative_embeds``, pooled embeddings, ...), as a family's
+    adapter fills and reads them. ``None`` values are left out.
+
+    ``len()`` is the number of entries (a mapping); :attr:`batch_size` the number of samples.
+    """
+
+    def __init__(self, tensors: Mapping | None = None, **named):
+        self._t = {k: v for k, v in {**dict(tensors or {}), **named}.items() if v is not None}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._t[key]
+
+    def __iter__(self):
+        return iter(self._t)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+    def __repr__(self) -> str:
+        return f"Conditions({', '.join(f'{k}: {tuple(v.shape)}' for k, v in self._t.items())})"
+
+    @property
+    def batch_size(self) -> int:
+        return len(next(iter(self._t.values()))) if self._t else 0
+
+    def index(self, idx) -> "Conditions":
+        return Conditions({k: v[idx] for k, v in self._t.items()})
+
+    def to(self, device) -> "Conditions":
+        return Conditions({k: v.to(device) for k, v in self._t.items()})
+
+    def to_tensors(self, prefix: str = "cond.") -> dict[str, torch.Tensor]:
+        return {prefix + k: v.contiguous() for k, v in self._t.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping, prefix: str = "cond.") -> "Conditions":
+        return cls({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+class Denoiser(nn.Module):
+    """Base adapter: ``forward(x, t, cond)`` returns the (guided) model output.
+
+    Args:
+        model: the diffusers model; quantization wraps its layers in place.
+        guidance_scale: classifier-free guidance scale; 1 disables guidance.
+        null_class: class label of the unconditional branch (class-conditional models).
+        components: the pipeline's other components (VAE, text encoders, tokenizers).
+        num_classes: number of real classes, when the model's files say it.
+        max_sequence_length: text tokens of the third (T5) encoder's slot in SD3-style
+            pipelines, zeros when there is no third encoder (diffusers' default: 256).
+    """
+
+    #: the pipeline component that holds the model
+    component = "unet"
+    #: the diffusers pipeline class written on export when the source had none
+    pipeline_class = "DiffusionPipeline"
+    #: module classes reconstructed as one block by per-step calibration
+    block_types: tuple[str, ...] = ()
+    #: full module names (fnmatch patterns) kept in full precision by default
+    keep_fp: tuple[str, ...] = ()
+    #: attention processors replaced by the quantized one (others keep their own logic, in FP)
+    attention_processors: tuple[str, ...] = ("AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor")
+    #: ``"none"``, ``"class"`` or ``"text"``
+    conditioning = "none"
+    #: whether the family's diffusers pipeline class can pass the model its conditions
+    diffusers_conditioning = True
+
+    def __init__(self, model: nn.Module, guidance_scale: float = 1.0, null_class: int | None = None,
+                 components: dict | None = None, num_classes: int | None = None,
+                 max_sequence_length: int | None = None):
+        super().__init__()
+        self.max_sequence_length = max_sequence_length
+        self.model = model
+        self.guidance_scale = float(guidance_scale)
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale: must be a finite number >= 0, not {guidance_scale!r}")
+        self.null_class = null_class
+        self.components = components or {}
+        self._num_classes = num_classes
+        #: rows evaluated by the model so far (guided: both branches), and those with autograd on
+        self.evaluations = {"forward": 0, "backward": 0}
+
+    # ---------------------------------------------------------------- the model call
+    def raw(self, x: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        """One unguided evaluation."""
+        raise NotImplementedError
+
+    def unconditional(self, cond: Conditions) -> Conditions:
+        """The conditions of the unconditional branch, with the entries :meth:`raw` reads."""
+        raise AccuQuantError(f"{type(self.model).__name__}: classifier-free guidance needs an unconditional branch")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The floating dtype the model computes in (a half-precision model's inputs are cast to it)."""
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+
+    def forward(self, x: torch.Tensor, t, cond: Conditions | None = None) -> torch.Tensor:
+        """The guided model output, in ``x``'s dtype whatever the model's: samplers keep their
+        state in float32 while a half-precision model runs in its own dtype."""
+        cond = cond if cond is not None else Conditions()
+        rows = x.shape[0] * (2 if self.guided else 1)
+        self.evaluations["forward"] += rows
+        if torch.is_grad_enabled():
+            self.evaluations["backward"] += rows
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        dtype = self.model_dtype
+        if dtype != x.dtype:
+            cond = Conditions({k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()})
+            return self._guided(x.to(dtype), t, cond).to(x.dtype)
+        return self._guided(x, t, cond)
+
+    def _guided(self, x, t, cond):
+        if not self.guided:
+            return self.raw(x, t, cond)
+        uncond = self.unconditional(cond)
+        both = Conditions({k: torch.cat([v, cond[k]]) for k, v in uncond.items()})
+        out = self.raw(torch.cat([x, x]), torch.cat([t, t]), both)
+        out_u, out_c = out.chunk(2)
+        return out_u + self.guidance_scale * (out_c - out_u)
+
+    # ---------------------------------------------------------------- conditions
+    @property
+    def num_classes(self) -> int | None:
+        return self._num_classes
+
+    def conditions(self, num: int, labels=None, prompts: list[str] | None = None, device="cpu") -> Conditions:
+        """Conditions for ``num`` samples (an unconditional model has none)."""
+        return Conditions()
+
+    def check_conditions(self, cond: Conditions, what: str) -> None:
+        """Refuse per-sample conditions this model cannot run on."""
+
+    # ---------------------------------------------------------------- latents and images
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = self.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.config.in_channels, h, w)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of a decoded image (a VAE's output for latent models)."""
+        c, h, w = self.sample_shape
+        vae = self.components.get("vae")
+        if vae is None:
+            return (c, h, w)
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        return (vae.config.out_channels, h * f, w * f)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] from final samples (decoded by the VAE for latent models)."""
+        vae = self.components.get("vae")
+        if vae is not None:
+            shift = getattr(vae.config, "shift_factor", None) or 0.0  # latents of SD3-style VAEs are shifted
+            x = vae.decode((x / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+
+    # ---------------------------------------------------------------- sampling
+    def solver_options(self, solver: str, scheduler_config: dict) -> dict:
+        """The family's arguments of solver ``solver`` beyond the scheduler config and step
+        count (a flow model whose sigmas shift with the image size: its ``mu``)."""
+        return {}
+
+    # ---------------------------------------------------------------- quantization
+    def shortcut_splits(self) -> dict[str, int]:
+        """Layers whose input is a channel concatenation, by name, and the channel where it splits."""
+        return {}
+
+
+#: diffusers model class name -> adapter class
+ADAPTERS: dict[str, type[Denoiser]] = {}
+
+
+def register_adapter(*class_names: str):
+    """Class decorator: the adapter of the diffusers model classes ``class_names``."""
+
+    def deco(cls):
+        for name in class_names:
+            ADAPTERS[name] = cls
+        return cls
+
+    return deco
+
+
+def adapter_class(model_class: str) -> type[Denoiser]:
+    if model_class not in ADAPTERS:
+        raise AccuQuantError(f"unsupported denoiser {model_class}; supported: {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[model_class]
+
+
+def make_denoiser(model: nn.Module, guidance_scale: float = 1.0, null_class: int | None = None,
+                  components: dict | None = None, num_classes: int | None = None,
+                  max_sequence_length: int | None = None) -> Denoiser:
+    """Wrap a diffusers denoiser in its family's adapter."""
+    return adapter_class(type(model).__name__)(model, guidance_scale, null_class, components, num_classes,
+                                               max_sequence_length=max_sequence_length)
+
+
+class ClassConditional(Denoiser):
+    """Class-conditional families: labels ``cond["labels"]``, balanced by default; the
+    unconditional branch is the null class (label dropout in training)."""
+
+    conditioning = "class"
+
+    def conditions(self, num, labels=None, prompts=None, device="cpu"):
+        n = self.num_classes
+        if labels is None:
+            if not n:
+                raise AccuQuantError("class-conditional model: the number of classes is unknown")
+            labels = torch.arange(num) % n
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if len(labels) == 1:
+            labels = labels.expand(num)
+        if len(labels) != num:
+            raise AccuQuantError(f"labels: {len(labels)} labels for {num} samples")
+        if n and (labels.min() < 0 or labels.max() >= n):
+            raise AccuQuantError(f"labels: class labels must be in 0..{n - 1}")
+        return Conditions(labels=labels.clone())
+
+    def check_conditions(self, cond, what):
+        if "labels" not in cond:
+            raise AccuQuantError(f"{what}: this model is class-conditional, but the data has no labels")
+
+    def unconditional(self, cond):
+        if self.null_class is None or "labels" not in cond:
+            return super().unconditional(cond)
+        return Conditions(labels=torch.full_like(cond["labels"], self.null_class))
+
+    def _label_count(self, n: int | None) -> int | None:
+        """The real classes of a label embedding with ``n`` rows: one fewer when the last is the null class."""
+        if self._num_classes:
+            return self._num_classes
+        if n and self.null_class is not None and self.null_class == n - 1:
+            return n - 1
+        return n

@@ -1,0 +1,296 @@
+"""Quantized layers: wrappers around ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Linear``.
+
+A :class:`QuantLayer` holds the original module (its weight is the only copy) and
+quantizers for the weight and the input. It has two states:
+
+* calibrating: the float weight is fake-quantized on every forward, so the quantizers'
+  step sizes and rounding can be learned;
+* frozen (:meth:`QuantLayer.freeze`): the float weight is replaced by its integer codes
+  (``uint8``, what is saved), and the forward runs a backend module built from the
+  layer's :class:`~accuquant.backends.LayerSpec` (:mod:`accuquant.backends`). A saved and
+  reloaded model builds the same module, so its outputs are bit-identical.
+
+Shortcut splitting: a layer whose input is the channel concatenation ``[h, skip]`` (the
+shortcut conv of a UNet up-block resnet) gets two input quantizers and two weight
+quantizers, one per part, split at input channel ``split``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import QUANT_PROCESSORS, QuantAttnProcessor
+from ..backends import Grid, LayerSpec, get_backend
+from ..config import QuantConfig
+from ..errors import AccuQuantError
+from .quantizers import UniformQuantizer
+
+WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def _weight_quantizer(weight: torch.Tensor, cfg: QuantConfig) -> UniformQuantizer:
+    if cfg.weight_granularity == "channel":
+        shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
+        return UniformQuantizer(cfg.weight_bits, cfg.weight_symmetric, shape, axis=0)
+    return UniformQuantizer(cfg.weight_bits, cfg.weight_symmetric)
+
+
+class QuantLayer(nn.Module):
+    """A Conv1d/Conv2d/Linear with fake-quantized weight and input.
+
+    Args:
+        module: the layer to wrap (kept, not copied).
+        cfg: bit widths and grids.
+        split: input channel at which a concatenated input is split (shortcut splitting),
+            or ``None``.
+    """
+
+    def __init__(self, module: nn.Module, cfg: QuantConfig, split: int | None = None):
+        super().__init__()
+        if not isinstance(module, WRAPPABLE):
+            raise TypeError(f"cannot wrap {type(module).__name__}")
+        self.module = module
+        self.split = split
+        w = module.weight
+        parts = [w] if split is None else [w[:, :split], w[:, split:]]
+        self.weight_quant = nn.ModuleList(
+            [_weight_quantizer(p, cfg) for p in parts] if cfg.weight_bits is not None else []
+        )
+        n_in = 1 if split is None else 2
+        self.input_quant = nn.ModuleList(
+            [UniformQuantizer(cfg.act_bits, cfg.act_symmetric) for _ in range(n_in)] if cfg.act_bits is not None else []
+        )
+        self.register_buffer("weight_codes", None)
+        self.register_module("kernel", None)  # the backend module, once frozen
+        self.codes_in_kernel = False  # the codes were dropped: the kernel holds the only copy
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def frozen(self) -> bool:
+        return self.weight_codes is not None or self.codes_in_kernel
+
+    def _need_codes(self) -> None:
+        if self.codes_in_kernel:
+            b = self.kernel.runs_on
+            raise AccuQuantError(f"this model's integer weights live only in its {b} kernels (a model loaded with "
+                                 f"backend {b} keeps no other copy); load it again for another backend or to save it")
+
+    def _parts(self, t: torch.Tensor, dim: int) -> list[torch.Tensor]:
+        if self.split is None:
+            return [t]
+        return [t.narrow(dim, 0, self.split), t.narrow(dim, self.split, t.shape[dim] - self.split)]
+
+    def weight_parts(self) -> list[tuple[UniformQuantizer, torch.Tensor]]:
+        """Each weight quantizer with the slice of the float weight it quantizes (both halves
+        of a split layer; the layer must not be frozen)."""
+        return list(zip(self.weight_quant, self._parts(self.module.weight, 1)))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as the forward uses it (dequantized codes when frozen)."""
+        if self.frozen:
+            self._need_codes()
+            parts = self._parts(self.weight_codes, 1)
+            return torch.cat(
+                [q.from_int(c.to(torch.int16) + q.qmin) for q, c in zip(self.weight_quant, parts)], dim=1
+            )
+        if not self.weight_quant:
+            return self.module.weight
+        return torch.cat([q(p) for q, p in self.weight_parts()], dim=1)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_quant:
+            return x
+        ch_dim = 1 if isinstance(self.module, (nn.Conv1d, nn.Conv2d)) else -1
+        if self.split is None:
+            return self.input_quant[0](x)
+        return torch.cat([q(p) for q, p in zip(self.input_quant, self._parts(x, ch_dim))], dim=ch_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x)
+        x = self.quantize_input(x)
+        w = self.weight
+        if isinstance(self.module, nn.Linear):
+            return F.linear(x, w, self.module.bias)
+        return self.module._conv_forward(x, w, self.module.bias)
+
+    @torch.no_grad()
+    def freeze(self, backend: str = "fake") -> None:
+        """Replace the float weight by its integer codes (stored as ``q - qmin``, uint8) and
+        run the layer on ``backend`` from here on. A kernel that holds the weight itself
+        (``holds_weights``: the int8 backend's prepacked tensors) takes the only copy: the
+        codes are dropped, so the model stays small, and can no longer be saved or moved."""
+        build = get_backend(backend)
+        self._need_codes()
+        if not self.frozen and self.weight_quant:
+            codes = [q.to_int(p) - q.qmin for q, p in self.weight_parts()]
+            self.weight_codes = torch.cat(codes, dim=1).to(torch.uint8)
+            for q in self.weight_quant:
+                q.alpha = None
+                q.codes = None
+            del self.module.weight
+        self.kernel = build(self.spec())
+        if getattr(self.kernel, "holds_weights", False):
+            self.weight_codes, self.codes_in_kernel = None, True
+
+    @torch.no_grad()
+    def spec(self) -> LayerSpec:
+        """The deployable description of this layer (integer codes when frozen)."""
+        m = self.module
+        grids = lambda qs: [Grid(q.scale.detach(), q.zero_point, q.bits, q.symmetric) for q in qs]  # noqa: E731
+        codes = None
+        if self.frozen:
+            self._need_codes()
+            parts = self._parts(self.weight_codes, 1)
+            codes = torch.cat([c.to(torch.int16) + q.qmin for q, c in zip(self.weight_quant, parts)], dim=1)
+        elif self.weight_quant:
+            codes = torch.cat([q.to_int(p) for q, p in self.weight_parts()], dim=1)
+        kind = "linear" if isinstance(m, nn.Linear) else "conv1d" if isinstance(m, nn.Conv1d) else "conv2d"
+        conv = {} if kind == "linear" else dict(stride=m.stride, padding=m.padding, dilation=m.dilation,
+                                                 groups=m.groups, padding_mode=m.padding_mode)
+        bias = m.bias.detach() if m.bias is not None else None
+        return LayerSpec(kind, codes, grids(self.weight_quant) if codes is not None else [], grids(self.input_quant),
+                         bias, weight=None if codes is not None else m.weight.detach(), split=self.split, **conv)
+
+    def extra_repr(self) -> str:
+        return f"split={self.split}, frozen={self.frozen}"
+
+
+@dataclass
+class WrapReport:
+    """What :func:`wrap_model` did, by module name."""
+
+    quantized: list[str] = field(default_factory=list)
+    kept_fp: list[str] = field(default_factory=list)
+    split: dict[str, int] = field(default_factory=dict)
+    attention: list[str] = field(default_factory=list)
+    attention_fp: list[str] = field(default_factory=list)
+    other_fp: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WrapReport":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None = None,
+               processors: tuple[str, ...] = (), attention: list[str] | None = None) -> WrapReport:
+    """Wrap every Conv/Linear of ``model`` in place and install quantized attention processors.
+
+    Args:
+        model: a diffusers denoiser (or any ``nn.Module``).
+        cfg: the quantization config; its ``keep_fp`` patterns (``None``: none) stay in
+            full precision (the caller resolves a family's defaults into it).
+        splits: module name -> input split channel, for shortcut splitting.
+        processors: class names of the attention processors replaced by their quantized
+            twin (others carry their own logic and keep it, their matmul inputs in FP).
+        attention: instead of ``processors``, the names of the attention modules whose
+            processor is replaced (what a saved model recorded).
+
+    Returns:
+        a :class:`WrapReport` naming what was quantized and what stayed in full precision.
+    """
+    splits = splits if cfg.split_shortcut and splits else {}
+    keep_fp = cfg.keep_fp or ()
+    report = WrapReport()
+    targets = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLayer):
+            raise AccuQuantError("the model is already quantized")
+        if isinstance(mod, WRAPPABLE):
+            targets.append((name, mod))
+        elif any(p is not None for p in mod._parameters.values()):
+            report.other_fp.append(name)
+    quantize_weights_or_acts = cfg.weight_bits is not None or cfg.act_bits is not None
+    for name, mod in targets:
+        if not quantize_weights_or_acts or any(fnmatch.fnmatchcase(name, p) for p in keep_fp):
+            report.kept_fp.append(name)
+            continue
+        split = splits.get(name)
+        _set_submodule(model, name, QuantLayer(mod, cfg, split))
+        report.quantized.append(name)
+        if split is not None:
+            report.split[name] = split
+    attn_bits, sm_bits = cfg.resolved_attn_bits, cfg.resolved_softmax_bits
+    if attn_bits is not None or sm_bits is not None:
+        chosen = None if attention is None else set(attention)
+        for name, mod in model.named_modules():
+            if not (hasattr(mod, "set_processor") and hasattr(mod, "to_q") and hasattr(mod, "head_to_batch_dim")):
+                continue
+            kind = type(mod.processor).__name__
+            wanted = kind in processors if chosen is None else name in chosen
+            if wanted and kind in QUANT_PROCESSORS:
+                mod.set_processor(QUANT_PROCESSORS[kind](attn_bits, sm_bits, cfg.act_symmetric))
+                report.attention.append(name)
+            elif wanted:
+                raise AccuQuantError(f"{name}: no quantized twin of its attention processor {kind}")
+            else:
+                report.attention_fp.append(name)
+    return report
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def all_quantizers(model: nn.Module) -> dict[str, UniformQuantizer]:
+    """Every quantizer of a wrapped model, by a stable dotted name."""
+    out: dict[str, UniformQuantizer] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, UniformQuantizer):
+            out[name] = mod
+    return out
+
+
+def freeze_model(model: nn.Module, backend: str = "fake") -> None:
+    """Freeze every :class:`QuantLayer` (weights become integer codes) and run it on
+    ``backend`` (a frozen model can be moved to another backend the same way); the
+    quantized attention processors learn the backend too (see :class:`QuantAttnProcessor`)."""
+    get_backend(backend)
+    for layer in quant_layers(model).values():
+        layer.freeze(backend)
+    for m in model.modules():
+        if isinstance(m, QuantAttnProcessor):
+            m.backend = backend
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors ``model`` holds: its parameters and buffers (each storage once)
+    and the opaque prepacked weights of its kernels (``packed``)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    for m in model.modules():
+        total += sum(p.numel() * p.element_size() for p in getattr(m, "packed", ()))
+    return total
+
+
+def placement(model: nn.Module) -> dict[str, list[str]]:
+    """Frozen layers by the backend that runs them; a fallback's entry gives its reason."""
+    out: dict[str, list[str]] = {}
+    for name, layer in quant_layers(model).items():
+        k = layer.kernel
+        if k is None:
+            continue
+        where = getattr(k, "runs_on", "fake")
+        why = getattr(k, "why", None)
+        out.setdefault(where, []).append(name + (f" ({why})" if why else ""))
+    return out
