@@ -35,7 +35,7 @@ import torch
 import accuquant as aq
 from accuquant import bundled
 from accuquant.eval.evaluation import evaluate, to_json_safe
-from accuquant.api import METHODS
+from accuquant.methods import METHODS
 from accuquant.io.files import atomic_path
 from accuquant.eval.compare import parse_bits
 
@@ -76,7 +76,7 @@ def quant_config(bits: str, opts: dict) -> tuple[aq.QuantConfig, dict]:
 
 
 def denoiser_evals(q: aq.Pipeline) -> int:
-    log = q.quant["method_log"]
+    log = q.quant.method_log
     ev = log.get("evaluations", {})
     return int(ev.get("forward", 0) + ev.get("backward", 0))
 
@@ -114,10 +114,10 @@ def main() -> None:
                 q = aq.quantize(fp, cfg, method, steps=args.steps, calib_samples=args.calib_samples, seed=seed,
                                 progress=False, **method_opts)
                 wall = time.perf_counter() - t0
-                log = q.quant["method_log"]
+                log = q.quant.method_log
                 r = evaluate(q, base=fp, num=args.num, steps=args.steps, progress=False)
                 runs.append({"seed": seed, **{c: r[c] for c in COLS}, "wall_s": round(wall, 1),
-                             "method_s": log.get("seconds", q.quant["timing_s"]["method"]),
+                             "method_s": log.get("seconds", q.quant.timing_s["method"]),
                              "init_s": log.get("init", {}).get("seconds"),
                              "evals": denoiser_evals(q), "final_loss": (log.get("loss_curve") or [None])[-1]})
                 print(json.dumps({"bits": bits, "label": label, **runs[-1]}), flush=True)

@@ -40,7 +40,7 @@ def _wrapped(batch: int):
 
     pipe = aq.load(bundled.DEFAULT_MODEL)
     solver = aq.make_solver("ddim", pipe.scheduler_config, 20)
-    wrap_model(pipe.model, aq.QuantConfig(weight_bits=4, act_bits=8), pipe.denoiser().shortcut_splits())
+    pipe.denoiser().wrap(aq.QuantConfig(weight_bits=4, act_bits=8))
     return pipe, solver
 
 
@@ -48,8 +48,9 @@ def setup(batch: int, folder: Path) -> None:
     """Once: FP trajectories and naive W4A8 quantizers, saved for the measuring processes."""
     from accuquant.calibrate.block_data import quantization_disabled
     from accuquant.io.checkpoint import save_checkpoint
-    from accuquant.calibrate.loop import Run, calibrate
-    from accuquant.methods.naive import NaiveConfig
+    from accuquant.calibrate.loop import calibrate
+    from accuquant.calibrate.protocol import Run
+    from accuquant.methods.naive import Naive, NaiveConfig
 
     import accuquant as aq
 
@@ -57,7 +58,7 @@ def setup(batch: int, folder: Path) -> None:
     den = pipe.denoiser()
     with quantization_disabled(pipe.model):  # FP trajectories
         calib = aq.collect_trajectories(den, solver, batch, cond=pipe.conditions(batch), progress=False)
-    calibrate(Run(den, solver, calib, aq.QuantConfig(weight_bits=4, act_bits=8), progress=False), NaiveConfig())
+    calibrate(Run(den, solver, calib, aq.QuantConfig(weight_bits=4, act_bits=8), progress=False), Naive(NaiveConfig()))
     calib.save(folder / "calib.safetensors")
     save_checkpoint(folder / "quantizers.safetensors", pipe.model, "memory", 0)
 

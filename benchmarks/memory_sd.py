@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from accuquant.calibrate.block_data import parse_size
+from accuquant.config import parse_size
 from accuquant.io.files import atomic_path
 from common import ROOT, sd15_conditions, sd15_unet
 
@@ -72,7 +72,7 @@ def _wrapped(latent: int, folder: Path):
     den = pipe.denoiser()
     for p in pipe.model.parameters():  # quantizer parameters only take gradients, as in calibration
         p.requires_grad_(False)
-    wrap_model(pipe.model, aq.QuantConfig(**CONFIG), den.shortcut_splits())
+    den.wrap(aq.QuantConfig(**CONFIG))
     load_quantizers(pipe.model, read_checkpoint(folder / "quantizers.safetensors", "memory-sd")[1])
     return pipe, den
 
@@ -96,7 +96,9 @@ def child(kind: str, value: str, latent: int, folder: Path) -> dict:
         out.update(file_mb=(folder / f"calib{n}.safetensors").stat().st_size / 2**20)
     elif kind == "setup":  # min-max ranges on the smallest set, saved for the other processes
         from accuquant.io.checkpoint import save_checkpoint
-        from accuquant.calibrate.loop import Run, calibrate
+        from accuquant.calibrate.loop import calibrate
+        from accuquant.calibrate.protocol import Run
+        from accuquant.methods.naive import Naive
         from accuquant.quant.layers import wrap_model
         from accuquant.methods.naive import NaiveConfig
 
@@ -104,8 +106,8 @@ def child(kind: str, value: str, latent: int, folder: Path) -> dict:
         den = pipe.denoiser()
         calib = aq.Trajectories.load(folder / "calib.safetensors")
         cfg = aq.QuantConfig(**CONFIG)
-        wrap_model(pipe.model, cfg, den.shortcut_splits())
-        calibrate(Run(den, solver_of(pipe), calib, cfg, batch_size=4, progress=False), NaiveConfig(act_calib_pairs=8))
+        den.wrap(cfg)
+        calibrate(Run(den, solver_of(pipe), calib, cfg, batch_size=4, progress=False), Naive(NaiveConfig(act_calib_pairs=8)))
         save_checkpoint(folder / "quantizers.safetensors", pipe.model, "memory-sd", 0)
         return out
     elif kind == "capture":

@@ -39,7 +39,7 @@ def main() -> None:
             params = sum(p.numel() for p in model.parameters())
             for bits in (8, 4, 3, 2):
                 pipe = aq.Pipeline(model, dict(diffusers.DDIMScheduler().config))
-                q = aq.quantize(pipe, aq.QuantConfig(weight_bits=bits, act_bits=8), steps=2, calib_samples=2,
+                q = aq.quantize(pipe, aq.QuantConfig(weight_bits=bits, act_bits=8), "naive", steps=2, calib_samples=2,
                                 progress=False, use_cache=False)
                 out = tmp / name / f"w{bits}"
                 q.save(out)

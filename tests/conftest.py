@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import diffusers
 import pytest
 import torch
@@ -9,10 +11,15 @@ import torch
 import accuquant as aq
 
 
-def tiny_unet(num_class_embeds: int | None = 11, channels=(32, 64), in_channels: int = 1, seed: int = 0):
+def tiny_unet(num_class_embeds: int | None = 11, channels=(32, 64), in_channels: int = 1, seed: int = 0,
+              sample_size: int = 16):
+    """A tiny untrained UNet2DModel: two levels (the second with attention), class-conditional
+    with ``num_class_embeds`` labels (the last one the null class) or unconditional (``None``).
+    ``tiny_unet(channels=(16, 32), sample_size=28)`` is the 28x28 digit model of
+    :func:`digit_pipeline_dir`."""
     torch.manual_seed(seed)
     return diffusers.UNet2DModel(
-        sample_size=16,
+        sample_size=sample_size,
         in_channels=in_channels,
         out_channels=in_channels,
         block_out_channels=channels,
@@ -22,23 +29,6 @@ def tiny_unet(num_class_embeds: int | None = 11, channels=(32, 64), in_channels:
         norm_num_groups=8,
         attention_head_dim=8,
         num_class_embeds=num_class_embeds,
-    ).eval()
-
-
-def tiny_digit_unet(seed: int = 0):
-    """A 1x28x28 class-conditional UNet (10 classes + null class), untrained."""
-    torch.manual_seed(seed)
-    return diffusers.UNet2DModel(
-        sample_size=28,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=8,
-        num_class_embeds=11,
     ).eval()
 
 
@@ -101,17 +91,23 @@ def tiny_pipeline_dir(tmp_path):
     return path
 
 
-@pytest.fixture
-def digit_pipeline_dir(tmp_path):
-    """A tiny class-conditional 28x28 pipeline on disk, with sampling defaults (guidance 2)."""
+def save_digit_pipeline(path: Path) -> Path:
+    """A tiny class-conditional 28x28 DDIM pipeline (10 classes and the null class) saved to
+    ``path``, with sampling defaults (guidance 2)."""
     import json
 
-    path = tmp_path / "digits"
     sched = diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
-    diffusers.DDIMPipeline(unet=tiny_digit_unet(), scheduler=sched).save_pretrained(str(path))
+    unet = tiny_unet(channels=(16, 32), sample_size=28)
+    diffusers.DDIMPipeline(unet=unet, scheduler=sched).save_pretrained(str(path))
     (path / "accuquant_sampling.json").write_text(json.dumps({"guidance_scale": 2.0, "num_classes": 10,
                                                               "null_class": 10}))
     return path
+
+
+@pytest.fixture
+def digit_pipeline_dir(tmp_path):
+    """The tiny 28x28 class-conditional pipeline of :func:`save_digit_pipeline`, on disk."""
+    return save_digit_pipeline(tmp_path / "digits")
 
 
 def tiny_vae(seed: int = 0):

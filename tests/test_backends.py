@@ -24,7 +24,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _wrapped_unet(cfg: aq.QuantConfig, seed: int = 0):
     """A tiny UNet wrapped with hand-set ranges (asymmetric activations with zero points)."""
     model = tiny_unet()
-    wrap_model(model, cfg, shortcut_splits(model))
+    aq.make_denoiser(model).wrap(cfg)
     g = torch.Generator().manual_seed(seed)
     weight_ids = set()
     for layer in quant_layers(model).values():
@@ -135,7 +135,8 @@ def test_spec_describes_a_split_layer():
     layer = model.get_submodule("up_blocks.0.resnets.0.conv_shortcut")
     layer.freeze()
     spec = layer.spec()
-    assert spec.kind == "conv2d" and spec.split == 64 and spec.weight_bits == 4 and spec.input_bits == 8
+    assert spec.kind == "conv2d" and spec.split == 64 and spec.weight_bits == 4
+    assert [g.bits for g in spec.input_grids] == [8, 8]
     assert len(spec.weight_grids) == 2 and len(spec.input_grids) == 2 and spec.bias is not None
     assert spec.weight_codes.dtype == torch.int16 and spec.weight_codes.shape == layer.weight_codes.shape
     for g, c in zip(spec.weight_grids, spec.parts(spec.weight_codes, 1)):

@@ -303,6 +303,68 @@ def batch_smaller_than_its_pieces(c):
     return args
 
 
+# an output onto the input model: refused before anything is read (the model is left as it was)
+def out_is_the_model(c):
+    c.out = c.copy("tiny_pipeline_dir")
+    return quantize(c.out, c.out, "--overwrite")
+
+
+def out_inside_the_model(c):
+    m = c.copy("tiny_pipeline_dir")
+    c.out = m / "quantized"
+    return quantize(m, c.out, "--overwrite")
+
+
+def out_holding_the_model(c):
+    c.out = c.tmp / "models"
+    shutil.copytree(c.fixture("tiny_pipeline_dir"), c.out / "tiny")
+    return quantize(c.out / "tiny", c.out, "--overwrite")
+
+
+def out_linked_to_the_model(c):
+    m = c.copy("tiny_pipeline_dir")
+    c.out = c.tmp / "link"
+    os.symlink(m, c.out)
+    return quantize(m, c.out, "--overwrite")
+
+
+def out_is_a_bundled_model(c):
+    from accuquant import bundled
+
+    c.out = bundled.ASSETS / "mnist-ddpm"  # no --overwrite: were the check missing, "not empty" would refuse it
+    return quantize("bundled:mnist-ddpm", c.out)
+
+
+def grid_inside_the_model(c):
+    m = c.copy("tiny_pipeline_dir")
+    c.grid = m / "grid.png"
+    return sample(m, c.grid)
+
+
+def analysis_inside_the_base(c):
+    base = c.copy("tiny_pipeline_dir")
+    c.grid = base / "errors.png"  # one of the two files of the prefix
+    return ["analyze", "--model", str(c.fixture("tiny_pipeline_dir")), "--base", str(base), "--out",
+            str(base / "errors"), "--num", "2", "--steps", "2", "--quiet"]
+
+
+def compare_out_inside_the_model(c):
+    m = c.copy("tiny_pipeline_dir")
+    c.out = m / "comparison"
+    return ["compare", "--model", str(m), "--out", str(c.out), "--methods", "naive", "--bits", "w8a8", "--quiet"]
+
+
+def export_out_is_the_model(c):
+    c.out = c.copy("tiny_pipeline_dir")
+    return ["export", "--model", str(c.out), "--out", str(c.out), "--overwrite"]
+
+
+#: the cases of an output onto its input model, one or more per writing command
+ONTO_INPUT = [out_is_the_model, out_inside_the_model, out_holding_the_model, out_linked_to_the_model,
+              out_is_a_bundled_model, grid_inside_the_model, analysis_inside_the_base, compare_out_inside_the_model,
+              export_out_is_the_model]
+
+
 #: (id, what is wrong, what the message says); the README's table lists the same
 CASES = [
     (config_missing_key, "a model `config.json` missing a key", "cannot load UNet2DModel"),
@@ -351,6 +413,19 @@ CASES = [
      "a batch of 2 cannot be split into 4 pieces"),
     (unreadable_prompt_file, "a prompt file that is not UTF-8 text", "cannot read the prompt file"),
     (bad_memory_size, "a `--max-memory` that is not a size", "expected a number with a unit, e.g. 4GB"),
+    (out_is_the_model, "a `quantize --out` that is the input model's directory", "the output is the input model"),
+    (out_inside_the_model, "a `quantize --out` inside the input model's directory",
+     "the output lies inside the input model"),
+    (out_holding_the_model, "a `quantize --out` that contains the input model", "the output contains the input model"),
+    (out_linked_to_the_model, "a `quantize --out` that is a symbolic link to the input model",
+     "the output is the input model"),
+    (out_is_a_bundled_model, "a `quantize --out` that is the bundled model quantized", "the output is the input model"),
+    (grid_inside_the_model, "a `sample --out` inside the model's directory", "the output lies inside the input model"),
+    (analysis_inside_the_base, "an `analyze --out` prefix inside the FP base model's directory",
+     "the output lies inside the input model"),
+    (compare_out_inside_the_model, "a `compare --out` inside the model's directory",
+     "the output lies inside the input model"),
+    (export_out_is_the_model, "an `export --out` that is the model's directory", "the output is the input model"),
 ]
 
 
@@ -381,6 +456,60 @@ def test_bad_input_is_one_line_and_writes_nothing(case, what, message, tmp_path,
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("case", ONTO_INPUT, ids=[f.__name__ for f in ONTO_INPUT])
+def test_an_output_onto_its_input_is_refused_before_the_model_is_read(case, tmp_path, request, capsys,
+                                                                      monkeypatch):
+    """Each writing command (quantize, sample, analyze, compare, export) checks its output
+    against the models it reads first: nothing is loaded, quantized or written."""
+    import accuquant.api
+    import accuquant.io.load
+
+    c = Ctx(tmp_path, request)
+    argv = case(c)
+    from accuquant import bundled
+
+    model = Path(bundled.resolve_ref(argv[argv.index("--base" if "--base" in argv else "--model") + 1]))
+    before = {p: p.stat().st_mtime_ns for p in model.rglob("*")}
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was read before the output was checked")
+
+    monkeypatch.setattr(accuquant.io.load, "load_pipeline", refuse)
+    monkeypatch.setattr(accuquant.api, "quantize", refuse)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("accuquant: error: ") and len(err.splitlines()) == 1, err
+    assert " the input model " in err and "; write it elsewhere" in err
+    assert {p: p.stat().st_mtime_ns for p in model.rglob("*")} == before
+
+
+def test_an_output_is_checked_against_its_input_model(tmp_path):
+    """The output may not be the model, lie inside it or contain it: links resolved, bundled
+    models by name or reference; hub ids and in-memory models are not paths to check."""
+    from accuquant import bundled
+    from accuquant.errors import AccuQuantError
+    from accuquant.io.files import check_not_inside
+
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(model)
+    refused = [(model, model, "is"), (model / "unet" / "q", model, "lies inside"), (tmp_path, model, "contains"),
+               (tmp_path / "link", model, "is"), (tmp_path / "link" / "g.png", model, "lies inside"),
+               (model / "unet" / ".." / "q", model, "lies inside"), (model / "q", tmp_path / "link", "lies inside"),
+               (str(model), str(model), "is"), (bundled.ASSETS / "mnist-sd", "bundled:mnist-sd", "is"),
+               (bundled.ASSETS / "mnist-sd" / "g.png", "mnist-sd", "lies inside"),
+               (bundled.ASSETS, "bundled:mnist-dit", "contains")]
+    for out, source, where in refused:
+        with pytest.raises(AccuQuantError, match=f"the output {where} the input model"):
+            check_not_inside(out, source)
+    for out, source in [(tmp_path / "model2", model), (tmp_path / "model-q", model), (tmp_path / "q", "org/model"),
+                        (tmp_path / "q", None), (tmp_path / "q", torch.nn.Linear(1, 1)),
+                        (bundled.ASSETS / "mnist-sd", "bundled:mnist-dit")]:
+        check_not_inside(out, source)  # not refused
+
+
+@pytest.mark.slow
 def test_full_disk_is_one_line_and_leaves_nothing(tiny_pipeline_dir, tmp_path):
     """A write that fails for want of space (simulated with a file-size limit) is refused in
     one line, after which neither the output nor a temporary file is left."""

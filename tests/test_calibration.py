@@ -41,8 +41,8 @@ def test_quantize_reuses_cached_calibration(tmp_path, monkeypatch):
 
     real = api.collect_trajectories
     monkeypatch.setattr(api, "collect_trajectories", lambda *a, **k: calls.append(1) or real(*a, **k))
-    q1 = aq.quantize(pipe, steps=3, calib_samples=4, progress=False)
-    q2 = aq.quantize(pipe, steps=3, calib_samples=4, progress=False)
+    q1 = aq.quantize(pipe, method="naive", steps=3, calib_samples=4, progress=False)
+    q2 = aq.quantize(pipe, method="naive", steps=3, calib_samples=4, progress=False)
     assert len(calls) == 1
     cached = list((tmp_path / "cache" / "calib").glob("*.safetensors"))
     assert len(cached) == 1

@@ -58,7 +58,13 @@ def _assert_refused(code, err, out_path=None):
     [
         (["--act-bits", "1"], "act_bits: 1 bits is out of range"),
         (["--weight-bits", "four"], "expected a bit width"),
-        (["--device", "tpu"], "--device"),  # more in test_bad_inputs.py
+        (["--device", "tpu"], "device: expected cpu, cuda or cuda:N"),  # more in test_bad_inputs.py
+        (["--percentile", "40"], "percentile: expected a value in (50, 100]"),
+        (["--percentile", "many"], "percentile: expected a value in (50, 100], got 'many'"),
+        (["--weight-granularity", "row"], "weight_granularity: 'row' is not one of channel, tensor"),
+        (["--act-granularity", "channel"], "act_granularity: only 'tensor' is supported"),
+        (["--act-init", "magic"], "act_init: 'magic' is not one of minmax, percentile, mse"),
+        (["--attn-bits", "eleven"], "attn_bits: expected a bit width"),
     ],
 )
 def test_bad_options_are_refused(tiny_pipeline_dir, tmp_path, capsys, extra, message):
@@ -194,6 +200,7 @@ def test_each_method_takes_only_its_own_flags(tiny_pipeline_dir, tmp_path, capsy
     assert "grad: 'magic' is not one of exact, checkpoint, approx" in err
 
 
+@pytest.mark.slow
 def test_accuquant_from_the_command_line(digit_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "q"
     code, stdout, err = run(capsys, "quantize", "--model", digit_pipeline_dir, "--steps", "4", "--calib-samples", "4",
@@ -215,6 +222,7 @@ def _per_step_cmd(model, out, cache):
             "--iters", "60", "--act-iters", "10", "--samples-per-step", "2", "--out", str(out), "--quiet"]
 
 
+@pytest.mark.slow
 def test_per_step_killed_with_ctrl_c_resumes_to_the_same_model(digit_pipeline_dir, tmp_path):
     """A real interruption: SIGINT to the process once a block is done, then --resume (early,
     so that under load the run cannot finish before the signal lands)."""
@@ -262,3 +270,108 @@ def test_per_step_killed_with_ctrl_c_resumes_to_the_same_model(digit_pipeline_di
     log = json.loads((tmp_path / "resumed" / "accuquant.json").read_text())["method_log"]
     assert log["resumed_at"]["unit"] >= 1
     assert not list(runs.glob("*.safetensors"))  # the checkpoint is gone once the run finished
+
+
+# --------------------------------------------------------------------------- one option system
+def _quantize_parser():
+    from accuquant.cli import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices["quantize"]
+
+
+def test_quantization_flags_build_the_config_through_its_own_parsing():
+    """Every QuantConfig option is a flag: bools switch from their default, keep_fp repeats,
+    bit widths go through the config's parsing (none, act, 16)."""
+    import accuquant as aq
+    from accuquant.cli import build_parser
+    from accuquant.cli.options import quant_config
+
+    args = build_parser().parse_args([
+        "quantize", "--weight-bits", "none", "--act-bits", "6", "--attn-bits", "act", "--softmax-bits", "16",
+        "--weight-granularity", "tensor", "--act-granularity", "tensor", "--weight-symmetric", "--act-symmetric",
+        "--keep-fp", "conv_in", "--keep-fp", "*.proj_out", "--no-split-shortcut", "--weight-init", "minmax",
+        "--act-init", "percentile", "--percentile", "99.5"])
+    assert quant_config(args) == aq.QuantConfig(
+        weight_bits=None, act_bits=6, attn_bits="act", softmax_bits=None, weight_granularity="tensor",
+        weight_symmetric=True, act_symmetric=True, keep_fp=("conv_in", "*.proj_out"), split_shortcut=False,
+        weight_init="minmax", act_init="percentile", percentile=99.5)
+    # nothing given: the config's own defaults (W4A8, the family's layers kept in FP)
+    assert quant_config(build_parser().parse_args(["quantize"])) == aq.QuantConfig()
+
+
+def test_command_line_defaults_are_the_shared_ones():
+    """The defaults the command line shows and uses are config.py's (and compare's settings')."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from accuquant import config
+    from accuquant.cli import build_parser
+    from accuquant.eval.compare import CompareSettings
+
+    p = build_parser()
+    q = p.parse_args(["quantize"])
+    assert (q.method, q.calib_samples, q.max_memory) == (
+        config.DEFAULT_METHOD, config.DEFAULT_CALIB_SAMPLES, config.parse_size(config.DEFAULT_MAX_MEMORY))
+    c = p.parse_args(["compare"])
+    for f in dataclasses.fields(CompareSettings):
+        if f.default is not dataclasses.MISSING and f.name != "prompts":  # --prompt, --prompt-file
+            assert getattr(c, f.name) == f.default, f.name
+    assert c.prompt is None and c.prompt_file is None
+    assert c.steps == config.DEFAULT_STEPS and c.calib_samples == config.DEFAULT_CALIB_SAMPLES
+    assert p.parse_args(["speed", "--model", "m"]).steps == config.DEFAULT_STEPS
+    helptext = " ".join(_quantize_parser().format_help().split())
+    assert f"samples per forward pass (default {config.DEFAULT_BATCH_SIZE})" in helptext
+    assert f"sampling steps (default {config.DEFAULT_STEPS}," in helptext
+    # no default of the calibration run is written again in the command line's code
+    cli = Path(__import__("accuquant.cli").cli.__file__).parent
+    literal = re.compile(r"default=(20|64|32|4|\"2GB\"|\"accuquant\")\b")
+    assert not [(f.name, m.group()) for f in cli.glob("*.py") for m in literal.finditer(f.read_text())]
+
+
+def test_keep_fp_help_names_every_family_default(monkeypatch):
+    from accuquant.models import ADAPTERS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option
+    (line,) = [ln for ln in _quantize_parser().format_help().splitlines() if ln.strip().startswith("--keep-fp ")]
+    assert "conv_in, conv_out" in line and "replace the family's" in line
+    for name, cls in ADAPTERS.items():
+        assert name in line and all(p in line for p in cls.keep_fp), name
+
+
+def test_new_quantization_flags_reach_the_saved_config(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    """Options that had no flag before (act_symmetric, granularity, range search) are used, and
+    the default output is named by the bits label (a part in FP: wfp)."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    args = _quantize_args(tiny_pipeline_dir, "unused", "--act-symmetric", "--weight-granularity", "tensor",
+                          "--weight-init", "minmax", "--act-init", "percentile", "--percentile", "99.5",
+                          "--keep-fp", "conv_in", "--no-split-shortcut")
+    del args[args.index("--out"):args.index("--out") + 2]
+    args[args.index("--weight-bits") + 1] = "none"
+    code, stdout, err = run(capsys, *args)
+    assert code == 0, err
+    out = tmp_path / "runs" / "tiny-pipeline-naive-wfpa8"
+    cfg = json.loads((out / "accuquant.json").read_text())["config"]
+    assert cfg["weight_bits"] is None and cfg["act_bits"] == 8 and cfg["act_symmetric"] is True
+    assert (cfg["weight_granularity"], cfg["weight_init"], cfg["act_init"]) == ("tensor", "minmax", "percentile")
+    assert cfg["percentile"] == 99.5 and cfg["keep_fp"] == ["conv_in"] and cfg["split_shortcut"] is False
+    assert "(0 shortcut-split)" in stdout and "kept in full precision: conv_in;" not in stdout
+    assert "kept in full precision: conv_in" in stdout
+
+
+def test_each_command_is_its_own_module_and_main_keeps_the_contract(capsys):
+    """The split CLI: one module per command (add_parser, run), none over 400 lines; main
+    turns a usage error into one line and exit status 2."""
+    from pathlib import Path
+
+    import accuquant.cli as cli
+
+    for name, module in cli.COMMANDS.items():
+        assert module.__name__ == f"accuquant.cli.{name}" and callable(module.run) and callable(module.add_parser)
+    for f in Path(cli.__file__).parent.glob("*.py"):
+        assert len(f.read_text().splitlines()) <= 400, f.name
+    code, _, err = run(capsys, "quantize", "--micro-batches", "0")
+    _assert_refused(code, err)
+    assert "--micro-batches: expected a positive integer" in err

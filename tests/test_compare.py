@@ -5,12 +5,11 @@ import os
 import sys
 from pathlib import Path
 
-import diffusers
 import pytest
 
 from accuquant.cli import main
 from accuquant.eval.report import markdown_table, table_rows
-from conftest import tiny_digit_unet
+from conftest import save_digit_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--methods", "naive", "--bits", "w8a8,w2a4", "--num", "16", "--analyze-num", "8", "--steps", "3",
@@ -21,11 +20,7 @@ ARGS = ["--methods", "naive", "--bits", "w8a8,w2a4", "--num", "16", "--analyze-n
 def comparison(tmp_path_factory):
     """One comparison of a tiny 28x28 class-conditional model, shared by the tests here."""
     root = tmp_path_factory.mktemp("compare")
-    model = root / "digits"
-    sched = diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
-    diffusers.DDIMPipeline(unet=tiny_digit_unet(), scheduler=sched).save_pretrained(str(model))
-    (model / "accuquant_sampling.json").write_text(json.dumps({"guidance_scale": 2.0, "num_classes": 10,
-                                                               "null_class": 10}))
+    model = save_digit_pipeline(root / "digits")
     old = os.environ.get("ACCUQUANT_CACHE")
     os.environ["ACCUQUANT_CACHE"] = str(root / "cache")
     try:
@@ -39,6 +34,7 @@ def comparison(tmp_path_factory):
             os.environ["ACCUQUANT_CACHE"] = old
 
 
+@pytest.mark.slow
 def test_compare_scores_every_pair_and_writes_the_report(comparison):
     model, out = comparison
     res = json.loads((out / "results.json").read_text())
@@ -66,6 +62,7 @@ def test_compare_scores_every_pair_and_writes_the_report(comparison):
     assert "src=\"grid" not in html  # self-contained: no file references
 
 
+@pytest.mark.slow
 def test_a_rerun_keeps_finished_pairs_and_other_settings_are_refused(comparison, capsys):
     model, out = comparison
     stamp = (out / "models" / "naive-w8a8" / "accuquant.json").stat().st_mtime_ns
@@ -98,8 +95,9 @@ def test_a_rerun_keeps_finished_pairs_and_other_settings_are_refused(comparison,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bits", "w9a8"], "bits"),
-    (["--bits", "w4"], "w<bits>a<bits>"),
+    (["--bits", "w9a8"], "--bits: weight bits: 9 bits is out of range"),
+    (["--bits", "w4"], "--bits: bit widths 'w4': not of the form w<bits>a<bits>"),
+    (["--bits", "w4,w8a8"], "--bits: bit widths 'w4'"),
     (["--methods", "magic"], "unknown method"),
     (["--num", "0"], "num"),
     (["--backend", "magic"], "unknown backend"),
@@ -111,6 +109,7 @@ def test_bad_input_is_refused_in_one_line(tmp_path, capsys, args, message):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_models_can_be_scored_on_the_int8_backend(comparison, tmp_path, capsys):
     """``--backend int8`` scores the saved models on the integer kernels; the backend is part
     of the settings, so the same directory refuses a rerun on another backend."""
@@ -156,6 +155,7 @@ def test_best_values_are_marked_per_bit_width():
     assert "| accuquant | w4a8 | **5.000** |" in md and "| naive | w8a8 | **0.100** |" in md
 
 
+@pytest.mark.slow
 def test_the_report_renders_in_a_headless_browser(comparison):
     sys.path.insert(0, str(ROOT / "scripts"))
     import check_report
@@ -168,3 +168,68 @@ def test_the_report_renders_in_a_headless_browser(comparison):
     loaded, images, rows = check_report.check(out / "report.html", out / "shot.png")
     assert images == 4 and loaded == 4 and rows == 3  # FP and two pairs
     assert (out / "shot.png").stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- prompts
+def test_prompts_are_a_setting_that_leaves_earlier_keys_alone(tmp_path):
+    """Without prompts a comparison's key is what it was before prompts existed (earlier
+    comparisons stay valid); given prompts are part of it (other prompts: other results)."""
+    import dataclasses
+
+    from accuquant.errors import AccuQuantError
+    from accuquant.eval.compare import CompareSettings, prepare_out
+
+    s = CompareSettings(model="m", methods=["naive"], bits=["w4a8"])
+    assert s.run_key() == {"model": "m", "num": 1000, "steps": 20, "scheduler": None, "calib_samples": 64, "seed": 0,
+                           "analyze_num": 256, "grid": 10}
+    p = dataclasses.replace(s, prompts=["the digit 7"])
+    assert p.run_key() == {**s.run_key(), "prompts": ["the digit 7"]}
+    out = tmp_path / "c"
+    (out / "runs").mkdir(parents=True)
+    earlier = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("prompts", "backend")}
+    (out / "compare.json").write_text(json.dumps(earlier))  # written before backends and prompts
+    prepare_out(out, s)
+    assert json.loads((out / "compare.json").read_text())["prompts"] is None
+    with pytest.raises(AccuQuantError, match=r"other settings \(prompts\)"):
+        prepare_out(out, p)
+    for bad in ([], "the digit 7", [""]):
+        with pytest.raises(AccuQuantError, match="prompts: expected a non-empty list"):
+            dataclasses.replace(s, prompts=bad).check()
+
+
+def test_prompts_reach_the_quantize_process_and_the_command_line_settings(tmp_path, monkeypatch):
+    import subprocess
+
+    from accuquant.errors import AccuQuantError
+    from accuquant.eval import compare
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def popen(cmd, **kw):
+        seen["cmd"] = cmd
+        raise Started
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    s = compare.CompareSettings(model="m", methods=["naive"], bits=["wfpa6"], scheduler="ddim",
+                                prompts=["the digit 7", "a handwritten nine"])
+    with pytest.raises(Started):
+        compare.quantize_process(s, "naive", "wfpa6", tmp_path / "q", quiet=True)
+    cmd = seen["cmd"]
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--prompt"] == ["the digit 7", "a handwritten nine"]
+    assert cmd[cmd.index("--weight-bits") + 1] == "none" and cmd[cmd.index("--act-bits") + 1] == "6"
+
+    def run_compare(settings, out, quiet=False):
+        seen["settings"] = settings
+        raise AccuQuantError("stopped here")
+
+    monkeypatch.setattr(compare, "run_compare", run_compare)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten nine\n\n")
+    assert main(["compare", "--out", str(tmp_path / "o"), "--prompt", "the digit 7", "--prompt-file",
+                 str(prompts)]) == 2
+    assert seen["settings"].prompts == ["the digit 7", "a handwritten nine"]
+    assert main(["compare", "--out", str(tmp_path / "o")]) == 2
+    assert seen["settings"].prompts is None

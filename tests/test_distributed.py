@@ -60,7 +60,7 @@ def _worker(rank: int, size: int, root: str, method: str, interrupt_at: int, opt
         q = _quantize(method, **opts)
         if rank == 0:
             save_file(_state(q), os.path.join(root, "state.safetensors"))
-            (open(os.path.join(root, "log.json"), "w")).write(json.dumps(q.quant["method_log"], default=str))
+            (open(os.path.join(root, "log.json"), "w")).write(json.dumps(q.quant.method_log, default=str))
     finally:
         dist.destroy_process_group()
 
@@ -79,6 +79,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="spawned gloo ranks are tested on Linux")
 @pytest.mark.parametrize("method", ["per-step", "accuquant"])
 def test_two_ranks_compute_what_one_process_does_in_two_micro_batches(tmp_path, monkeypatch, one_thread, method):
@@ -95,7 +96,7 @@ def test_two_ranks_compute_what_one_process_does_in_two_micro_batches(tmp_path, 
     if method == "per-step":  # each block's 8 batches: rank 0 captured the first and 4 of the other 7
         blocks = json.loads((tmp_path / "log.json").read_text())["blocks"]
         assert blocks and all(b["rows_captured"] * 8 == b["rows"] * 5 for b in blocks.values()), blocks
-        assert all(b["rows_captured"] == b["rows"] for b in q.quant["method_log"]["blocks"].values())
+        assert all(b["rows_captured"] == b["rows"] for b in q.quant.method_log["blocks"].values())
     # rank 0 alone wrote: the trajectories' cache entry, and no checkpoint is left
     assert len(list((tmp_path / "cache" / "calib").glob("*.safetensors"))) == 1
     assert not list((tmp_path / "cache" / "runs").glob("*.safetensors"))
@@ -130,6 +131,7 @@ def test_micro_batches_give_the_whole_batch_gradient(monkeypatch, one_thread):
         _quantize("accuquant", iters=2, micro_batches=8)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="spawned gloo ranks are tested on Linux")
 def test_an_interrupted_two_rank_run_resumes_on_one_rank(tmp_path, monkeypatch, one_thread):
     """Checkpoints hold nothing rank-specific: 2 ranks interrupted at their 8th optimisation
@@ -141,11 +143,12 @@ def test_an_interrupted_two_rank_run_resumes_on_one_rank(tmp_path, monkeypatch, 
     assert len(list((tmp_path / "cache" / "runs").glob("*.safetensors"))) == 1
     monkeypatch.setenv("ACCUQUANT_CACHE", str(tmp_path / "cache"))
     resumed = _quantize("accuquant", resume=True, micro_batches=2)
-    assert resumed.quant["method_log"]["resumed_at"]["iteration"] == 6
+    assert resumed.quant.method_log["resumed_at"]["iteration"] == 6
     two = _state(resumed)
     assert all(torch.equal(one[k], two[k]) for k in one)
 
 
+@pytest.mark.slow
 def test_a_model_has_the_same_fingerprint_in_every_process():
     """Caches, checkpoints and the ranks' agreement rest on the model's fingerprint: it must
     not depend on the process (diffusers keeps a list in set order in its configs)."""

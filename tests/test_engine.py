@@ -1,5 +1,6 @@
 """The calibration engine's own pieces: method configs, the optimiser, generated flags."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -9,10 +10,11 @@ import torch
 
 import accuquant as aq
 from accuquant.cache import cache_dir
-from accuquant.cli import build_parser, method_flags
-from accuquant.calibrate.loop import Adam, Group
+from accuquant.cli import build_parser
+from accuquant.calibrate.optim import Adam
+from accuquant.calibrate.protocol import Group
 from accuquant.methods.accuquant import AccuQuantConfig
-from accuquant.methods.base import method_config
+from accuquant.methods import METHODS, method_config
 from accuquant.methods.per_step import PerStepConfig
 from conftest import class_pipeline
 
@@ -46,7 +48,7 @@ def test_a_method_config_object_is_the_same_as_its_keywords():
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
     a = aq.quantize(class_pipeline(), cfg, "per-step", iters=3, act_iters=2, samples_per_step=1, **kw)
     b = aq.quantize(class_pipeline(), cfg, PerStepConfig(iters=3, act_iters=2, samples_per_step=1), **kw)
-    assert a.quant["method_config"] == b.quant["method_config"]
+    assert a.quant.method_config == b.quant.method_config
     assert torch.equal(a.sample(2, steps=2, progress=False), b.sample(2, steps=2, progress=False))
     with pytest.raises(aq.AccuQuantError, match="not both"):
         aq.quantize(class_pipeline(), cfg, PerStepConfig(), iters=3, **kw)
@@ -83,15 +85,63 @@ def test_adam_relative_rates_move_each_element_by_its_own_scale():
     torch.testing.assert_close(p.detach(), torch.tensor([1e-3, 1.0, 1e3]) * (1 - 1e-2), rtol=1e-5, atol=0)
 
 
-def test_command_line_flags_come_from_the_configs():
-    flags = method_flags()
-    assert {"iters", "lr", "group-size", "grad", "init", "schedule", "lr-decay", "average", "rounding", "act-iters",
-            "act-lr", "samples-per-step", "batch-size", "init-iters", "init-act-iters", "init-samples",
-            "select-every", "holdout"} == set(flags)
-    assert {m for m, _ in flags["iters"]} == {"per-step", "accuquant"}
-    helptext = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
-    assert "per-step: AdaRound iterations per block (default 300)" in " ".join(helptext.split())
-    assert "save-every" not in helptext  # fields not marked for the command line stay off it
+#: the flags of ``accuquant quantize`` that are settings of the run, not options of a config
+RUN_FLAGS = {"--model", "--method", "--calib-samples", "--calib", "--no-cache", "--out", "--overwrite", "--summary",
+             "--resume", "--micro-batches", "--max-memory", "--steps", "--scheduler", "--guidance-scale", "--labels",
+             "--prompt", "--prompt-file", "--seed", "--batch-size", "--device", "--quiet", "-h", "--help"}
+
+
+def _config_flags() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """``--flag`` -> the config fields it sets, as ``(config, field)``: every option marked for
+    the command line of the quantization config and of each registered method's config
+    (a flag is its metadata's ``flag`` or the field's name, ``_`` written ``-``)."""
+    configs = [("quant config", aq.QuantConfig)] + [(name, cls.Config) for name, cls in METHODS.items()]
+    flags: dict[str, list] = {}
+    for owner, cfg in configs:
+        for f in cfg.options():
+            if f.metadata["cli"]:
+                flags.setdefault("--" + (f.metadata["flag"] or f.name.replace("_", "-")), []).append((owner, f))
+    return flags
+
+
+def _help_entries(helptext: str) -> dict[str, str]:
+    """Each option's entry in ``--help``, by its flags: its line, and its help's line under
+    it when the flag is long, whitespace normalised."""
+    entries, current = {}, None
+    for line in helptext.splitlines():
+        text = line.strip()
+        if text.startswith("-"):
+            current = [text]
+            for flag in text.split("  ")[0].split(", "):
+                entries[flag.split(" ")[0]] = current
+        elif current is not None and text and line.startswith(" " * 6):
+            current.append(text)
+        else:
+            current = None
+    return {flag: " ".join(" ".join(lines).split()) for flag, lines in entries.items()}
+
+
+def test_every_config_option_is_a_flag_of_quantize_and_its_help_shows_it(monkeypatch):
+    """The flags of ``accuquant quantize`` are exactly the configs' command-line options and
+    the run's own flags; each option's help text is in its flag's entry of ``--help``."""
+    flags = _config_flags()
+    assert [f.name for _, f in flags["--no-split-shortcut"]] == ["split_shortcut"]  # a flag named in the metadata
+    assert {owner for owner, _ in flags["--iters"]} == {"per-step", "accuquant"}  # one flag, two methods
+    assert not set(flags) & RUN_FLAGS - {"--batch-size"}  # accuquant's trajectories per step share --batch-size
+    quantize = build_parser()._subparsers._group_actions[0].choices["quantize"]
+    assert {s for a in quantize._actions for s in a.option_strings} == set(flags) | RUN_FLAGS
+    hidden = {f.name for cfg in [aq.QuantConfig, *(m.Config for m in METHODS.values())] for f in cfg.options()
+              if not f.metadata["cli"]}
+    assert {"save_every", "format_version"} <= hidden
+
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse's width: no line of help is wrapped
+    entries = _help_entries(quantize.format_help())
+    assert set(flags) <= set(entries)
+    for flag, fields in flags.items():
+        for owner, f in fields:
+            assert " ".join(f.metadata["help"].split()) in entries[flag], (flag, owner, f.name)
+    for name in hidden:  # fields not marked for the command line stay off it
+        assert "--" + name.replace("_", "-") not in entries
 
 
 def test_divergence_stops_where_it_starts_and_keeps_the_checkpoint(digit_pipeline_dir, tmp_path, capsys,
@@ -128,4 +178,4 @@ def test_divergence_stops_where_it_starts_and_keeps_the_checkpoint(digit_pipelin
     ckpt.write_bytes(good)
     assert main(args + ["--resume", "--lr", "5e-4"]) == 0  # a smaller rate continues from the checkpoint
     assert (tmp_path / "q" / "unet" / "accuquant_weights.safetensors").is_file()
-    assert aq.load(tmp_path / "q").quant["method_log"]["resumed_at"] == {"unit": 0, "phase": 0, "iteration": 0}
+    assert aq.load(tmp_path / "q").quant.method_log["resumed_at"] == {"unit": 0, "phase": 0, "iteration": 0}

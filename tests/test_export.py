@@ -22,10 +22,10 @@ def test_pack_unpack_round_trip(bits):
 
 def test_saved_model_is_bit_identical(tmp_path):
     fp = class_pipeline()
-    q = aq.quantize(fp, aq.QuantConfig(weight_bits=4, act_bits=8), steps=5, calib_samples=8, progress=False)
+    q = aq.quantize(fp, aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=5, calib_samples=8, progress=False)
     q.save(tmp_path / "q")
     back = aq.load(tmp_path / "q")
-    assert back.quant["config"]["weight_bits"] == 4 and back.defaults.guidance_scale == 2.0
+    assert back.quant.config.weight_bits == 4 and back.defaults.guidance_scale == 2.0
     a = q.sample(6, seed=4, steps=5, progress=False)
     b = back.sample(6, seed=4, steps=5, progress=False)
     assert torch.equal(a, b)
@@ -39,7 +39,7 @@ def test_text_model_saves_and_loads_bit_identically(tmp_path):
     fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
     calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 3), 2,
                                     cond=text_conditions(2), progress=False)
-    q = aq.quantize(fp, aq.QuantConfig(weight_bits=3, act_bits=6), calib=calib, steps=3, progress=False)
+    q = aq.quantize(fp, aq.QuantConfig(weight_bits=3, act_bits=6), "naive", calib=calib, steps=3, progress=False)
     q.save(tmp_path / "q")
     back = aq.load(tmp_path / "q")
     x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
@@ -57,7 +57,7 @@ def test_saved_size_ratio(tmp_path, bits, limit):
     model = tiny_unet(channels=(64, 128))
     fp_size = _fp32_size(model, tmp_path)
     pipe = aq.Pipeline(model, dict(diffusers.DDIMScheduler().config), defaults=aq.SamplingDefaults(1.0, 10, 10))
-    q = aq.quantize(pipe, aq.QuantConfig(weight_bits=bits, act_bits=8), steps=2, calib_samples=2, progress=False)
+    q = aq.quantize(pipe, aq.QuantConfig(weight_bits=bits, act_bits=8), "naive", steps=2, calib_samples=2, progress=False)
     q.save(tmp_path / "q")
     ratio = os.path.getsize(tmp_path / "q" / "unet" / WEIGHTS_FILE) / fp_size
     print(f"W{bits} saved size ratio: {ratio:.3f}")
@@ -65,7 +65,7 @@ def test_saved_size_ratio(tmp_path, bits, limit):
 
 
 def test_only_safetensors_and_json_are_written(tmp_path):
-    q = aq.quantize(class_pipeline(), steps=2, calib_samples=2, progress=False)
+    q = aq.quantize(class_pipeline(), method="naive", steps=2, calib_samples=2, progress=False)
     q.save(tmp_path / "q")
     files = [p for p in (tmp_path / "q").rglob("*") if p.is_file()]
     assert files and all(p.suffix in (".json", ".safetensors") for p in files)

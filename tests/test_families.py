@@ -35,9 +35,9 @@ def test_sd_quantizes_with_its_default_prompts_and_loads_back(sd_pipeline_dir, t
     assert fp.defaults.prompts == ["a handwritten one", "the digit 7"]
     assert fp.class_labels(3).tolist() == [1, 7, 1]
     q = aq.quantize(str(sd_pipeline_dir), W4A8, "per-step", steps=2, calib_samples=2, progress=False, **FAST_PER_STEP)
-    blocks = q.quant["method_log"]["blocks"]
+    blocks = q.quant.method_log["blocks"]
     assert any(name.endswith("transformer_blocks.0") for name in blocks)  # BasicTransformerBlock with cross-attention
-    assert q.quant["report"]["attention"]  # attention matmuls quantized too
+    assert q.quant.report.attention  # attention matmuls quantized too
     assert not _quantized(q.components["text_encoder"]) and not _quantized(q.components["vae"])
     x = q.sample(2, steps=2, progress=False)
     # the default prompts were used: the same as passing them
@@ -68,7 +68,7 @@ def test_a_quantized_sd_runs_in_diffusers_own_pipeline(sd_pipeline_dir):
 def test_a_half_precision_pipeline_is_calibrated_in_float32_and_kept_in_its_dtype(sd_pipeline_dir, tmp_path, dtype):
     half = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_pipeline_dir), torch_dtype=dtype)
     q = aq.quantize(half, W4A8, "naive", steps=2, calib_samples=2, prompts=["the digit 7"], progress=False)
-    assert q.quant["dtype"] == str(dtype).removeprefix("torch.")
+    assert q.quant.dtype == str(dtype).removeprefix("torch.")
     assert {p.dtype for p in q.model.parameters() if p.is_floating_point()} == {dtype}
     assert half.unet.dtype == dtype and not _quantized(half.unet)  # the source is untouched
     # the same model upcast to float32 calibrates to the same step sizes (calibration ran in float32)
@@ -95,8 +95,8 @@ def test_dit_pipeline_directory_quantizes_and_runs_in_diffusers(dit_pipeline_dir
     assert fp.denoiser().null_class == 1000 and fp.num_classes == 10
     q = aq.quantize(str(dit_pipeline_dir), W4A8, "per-step", steps=2, calib_samples=2, progress=False,
                     **FAST_PER_STEP)
-    assert any(name.endswith("transformer_blocks.0") for name in q.quant["method_log"]["blocks"])
-    kept = q.quant["report"]["kept_fp"]
+    assert any(name.endswith("transformer_blocks.0") for name in q.quant.method_log["blocks"])
+    kept = q.quant.report.kept_fp
     assert "pos_embed.proj" in kept and "proj_out_2" in kept
     q.save(tmp_path / "q")
     back = aq.load(tmp_path / "q")

@@ -48,7 +48,7 @@ def test_joint_attention_processor_computes_what_diffusers_does(sd3_pipeline_dir
     kw = dict(encoder_hidden_states=cond["embeds"], pooled_projections=cond["pooled"], timestep=torch.tensor([500., 80.]))
     with torch.no_grad():
         ref = model(x, **kw).sample
-        report = wrap_model(model, W8A8)
+        report = aq.make_denoiser(model).wrap(W8A8)
         assert len(report.attention) == 2 and not report.attention_fp
         assert all(isinstance(b.attn.processor, QuantJointAttnProcessor) for b in model.transformer_blocks)
         with quantization_disabled(model):
@@ -60,11 +60,11 @@ def test_sd3_quantizes_per_step_with_both_streams_and_loads_back(sd3_pipeline_di
     q = aq.quantize(str(sd3_pipeline_dir), W4A8, "per-step", steps=3, calib_samples=2, progress=False, iters=2,
                     act_iters=1, samples_per_step=2)
     assert q.sampling_settings() == (3, "flow-euler")  # calibrated on the model's own solver
-    blocks = q.quant["method_log"]["blocks"]
+    blocks = q.quant.method_log["blocks"]
     joint = [n for n in blocks if n.startswith("transformer_blocks.")]
     assert joint == ["transformer_blocks.0", "transformer_blocks.1"]  # each joint block one unit
     assert all(blocks[n]["loss"] >= 0 for n in joint)
-    kept = set(q.quant["report"]["kept_fp"])
+    kept = set(q.quant.report.kept_fp)
     assert {"pos_embed.proj", "proj_out", "norm_out.linear"} <= kept
     assert isinstance(q.model.context_embedder, QuantLayer)
     for name in ("text_encoder", "text_encoder_2", "vae"):
@@ -88,7 +88,7 @@ def test_accuquant_simulates_flow_steps(sd3_pipeline_dir):
     kw = dict(steps=4, calib_samples=4, progress=False)
     init = aq.quantize(str(sd3_pipeline_dir), W4A8, "naive", **kw)
     q = aq.quantize(str(sd3_pipeline_dir), W4A8, "accuquant", init="naive", iters=10, group_size=2, traj_batch=2, **kw)
-    log = q.quant["method_log"]
+    log = q.quant.method_log
     assert [tuple(g) for g in log["groups"]] == [(0, 2), (2, 2)]
     assert log["evaluations"]["backward"] > 0
     assert torch.isfinite(torch.tensor(log["loss_curve"])).all()

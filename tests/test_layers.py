@@ -16,7 +16,7 @@ def _linear_like(model):
 def test_every_conv_and_linear_of_a_unet2d_is_wrapped():
     model = tiny_unet()
     before = _linear_like(model)
-    report = wrap_model(model, aq.QuantConfig(), shortcut_splits(model))
+    report = aq.make_denoiser(model).wrap(aq.QuantConfig(weight_bits=8))
     assert sorted(report.quantized + report.kept_fp) == sorted(before)
     assert report.kept_fp == ["conv_in", "conv_out"]
     layers = quant_layers(model)
@@ -31,7 +31,7 @@ def test_every_conv_and_linear_of_a_unet2d_is_wrapped():
 def test_every_conv_and_linear_of_a_text_unet_is_wrapped():
     model = tiny_cond_unet()
     before = _linear_like(model)
-    report = wrap_model(model, aq.QuantConfig(weight_bits=4), shortcut_splits(model))
+    report = aq.make_denoiser(model).wrap(aq.QuantConfig(weight_bits=4))
     assert sorted(report.quantized + report.kept_fp) == sorted(before)
     assert any("attn2.to_k" in n for n in report.quantized)  # cross-attention projections
     assert len(report.attention) == sum(1 for n in before if n.endswith("to_q"))
@@ -40,7 +40,7 @@ def test_every_conv_and_linear_of_a_text_unet_is_wrapped():
 def test_wrapping_keeps_one_copy_of_the_weights():
     model = tiny_unet()
     w = model.down_blocks[0].resnets[0].conv1.weight
-    wrap_model(model, aq.QuantConfig())
+    aq.make_denoiser(model).wrap(aq.QuantConfig(weight_bits=8))
     layer = model.down_blocks[0].resnets[0].conv1
     assert isinstance(layer, QuantLayer) and layer.module.weight is w
     layer.freeze()
@@ -58,7 +58,7 @@ def test_shortcut_splits_follow_the_concatenation():
     assert splits["up_blocks.1.resnets.1.conv_shortcut"] == 32
     for name, split in splits.items():
         assert model.get_submodule(name).in_channels > split
-    wrap_model(model, aq.QuantConfig(), splits)
+    wrap_model(model, aq.QuantConfig(weight_bits=8), splits)
     layer = model.get_submodule("up_blocks.0.resnets.0.conv_shortcut")
     assert len(layer.input_quant) == 2 and len(layer.weight_quant) == 2
     # two parts with very different scales get their own ranges
@@ -97,7 +97,7 @@ def test_w8a8_naive_is_close_and_w2_is_further():
     fp = class_pipeline()
     errs = {}
     for w, a in ((8, 8), (4, 8), (2, 8)):
-        q = aq.quantize(fp, aq.QuantConfig(weight_bits=w, act_bits=a), steps=5, calib_samples=8, progress=False)
+        q = aq.quantize(fp, aq.QuantConfig(weight_bits=w, act_bits=a), "naive", steps=5, calib_samples=8, progress=False)
         errs[w] = _rel_err(fp, q)
     assert errs[8] < 0.05
     assert errs[8] < errs[4] < errs[2]
@@ -106,9 +106,9 @@ def test_w8a8_naive_is_close_and_w2_is_further():
 def test_dit_transformer_is_quantized_and_samples():
     model = tiny_dit()
     pipe = aq.Pipeline(model, dict(__import__("diffusers").DDIMScheduler().config), defaults=aq.SamplingDefaults(1.5))
-    q = aq.quantize(pipe, aq.QuantConfig(weight_bits=8, act_bits=8), steps=4, calib_samples=4, progress=False)
-    assert "pos_embed.proj" in q.quant["report"]["kept_fp"]
-    assert len(q.quant["report"]["attention"]) == 2
+    q = aq.quantize(pipe, aq.QuantConfig(weight_bits=8, act_bits=8), "naive", steps=4, calib_samples=4, progress=False)
+    assert "pos_embed.proj" in q.quant.report.kept_fp
+    assert len(q.quant.report.attention) == 2
     a = pipe.sample(2, steps=4, progress=False)
     b = q.sample(2, steps=4, progress=False)
     assert a.shape == (2, 4, 8, 8) and torch.isfinite(b).all()
@@ -121,7 +121,7 @@ def test_text_unet_quantizes_with_prompt_embeddings():
     den = fp.denoiser()
     solver = aq.make_solver("ddim", fp.scheduler_config, 4)
     calib = aq.collect_trajectories(den, solver, 4, cond=text_conditions(4), progress=False)
-    q = aq.quantize(fp, aq.QuantConfig(weight_bits=8, act_bits=8), calib=calib, steps=4, progress=False)
+    q = aq.quantize(fp, aq.QuantConfig(weight_bits=8, act_bits=8), "naive", calib=calib, steps=4, progress=False)
     x = torch.randn(2, 4, 8, 8)
     cond = text_conditions(2, seed=5)
     with torch.no_grad():
@@ -137,7 +137,7 @@ def test_custom_attention_processors_are_left_alone():
 
     model = tiny_unet()
     model.mid_block.attentions[0].set_processor(MyProcessor())
-    report = wrap_model(model, aq.QuantConfig())
+    report = aq.make_denoiser(model).wrap(aq.QuantConfig(weight_bits=8))
     assert report.attention_fp == ["mid_block.attentions.0"]
     assert isinstance(model.mid_block.attentions[0].processor, MyProcessor)
     assert "mid_block.attentions.0" not in report.attention and report.attention
@@ -145,11 +145,11 @@ def test_custom_attention_processors_are_left_alone():
 
 def test_float64_and_mixed_precision_models_are_refused():
     with pytest.raises(aq.AccuQuantError, match="expected one of float32, float16, bfloat16"):
-        aq.quantize(tiny_unet().double(), steps=2, calib_samples=2, progress=False)
+        aq.quantize(tiny_unet().double(), method="naive", steps=2, calib_samples=2, progress=False)
     mixed = tiny_unet()
     mixed.conv_out.half()
     with pytest.raises(aq.AccuQuantError, match="expected one of"):
-        aq.quantize(mixed, steps=2, calib_samples=2, progress=False)
+        aq.quantize(mixed, method="naive", steps=2, calib_samples=2, progress=False)
 
 
 def test_large_attention_at_inference_is_computed_by_row_blocks_bit_identically(monkeypatch):

@@ -7,8 +7,9 @@ import torch
 import accuquant as aq
 from accuquant.models import shortcut_splits
 from accuquant.quant.layers import all_quantizers, wrap_model
-from accuquant.calibrate.loop import Method, Run, calibrate
-from accuquant.methods.naive import NaiveConfig
+from accuquant.calibrate.loop import calibrate
+from accuquant.calibrate.protocol import Method, Run
+from accuquant.methods.naive import Naive, NaiveConfig
 from accuquant.calibrate.multistep import multistep_backward
 from conftest import class_pipeline
 
@@ -20,8 +21,8 @@ def _setup(scheduler="ddim", steps=6, num=4, clip_sample=True):
     solver = aq.make_solver(scheduler, dict(diffusers.DDIMScheduler(clip_sample=clip_sample).config), steps)
     calib = aq.collect_trajectories(den, solver, num, cond=pipe.conditions(num), progress=False)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
-    wrap_model(pipe.model, cfg, shortcut_splits(pipe.model))
-    calibrate(Run(den, solver, calib, cfg, progress=False), NaiveConfig())
+    pipe.denoiser().wrap(cfg)
+    calibrate(Run(den, solver, calib, cfg, progress=False), Naive(NaiveConfig()))
     params = {n: q.scale for n, q in all_quantizers(pipe.model).items()}
     for p in pipe.model.parameters():
         p.requires_grad_(False)
@@ -105,78 +106,16 @@ def _scales(q):
 
 def test_accuquant_lowers_its_loss_and_the_trajectory_error():
     fp = class_pipeline()
-    naive = aq.quantize(fp, aq.QuantConfig(weight_bits=4, act_bits=8), steps=4, calib_samples=6, progress=False)
+    naive = aq.quantize(fp, aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4, calib_samples=6, progress=False)
     q = _accuquant(iters=40, traj_batch=4)
-    curve = q.quant["method_log"]["loss_curve"]
+    curve = q.quant.method_log["loss_curve"]
     assert len(curve) == 4 and curve[-1] < curve[0], curve
-    ev = q.quant["method_log"]["evaluations"]
+    ev = q.quant.method_log["evaluations"]
     assert ev["backward"] == 40 * 4 * 2 * 2 and ev["forward"] == 2 * ev["backward"]  # checkpoint: 2 forwards
     ref = fp.sample(8, seed=5, steps=4, progress=False)
     err = {k: (m.sample(8, seed=5, steps=4, progress=False) - ref).norm().item() for k, m in
            (("naive", naive), ("accuquant", q))}
     assert err["accuquant"] < err["naive"], err
-
-
-def _record_steps(monkeypatch) -> tuple[list[dict], list[float]]:
-    """Lists that will hold, for every optimiser step, the parameters after it and its rate multiplier."""
-    from accuquant.calibrate import loop as engine
-
-    seen, rates, real = [], [], engine.Adam.step
-
-    def step(self, rate=1.0):
-        real(self, rate)
-        rates.append(rate)
-        seen.append({k: p.detach().clone() for g in self.groups for k, p in g.params.items()})
-
-    monkeypatch.setattr(engine.Adam, "step", step)
-    return seen, rates
-
-
-def test_averaging_ends_on_the_mean_of_the_last_iterates_and_cosine_decays_the_rate(monkeypatch):
-    """``average=0.4`` of 15 iterations: the step sizes end as the mean of the last 6
-    iterates; ``lr_decay="cosine"``: the rate multiplier runs from 1 down towards 0."""
-    seen, rates = _record_steps(monkeypatch)
-    q = _accuquant(average=0.4, lr_decay="cosine")
-    assert len(seen) == 15 and rates[0] == 1.0 and 0 < rates[-1] < 0.02 and rates == sorted(rates, reverse=True)
-    final = {n + ".scale": s for n, s in _scales(q).items()}
-    mean = {k: torch.stack([s[k] for s in seen[-6:]]).mean(0) for k in seen[0]}
-    assert mean.keys() <= final.keys() and not all(torch.equal(seen[-1][k], mean[k]) for k in mean)
-    assert all(torch.allclose(final[k], mean[k], rtol=1e-6, atol=0) for k in mean)
-    with pytest.raises(aq.AccuQuantError, match="average: expected at most 1.0"):
-        _accuquant(average=1.5)
-
-
-def test_select_every_ends_on_the_best_scored_iterate_and_holds_its_trajectories_out(monkeypatch):
-    """``select_every=5`` of 15 iterations: the start and iterates 5, 10 and 15 are scored, the
-    result is the lowest-scoring one; batches never draw the ``holdout`` trajectories."""
-    from accuquant.calibrate import loop as engine
-
-    seen, _ = _record_steps(monkeypatch)
-    drawn, real_shard = [], engine.Run.shard
-
-    def shard(self, idx):
-        drawn.append(idx.clone())
-        return real_shard(self, idx)
-
-    monkeypatch.setattr(engine.Run, "shard", shard)
-    start = _scales(_accuquant(iters=0))
-    q = _accuquant(select_every=5, holdout=2)
-    log = q.quant["method_log"]
-    its, scores = zip(*log["scores"])
-    assert its == (0, 5, 10, 15) and len(set(scores)) == 4 and all(s > 0 for s in scores)
-    chosen = its[scores.index(min(scores))]
-    assert log["chosen_iterate"] == chosen
-    final = {n + ".scale": s for n, s in _scales(q).items()}
-    ref = {n + ".scale": s for n, s in start.items()} if chosen == 0 else seen[chosen - 1]
-    assert ref.keys() <= final.keys() and all(torch.equal(final[k], ref[k]) for k in ref)
-    assert len(drawn) == 15 and max(int(d.max()) for d in drawn) == 3  # 6 trajectories, the last 2 held out
-    drawn.clear()
-    plain = _accuquant()
-    assert max(int(d.max()) for d in drawn) == 5 and "scores" not in plain.quant["method_log"]
-    with pytest.raises(aq.AccuQuantError, match="exclude each other"):
-        _accuquant(select_every=5, average=0.5)
-    with pytest.raises(aq.AccuQuantError, match="leaves no trajectory"):
-        _accuquant(select_every=5, holdout=6)
 
 
 def _codes(q):
@@ -203,7 +142,7 @@ def _interrupted_then_resumed(monkeypatch, **opts):
         _accuquant(**opts)
     monkeypatch.setattr(mod, "multistep_backward", real)
     resumed = _accuquant(resume=True, **opts)
-    assert resumed.quant["method_log"]["resumed_at"]["iteration"] == 5
+    assert resumed.quant.method_log["resumed_at"]["iteration"] == 5
     return resumed
 
 
@@ -226,7 +165,7 @@ def test_accuquant_keeps_a_learned_rounding_as_fixed_codes(monkeypatch):
     the step sizes move (also across an interruption and a resume). The stand-in per-step
     gives hard learned rounding decisions at random, so they are not round-to-nearest."""
     from accuquant.quant.layers import quant_layers
-    from accuquant.methods import base, naive, per_step
+    from accuquant.methods import naive, per_step, registry
 
     init_codes = {}
 
@@ -246,7 +185,7 @@ def test_accuquant_keeps_a_learned_rounding_as_fixed_codes(monkeypatch):
                 if layer.weight_quant:
                     init_codes[name] = torch.cat([q.to_int(p) - q.qmin for q, p in parts], 1).to(torch.uint8)
 
-    monkeypatch.setitem(base.METHODS, "per-step", FakePerStep)
+    monkeypatch.setitem(registry.METHODS, "per-step", FakePerStep)
     opts = dict(init="per-step", lr=3e-2, use_cache=False)
     full = _accuquant(**opts)
     first = dict(init_codes)
@@ -268,16 +207,16 @@ def test_accuquant_learns_the_rounding_jointly_when_asked():
     """rounding="learn": AdaRound variables are learned with the step sizes (from the
     naive init: from the weights' fractional parts), the loss goes down, and the saved
     model rounds some weights differently from round-to-nearest."""
-    naive = aq.quantize(class_pipeline(), aq.QuantConfig(weight_bits=4, act_bits=8), steps=4, calib_samples=6,
+    naive = aq.quantize(class_pipeline(), aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4, calib_samples=6,
                         progress=False)
     q = _accuquant(iters=40, traj_batch=4, rounding="learn", round_lr=5e-2)
-    curve = q.quant["method_log"]["loss_curve"]
+    curve = q.quant.method_log["loss_curve"]
     assert curve[-1] < curve[0], curve
     a, b = _codes(naive), _codes(q)
     changed = sum(int((a[k] != b[k]).sum()) for k in a)
     total = sum(a[k].numel() for k in a)
     assert 0 < changed < total // 2, (changed, total)
-    stats = q.quant["method_log"]["rounding"]
+    stats = q.quant.method_log["rounding"]
     assert 0 < stats["changed"] < 0.5 and 0 <= stats["undecided_before_hardening"] <= 1, stats
     # the scales moved too, so both kinds of parameter were learned
     assert any(not torch.equal(x, y) for x, y in zip(_scales(naive).values(), _scales(q).values()))
@@ -303,7 +242,7 @@ def test_accuquant_on_a_text_conditioned_unet_via_the_api():
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
     q = aq.quantize(fp, cfg, "accuquant", calib=calib, steps=4, progress=False, init="naive", iters=40,
                     group_size=2, traj_batch=6, lr=1e-2)
-    log = q.quant["method_log"]
+    log = q.quant.method_log
     assert [tuple(g) for g in log["groups"]] == [(0, 2), (2, 2)]
     assert log["loss_curve"][-1] < log["loss_curve"][0], log["loss_curve"]
 
@@ -315,12 +254,12 @@ def test_the_init_method_result_is_cached_and_shared():
     naive = aq.quantize(class_pipeline(), cfg, "naive", steps=4, calib_samples=6, progress=False)
     q = aq.quantize(class_pipeline(), cfg, "accuquant", steps=4, calib_samples=6, progress=False, init="naive",
                     iters=0)
-    assert q.quant["method_log"]["init"]["cached"] is True
+    assert q.quant.method_log["init"]["cached"] is True
     a, b = _scales(naive), _scales(q)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fresh = aq.quantize(class_pipeline(), cfg, "accuquant", steps=4, calib_samples=6, progress=False, init="naive",
                         iters=0, use_cache=False)
-    assert "cached" not in fresh.quant["method_log"]["init"]
+    assert "cached" not in fresh.quant.method_log["init"]
     assert all(torch.equal(a[k], v) for k, v in _scales(fresh).items())
 
 
@@ -331,30 +270,30 @@ def test_a_default_run_is_served_from_the_result_cache_and_per_step_keeps_naive_
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
     kw = dict(steps=4, calib_samples=6, progress=False)
     per_step = aq.quantize(class_pipeline(), cfg, "per-step", iters=2, act_iters=0, **kw)  # runs naive
-    assert "cached" not in per_step.quant["method_log"]["init"]
+    assert "cached" not in per_step.quant.method_log["init"]
     naive = aq.quantize(class_pipeline(), cfg, "naive", **kw)
-    assert naive.quant["method_log"]["cached"] is True
+    assert naive.quant.method_log["cached"] is True
     fresh = aq.quantize(class_pipeline(), cfg, "naive", use_cache=False, **kw)
-    assert "cached" not in fresh.quant["method_log"]
+    assert "cached" not in fresh.quant.method_log
     a, b = _scales(naive), _scales(fresh)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     again = aq.quantize(class_pipeline(), cfg, "per-step", iters=2, act_iters=0, **kw)
-    assert again.quant["method_log"]["init"]["cached"] is True and "cached" not in again.quant["method_log"]
+    assert again.quant.method_log["init"]["cached"] is True and "cached" not in again.quant.method_log
 
 
 def test_accuquant_s_per_step_start_takes_its_own_options_and_is_cached_under_them():
-    from accuquant.calibrate.loop import result_key
+    from accuquant.cache import result_key
     from accuquant.methods.per_step import PerStepConfig
 
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
     kw = dict(steps=4, calib_samples=6, progress=False, iters=0, init_iters=3, init_act_iters=2, init_samples=2)
     first = aq.quantize(class_pipeline(), cfg, "accuquant", **kw)
-    init = first.quant["method_log"]["init"]
+    init = first.quant.method_log["init"]
     assert init["method"] == "per-step" and "cached" not in init and init["points"] == 2 * 4  # 2 per step
     block = next(iter(init["blocks"].values()))
     assert block["rows"] == 2 * 2 * 4  # both guidance branches
     again = aq.quantize(class_pipeline(), cfg, "accuquant", **kw)
-    assert again.quant["method_log"]["init"]["cached"] is True
+    assert again.quant.method_log["init"]["cached"] is True
     a, b = _scales(first), _scales(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the defaults' entry (shared with `--method per-step`) is another one
@@ -365,8 +304,8 @@ def test_accuquant_s_per_step_start_takes_its_own_options_and_is_cached_under_th
 
 def test_a_new_method_version_neither_resumes_nor_reuses_older_results(monkeypatch):
     """The method's version is part of the run key (checkpoints) and of the result cache key."""
-    from accuquant.api import keys
-    from accuquant.calibrate.loop import result_key
+    from accuquant.cache import run_keys
+    from accuquant.cache import result_key
     from accuquant.methods.per_step import PerStepConfig
 
     pipe = class_pipeline()
@@ -375,7 +314,7 @@ def test_a_new_method_version_neither_resumes_nor_reuses_older_results(monkeypat
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
 
     def both(method_cfg):
-        run_key, base_key = keys("fp", cfg, method_cfg, calib, 0, 8, 1.0)
+        run_key, base_key = run_keys("fp", cfg.to_dict(), method_cfg.resume_dict(), calib.digest(), 0, 8, 1.0)
         return run_key, result_key(base_key, method_cfg)
 
     old = {"per-step": both(PerStepConfig()), "naive": both(NaiveConfig())}

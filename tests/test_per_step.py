@@ -9,9 +9,10 @@ import accuquant as aq
 from accuquant.models import shortcut_splits
 from accuquant.calibrate.blocks import find_blocks
 from accuquant.quant.layers import QuantLayer, all_quantizers, wrap_model
-from accuquant.calibrate.loop import Run, calibrate
+from accuquant.calibrate.loop import calibrate
+from accuquant.calibrate.protocol import Run
 from accuquant.methods import per_step as ps
-from accuquant.methods.naive import NaiveConfig
+from accuquant.methods.naive import Naive, NaiveConfig
 from accuquant.quant.quantizers import UniformQuantizer
 from conftest import class_pipeline, text_conditions, tiny_cond_unet
 
@@ -25,14 +26,14 @@ def _context(pipe=None, steps=4, num=6, batch_size=8, cfg=W4A8, **options):
     den = pipe.denoiser()
     solver = aq.make_solver("ddim", pipe.scheduler_config, steps)
     calib = aq.collect_trajectories(den, solver, num, cond=pipe.conditions(num), progress=False)
-    wrap_model(pipe.model, cfg, shortcut_splits(pipe.model))
+    pipe.denoiser().wrap(cfg)
     run = Run(den, solver, calib, cfg, batch_size=batch_size, progress=False, seed=0)
     run.method = ps.PerStepConfig(**{**FAST, **options})
     return run
 
 
 def _calibrate(ctx):
-    calibrate(ctx, ctx.method)
+    calibrate(ctx, ps.PerStep(ctx.method))
 
 
 def _state(model):
@@ -106,7 +107,7 @@ def test_blocks_follow_execution_order_and_cover_every_quantizer():
 def test_per_step_lowers_block_losses_and_the_output_error_of_naive(watched_run):
     fp = class_pipeline()
     naive_ctx = _context()
-    calibrate(naive_ctx, NaiveConfig())
+    calibrate(naive_ctx, Naive(NaiveConfig()))
     ctx, _ = watched_run
     blocks = ctx.log["blocks"]
     assert len(blocks) == 15
@@ -124,10 +125,10 @@ def test_per_step_on_a_text_conditioned_unet_via_the_api():
     solver = aq.make_solver("ddim", fp.scheduler_config, 3)
     calib = aq.collect_trajectories(fp.denoiser(), solver, 4, cond=text_conditions(4), progress=False)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8)
-    naive = aq.quantize(fp, cfg, calib=calib, steps=3, progress=False)
+    naive = aq.quantize(fp, cfg, "naive", calib=calib, steps=3, progress=False)
     q = aq.quantize(fp, cfg, "per-step", calib=calib, steps=3, progress=False, iters=30, act_iters=10,
                     samples_per_step=4)
-    names = list(q.quant["method_log"]["blocks"])
+    names = list(q.quant.method_log["blocks"])
     assert any(n.endswith("transformer_blocks.0") for n in names)  # cross-attention blocks, with the text inputs
     x, cond = torch.randn(4, 4, 8, 8), text_conditions(4, seed=3)
     with torch.no_grad():
@@ -136,7 +137,7 @@ def test_per_step_on_a_text_conditioned_unet_via_the_api():
                (("naive", naive), ("per-step", q))}
     assert err["per-step"] < err["naive"], err
     q.save(q_dir := __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "q")
-    assert aq.load(q_dir).quant["method"] == "per-step"
+    assert aq.load(q_dir).quant.method == "per-step"
 
 
 def test_options_are_checked_before_any_work():
@@ -187,14 +188,14 @@ def test_an_interrupted_run_resumes_to_the_same_result(monkeypatch):
     monkeypatch.setattr(ps, "collect", real)
     assert len(list((cache_dir() / "runs").glob("*.safetensors"))) == 1
     resumed = _quantize(resume=True)
-    assert resumed.quant["method_log"]["resumed_at"]["unit"] == 2
+    assert resumed.quant.method_log["resumed_at"]["unit"] == 2
     a, b = _codes(full), _codes(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = _state(full.model), _state(resumed.model)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # resume with nothing to resume (or other settings) starts over and gives the same result too
     again = _quantize(resume=True)
-    assert "resumed_at" not in again.quant["method_log"]
+    assert "resumed_at" not in again.quant.method_log
     assert all(torch.equal(a[k], v) for k, v in _codes(again).items())
 
 
@@ -283,7 +284,7 @@ def test_defect_batch_size_and_device_are_parameters(watched_run):
 def test_max_memory_spills_block_data_with_the_same_result():
     """``max_memory`` (``--max-memory``) bounds the block data kept in RAM; below one chunk
     every chunk goes to disk, and the model is the same bit for bit."""
-    from accuquant.calibrate.block_data import parse_size
+    from accuquant.config import parse_size
 
     assert [parse_size(s) for s in ("4GB", "512MB", "1.5g", "2048", "0")] == [4 * 2**30, 512 * 2**20,
                                                                              int(1.5 * 2**30), 2**31, 0]
@@ -291,8 +292,8 @@ def test_max_memory_spills_block_data_with_the_same_result():
         with pytest.raises(aq.AccuQuantError, match="memory size"):
             parse_size(bad)
     a, b = _quantize(), _quantize(max_memory="1kB")
-    assert all(v["chunks_on_disk"] == 0 for v in a.quant["method_log"]["blocks"].values())
-    assert all(v["chunks_on_disk"] > 0 for v in b.quant["method_log"]["blocks"].values())
+    assert all(v["chunks_on_disk"] == 0 for v in a.quant.method_log["blocks"].values())
+    assert all(v["chunks_on_disk"] > 0 for v in b.quant.method_log["blocks"].values())
     ca, cb = _codes(a), _codes(b)
     assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
 

@@ -14,7 +14,6 @@ AccuQuant at W4A8 with 20 steps and 64 calibration trajectories.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from .errors import AccuQuantError, check_device, check_finite
 from .io.load import DTYPES, as_pipeline
 from .methods import cached_or_calibrate, method_config
 from .pipeline import Pipeline, QuantRecord
-from .quant.layers import WrapReport, freeze_model, wrap_model
+from .quant.layers import WrapReport, freeze_model
 from .quant.quantizers import UniformQuantizer
 from .sampling import Solver
 from .version import __version__
@@ -127,9 +126,8 @@ def prepare(source, config: QuantConfig, mconfig: MethodConfig, calib=None, *, s
         raise AccuQuantError(f"calibration data: samples of shape {tuple(calib.xs.shape[2:])} do not fit this model "
                              f"({den.sample_shape})")
     den.check_conditions(calib.cond, "calibration data")
-    if config.keep_fp is None:  # the family's defaults, written out so that the saved config says them
-        config = dataclasses.replace(config, keep_fp=den.keep_fp)
-    report = wrap_model(pipe.model, config, den.shortcut_splits(), processors=den.attention_processors)
+    config = den.resolve(config)
+    report = den.wrap(config)
     cache.forget(pipe.model)  # changed in place: not the FP model any more
     pipe.to(device)
     key, base_key = cache.run_keys(fingerprint, config.to_dict(), mconfig.resume_dict(), calib.digest(), seed,

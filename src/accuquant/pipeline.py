@@ -27,8 +27,6 @@ from .io.save import save_quantized
 from .progress import progress_bar
 from .sampling import Solver, default_solver, make_solver, run_trajectory
 
-#: pipeline components that can hold the denoiser, as the families name them
-DENOISER_NAMES = tuple(dict.fromkeys(cls.component for cls in ADAPTERS.values()))
 SAMPLING_FILE = "accuquant_sampling.json"
 
 
@@ -162,8 +160,8 @@ class Pipeline:
         """Conditions for ``num`` samples, as the model's family makes them (balanced or given
         labels, encoded prompts (the model's default prompts when none are given), or none)."""
         den = self.denoiser(1.0)
-        kind = {"class": "class-conditional: pass labels (--labels)", "text": "text-conditioned: pass prompts "
-                "(--prompt, --prompt-file)", "none": "unconditional: it takes neither labels nor prompts"}
+        kind = {"class": "class-conditional: pass labels", "text": "text-conditioned: pass prompts",
+                "none": "unconditional: it takes neither labels nor prompts"}
         if prompts and den.conditioning != "text":
             raise AccuQuantError(f"prompts given, but this model is {kind[den.conditioning]}")
         if labels is not None and den.conditioning != "class":

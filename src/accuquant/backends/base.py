@@ -82,10 +82,6 @@ class LayerSpec:
     def weight_bits(self) -> int | None:
         return max(g.bits for g in self.weight_grids) if self.weight_grids else None
 
-    @property
-    def input_bits(self) -> int | None:
-        return max(g.bits for g in self.input_grids) if self.input_grids else None
-
     def parts(self, t: torch.Tensor, dim: int) -> list[torch.Tensor]:
         """``t`` cut at the split along ``dim`` (one part when not split)."""
         if self.split is None:

@@ -19,28 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import map_safetensors
+from ..io.safetensors import map_file
 from .distributed import broadcast_rows, world
-from ..errors import AccuQuantError
+from ..config import DEFAULT_MAX_MEMORY, parse_size
 from ..quant.quantizers import UniformQuantizer
 
-_UNITS = {"": 2**20, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_size(value) -> int:
-    """Bytes of a memory size: ``"4GB"``, ``"512MB"``, ``"1.5g"`` (binary units) or a bare
-    number of megabytes (``2048``)."""
-    text = str(value).strip().lower().replace(" ", "")
-    num = text.rstrip("kmgib")
-    unit = text[len(num):]
-    try:
-        size = float(num) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise AccuQuantError(f"memory size {value!r}: expected a number with a unit, e.g. 4GB or 512MB") from None
-    if not size >= 0 or size == float("inf"):
-        raise AccuQuantError(f"memory size {value!r}: expected a finite size of at least 0")
-    return int(size)
+#: the default RAM budget (``--max-memory``), in bytes
+DEFAULT_MAX_BYTES = parse_size(DEFAULT_MAX_MEMORY)
 
 
 class _Stop(Exception):
@@ -112,7 +97,7 @@ class BlockData:
     reading holds one batch. Where rows are kept never changes which rows a batch draws.
     """
 
-    def __init__(self, chunk_rows: int = 256, max_bytes: int = 2 * 2**30, spill_dir: str | Path | None = None):
+    def __init__(self, chunk_rows: int = 256, max_bytes: int = DEFAULT_MAX_BYTES, spill_dir: str | Path | None = None):
         self.chunk_rows = chunk_rows
         self.max_ram_bytes = max_bytes
         self.spill_dir = spill_dir
@@ -226,7 +211,7 @@ class BlockData:
         if not isinstance(p, Path):
             return p
         if p not in self._mapped:
-            self._mapped[p] = map_safetensors(p) or load_file(str(p))
+            self._mapped[p] = map_file(p) or load_file(str(p))
         return self._mapped[p]
 
     def batch(self, generator: torch.Generator, size: int, device="cpu", shard=None):
@@ -262,7 +247,7 @@ class BlockData:
         return args, kwargs, tuple(self._take(i, f"target{j}", idx).to(device) for j in range(self.n_targets))
 
 
-def collect(denoiser, module: nn.Module, batches, chunk_rows: int = 256, max_bytes: int = 2 * 2**30,
+def collect(denoiser, module: nn.Module, batches, chunk_rows: int = 256, max_bytes: int = DEFAULT_MAX_BYTES,
             spill_dir: str | Path | None = None) -> BlockData:
     """``module``'s inputs in the (quantized) ``denoiser`` and its outputs in the same network
     with every quantizer off (the FP network: the weights are not held twice), for every

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import struct
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +23,11 @@ from safetensors.torch import load_file, save_file
 from ..models import Conditions, Denoiser
 from ..cache import derive_seed, digest
 from .distributed import gather_rows, is_main, rows, world
+from ..config import DEFAULT_BATCH_SIZE
 from ..errors import AccuQuantError
 from ..progress import progress_bar
-from ..io.files import atomic_path, check_safetensors
+from ..io.files import atomic_path
+from ..io.safetensors import RowFile, check_safetensors, map_file
 from ..sampling import Solver, run_trajectory
 
 FORMAT = "accuquant.trajectories/1"
@@ -116,76 +116,8 @@ class Trajectories:
             md = f.metadata() or {}
         if md.get("format") != FORMAT:
             raise AccuQuantError(f"{path}: not an accuquant calibration file")
-        t = (map_safetensors(path) if mmap else None) or load_file(str(path))
+        t = (map_file(path) if mmap else None) or load_file(str(path))
         return cls(t["xs"], t["outs"], t["timesteps"], Conditions.from_tensors(t), json.loads(md.get("meta", "{}")))
-
-
-class _RowFile:
-    """A safetensors file written in place: the header first (every shape is known before
-    sampling), then each batch's rows of the large tensors where they belong, so that a
-    collection holds one batch at a time however many trajectories it makes."""
-
-    def __init__(self, path: Path, large: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 small: dict[str, torch.Tensor], metadata: dict[str, str]):
-        entries = [(k, dt, tuple(shape)) for k, (dt, shape) in large.items()]
-        entries += [(k, t.dtype, tuple(t.shape)) for k, t in small.items()]
-        entries.sort(key=lambda e: -torch.empty((), dtype=e[1]).element_size())  # each tensor aligned to its type
-        codes = {v: k for k, v in _DTYPES.items()}
-        header, offset = {}, 0
-        for name, dt, shape in entries:
-            size = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-            header[name] = {"dtype": codes[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        header["__metadata__"] = metadata
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        self.base, self.header = 8 + len(text), header
-        self.fd = os.open(path, os.O_WRONLY)
-        os.write(self.fd, struct.pack("<Q", len(text)) + text)
-        os.ftruncate(self.fd, self.base + offset)
-        for name, t in small.items():
-            self.write(name, 0, t)
-
-    def write(self, name: str, row: int, t: torch.Tensor) -> None:
-        """``t`` as the rows of tensor ``name`` from ``row`` on."""
-        data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        row_bytes = len(data) // max(1, t.shape[0]) if t.dim() else 0
-        at = self.base + self.header[name]["data_offsets"][0] + row * row_bytes
-        while data:
-            n = os.pwrite(self.fd, data, at)
-            data, at = data[n:], at + n
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-def map_safetensors(path: Path) -> dict[str, torch.Tensor] | None:
-    """The tensors of a safetensors file as views of the file mapped copy-on-write (``None``
-    when a tensor's dtype or alignment does not allow it: the caller reads the file)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    size = path.stat().st_size
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES.get(info["dtype"])
-        start, _ = info["data_offsets"]
-        start += 8 + n
-        if dtype is None:
-            return None
-        item = torch.empty((), dtype=dtype).element_size()
-        if start % item:
-            return None
-        out[name] = torch.empty(0, dtype=dtype).set_(storage, start // item, tuple(info["shape"]))
-    return out
 
 
 @torch.no_grad()
@@ -195,7 +127,7 @@ def collect_trajectories(
     num: int,
     seed: int = 0,
     cond: Conditions | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
     progress: bool = True,
     stream: str = "calib",
@@ -247,7 +179,7 @@ def collect_trajectories(
         if path is not None and world()[1] == 1:  # streamed to the file, batch by batch
             tmp = stack.enter_context(atomic_path(Path(path)))
             small = {"timesteps": timesteps.contiguous(), **cond.to_tensors()}
-            file = _RowFile(tmp, {"xs": (torch.float32, (num, steps + 1, *shape)),
+            file = RowFile(tmp, {"xs": (torch.float32, (num, steps + 1, *shape)),
                                   "outs": (torch.float32, (num, steps, *shape))}, small,
                             {"format": FORMAT, "meta": json.dumps(meta, default=str)})
             stack.callback(file.close)

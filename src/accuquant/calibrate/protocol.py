@@ -16,9 +16,10 @@ from typing import Callable, ContextManager
 
 import torch
 
-from ..config import DEFAULT_BATCH_SIZE, DEFAULT_MAX_MEMORY, MethodConfig, QuantConfig, parse_size
+from ..config import DEFAULT_BATCH_SIZE, MethodConfig, QuantConfig
 from ..models import Denoiser
 from ..sampling import Solver
+from .block_data import DEFAULT_MAX_BYTES
 from .data import Trajectories
 from .distributed import shard
 
@@ -55,7 +56,7 @@ class Run:
     #: bytes of captured block data kept in RAM (per-step); the rest goes to files under
     #: ``spill_dir`` (default: the system's temporary folder). Where data is kept never
     #: changes the result, so neither is part of a key.
-    max_memory: int = parse_size(DEFAULT_MAX_MEMORY)
+    max_memory: int = DEFAULT_MAX_BYTES
     spill_dir: str | None = None
 
     @property

@@ -42,13 +42,15 @@ def error_accumulation(
     batch_size: int = 100,
     device: str = "cpu",
     progress: bool = True,
+    prompts: list[str] | None = None,
 ) -> list[dict]:
-    """Per-step rows of :data:`COLUMNS` for ``model`` against its FP base."""
+    """Per-step rows of :data:`COLUMNS` for ``model`` against its FP base; ``prompts``: what a
+    text-conditioned model samples from (default: its own default prompts)."""
     steps, scheduler = model.sampling_settings(steps, scheduler)
     fp = base_of(model, base).to(device)
     solver = fp.solver(steps, scheduler)
     den_q, den_fp = model.denoiser(), fp.denoiser()
-    cond = model.conditions(num)
+    cond = model.conditions(num, prompts=prompts)
     n_steps = solver.num_steps
     x0_at = sorted({round(k * (n_steps - 1) / max(1, x0_points - 1)) for k in range(x0_points)})
     step_err = torch.zeros(n_steps)

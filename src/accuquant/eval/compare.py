@@ -23,28 +23,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ..config import QuantConfig
+from ..config import DEFAULT_CALIB_SAMPLES, DEFAULT_STEPS, parse_bits_label
 from ..errors import AccuQuantError
 from ..io.files import atomic_path, clean_stale
 
-_BITS = re.compile(r"^w(\d+|fp)a(\d+|fp)$")
+#: what ``accuquant compare`` runs when not told
+DEFAULT_METHODS = ("naive", "per-step", "accuquant")
+DEFAULT_BITS = ("w8a8", "w4a8", "w3a8", "w4a6")
 
 
-def parse_bits(text: str) -> tuple[int | None, int | None]:
-    """``"w4a8"`` -> ``(4, 8)``; ``fp`` for a part kept in floating point (``"w4afp"``)."""
-    m = _BITS.match(text.strip().lower())
-    if not m:
-        raise AccuQuantError(f"--bits: {text!r} is not of the form w<bits>a<bits> (e.g. w4a8)")
-    w, a = (None if v == "fp" else int(v) for v in m.groups())
-    QuantConfig(weight_bits=w, act_bits=a)  # range check, one-line error
-    return w, a
+def _key(d: dict) -> dict:
+    """The settings (a dict of :class:`CompareSettings`) that a pair's record depends on: all but
+    methods, bits and device, and the defaults added since the first comparisons (the fake
+    backend, no prompts) left out, so that earlier comparisons keep their key."""
+    return {k: v for k, v in d.items() if k not in ("methods", "bits", "device")
+            and not (k == "backend" and v == "fake") and not (k == "prompts" and v is None)}
 
 
 @dataclasses.dataclass
@@ -55,14 +54,16 @@ class CompareSettings:
     methods: list[str]
     bits: list[str]
     num: int = 1000  # paired samples per evaluation
-    steps: int = 20
+    steps: int = DEFAULT_STEPS
     scheduler: str | None = None  # None: the model's default solver (resolved before anything is written)
-    calib_samples: int = 64
+    calib_samples: int = DEFAULT_CALIB_SAMPLES
     seed: int = 0
     analyze_num: int = 256  # paired samples for the error curves
     grid: int = 10  # samples per row of the sample grids
     device: str = "cpu"
     backend: str = "fake"  # what runs the quantized layers while they are scored
+    #: what a text-conditioned model is calibrated and scored on (None: its default prompts)
+    prompts: list[str] | None = None
 
     def check(self) -> None:
         from ..backends import get_backend
@@ -71,28 +72,26 @@ class CompareSettings:
         get_backend(self.backend)
 
         if not self.methods:
-            raise AccuQuantError("--methods: give at least one method")
+            raise AccuQuantError("methods: give at least one method")
         for m in self.methods:
             method_class(m)
         if not self.bits:
-            raise AccuQuantError("--bits: give at least one bit width")
+            raise AccuQuantError("bits: give at least one bit width")
         for b in self.bits:
-            parse_bits(b)
+            parse_bits_label(b)
         if len(set(self.methods)) != len(self.methods) or len(set(self.bits)) != len(self.bits):
-            raise AccuQuantError("--methods and --bits must not repeat an entry")
+            raise AccuQuantError("methods and bits must not repeat an entry")
         if self.num < 2 or self.analyze_num < 2:
-            raise AccuQuantError("--num and --analyze-num must be at least 2 (FID needs two samples)")
+            raise AccuQuantError("num and analyze_num must be at least 2 (FID needs two samples)")
         if self.grid < 1:
-            raise AccuQuantError("--grid must be at least 1")
+            raise AccuQuantError("grid must be at least 1")
+        if self.prompts is not None and (isinstance(self.prompts, str) or not self.prompts
+                                         or not all(isinstance(p, str) and p.strip() for p in self.prompts)):
+            raise AccuQuantError("prompts: expected a non-empty list of prompts")
 
     def run_key(self) -> dict:
         """What a pair's record depends on (method and bits aside)."""
-        d = dataclasses.asdict(self)
-        for k in ("methods", "bits", "device"):
-            d.pop(k)
-        if d["backend"] == "fake":  # the default leaves the key of comparisons made before backends as it was
-            d.pop("backend")
-        return d
+        return _key(dataclasses.asdict(self))
 
 
 def _write_json(path: Path, data) -> None:
@@ -119,18 +118,17 @@ def prepare_out(out: Path, settings: CompareSettings) -> None:
     anything else before any work is done."""
     marker = out / "compare.json"
     if out.exists() and not out.is_dir():
-        raise AccuQuantError(f"--out {out}: exists and is not a directory")
+        raise AccuQuantError(f"{out}: exists and is not a directory")
     clean_stale(marker)  # a run killed while writing the marker left only its temporary
     if out.is_dir() and any(out.iterdir()):
         old = _read_json(marker)
         if old is None:
-            raise AccuQuantError(f"--out {out}: exists, is not empty and holds no comparison")
-        old_key = {k: v for k, v in old.items() if k not in ("methods", "bits", "device")
-                   and not (k == "backend" and v == "fake")}
+            raise AccuQuantError(f"{out}: exists, is not empty and holds no comparison")
+        old_key = _key(old)
         new_key = settings.run_key()
         if old_key != new_key:
             diff = sorted(k for k in {*new_key, *old_key} if old_key.get(k) != new_key.get(k))
-            raise AccuQuantError(f"--out {out}: holds a comparison with other settings ({', '.join(diff)}); "
+            raise AccuQuantError(f"{out}: holds a comparison with other settings ({', '.join(diff)}); "
                                  "choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     _write_json(marker, dataclasses.asdict(settings))
@@ -140,7 +138,7 @@ def quantize_process(settings: CompareSettings, method: str, bits: str, out: Pat
                      extra: list[str] | tuple = ()) -> dict:
     """Run ``accuquant quantize`` for one pair in its own process (``extra``: more flags);
     its wall time and peak RSS."""
-    w, a = parse_bits(bits)
+    w, a = parse_bits_label(bits)
     from ..bundled import resolve_ref
 
     cmd = [sys.executable, "-m", "accuquant", "quantize", "--model", resolve_ref(settings.model), "--method", method,
@@ -152,6 +150,8 @@ def quantize_process(settings: CompareSettings, method: str, bits: str, out: Pat
         cmd.append("--resume")
     if quiet:
         cmd.append("--quiet")
+    for p in settings.prompts or ():
+        cmd += ["--prompt", p]
     cmd += list(extra)
     # The child's output goes to files, not pipes: pipes read only after the wait would
     # block a child that writes more than a pipe holds.
@@ -194,11 +194,14 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
     from ..io.load import load_pipeline
     from .report import write_report
 
-    from ..api import METHODS
+    from ..methods import METHODS
     from ..cache import cache_dir
+
+    from ..io.files import check_not_inside
 
     settings.check()
     out = Path(out)
+    check_not_inside(out, resolve_ref(settings.model))  # never write into (or over) the model compared
     t_start = time.perf_counter()
     fp = load_pipeline(resolve_ref(settings.model)).to(settings.device)
     if settings.scheduler is None:
@@ -207,9 +210,9 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
     cached = sum(1 for _ in cache_dir().rglob("*.safetensors")) if cache_dir().is_dir() else 0
     key = settings.run_key()
     ev = dict(num=settings.num, steps=settings.steps, seed=settings.seed, scheduler=settings.scheduler,
-              device=settings.device, progress=not quiet)
+              device=settings.device, progress=not quiet, prompts=settings.prompts)
     an = dict(num=settings.analyze_num, steps=settings.steps, seed=settings.seed, scheduler=settings.scheduler,
-              device=settings.device, progress=not quiet, x0_points=settings.steps)  # x0 FID at every step
+              device=settings.device, progress=not quiet, x0_points=settings.steps, prompts=settings.prompts)  # x0 FID at every step
     fp_path = out / "runs" / "fp.json"
     fp_rec = _read_json(fp_path)
     if not fp_rec or fp_rec.get("key") != key:

@@ -137,17 +137,18 @@ def base_of(model: Pipeline, base: str | Path | Pipeline | None = None) -> Pipel
         return model
     ref = model.quant.base_model
     if not ref or not Path(bundled.resolve_ref(ref)).exists():
-        raise AccuQuantError(f"the FP base model ({ref}) is not found: pass it with --base")
+        raise AccuQuantError(f"the FP base model ({ref}) is not found: pass it as base")
     return load_pipeline(bundled.resolve_ref(ref))
 
 
 def fp_samples(base: Pipeline, num: int, seed: int, steps: int, scheduler: str, labels=None, batch_size: int = 100,
-               device: str = "cpu", progress: bool = True, use_cache: bool = True) -> torch.Tensor:
-    """FP samples, cached by (model weights, sampler, seeds, guidance, labels)."""
+               device: str = "cpu", progress: bool = True, use_cache: bool = True,
+               prompts: list[str] | None = None) -> torch.Tensor:
+    """FP samples, cached by (model weights, sampler, seeds, guidance, conditions: labels, or the
+    encoded ``prompts`` of a text model, its default prompts when none are given)."""
     from safetensors.torch import load_file, save_file
 
-
-    cond = base.conditions(num, labels)
+    cond = base.conditions(num, labels, prompts)
     solver = base.solver(steps, scheduler)
     # a stochastic sampler's noise depends on the batching: part of the key then
     desc = dict(solver.describe(), batch_size=batch_size if solver.stochastic else None)
@@ -158,8 +159,8 @@ def fp_samples(base: Pipeline, num: int, seed: int, steps: int, scheduler: str, 
             return load_file(str(path))["samples"]
         except Exception:  # a damaged cache entry is regenerated
             path.unlink(missing_ok=True)
-    x = base.sample(num, seed=seed, steps=steps, scheduler=scheduler, labels=labels, batch_size=batch_size,
-                    device=device, progress=progress)
+    x = base.sample(num, seed=seed, steps=steps, scheduler=scheduler, labels=labels, prompts=prompts,
+                    batch_size=batch_size, device=device, progress=progress)
     if use_cache:
         with atomic_path(path) as tmp:
             save_file({"samples": x.contiguous()}, str(tmp))
@@ -179,9 +180,13 @@ def evaluate(
     progress: bool = True,
     use_cache: bool = True,
     lpips: bool = False,
+    prompts: list[str] | None = None,
 ) -> dict:
     """Paired evaluation of ``model`` against its FP base (see the module docstring); with
-    ``lpips=True`` also the mean LPIPS between paired samples.
+    ``lpips=True`` also the mean LPIPS between paired samples. ``prompts``: what a
+    text-conditioned model is scored on (cycled over the samples; default: its own default
+    prompts, which a model without them lacks); the class accuracy is then not measured, as
+    the prompts' digits are unknown.
 
     Returns a dict of metrics; ``psnr`` is ``inf`` when every pair is identical (the FP
     model evaluated against itself).
@@ -191,12 +196,12 @@ def evaluate(
     fp = base_of(model, base).to(device)
     extractor = feature_extractor(features, fp.denoiser(1.0).image_shape)  # fail before the long sampling
     x_fp = fp_samples(fp, num, seed, steps, scheduler, batch_size=batch_size, device=device, progress=progress,
-                      use_cache=use_cache)
+                      use_cache=use_cache, prompts=prompts)
     if model is fp:
         x_q = x_fp
     else:
-        x_q = model.sample(num, seed=seed, steps=steps, scheduler=scheduler, batch_size=batch_size, device=device,
-                           progress=progress)
+        x_q = model.sample(num, seed=seed, steps=steps, scheduler=scheduler, prompts=prompts, batch_size=batch_size,
+                           device=device, progress=progress)
     img_fp, img_q = fp.decode(x_fp.to(device)), model.decode(x_q.to(device))
     t_sample = time.perf_counter() - t0
     f_fp, f_q = extractor(img_fp), extractor(img_q)
@@ -216,7 +221,7 @@ def evaluate(
         f_real = extractor(real)
         result["fid"] = fid_from_features(f_q["pool"], f_real["pool"])
         result["sfid"] = fid_from_features(f_q["spatial"], f_real["spatial"])
-        labels = model.class_labels(num)
+        labels = None if prompts else model.class_labels(num)  # given prompts ask for digits nobody named
         if labels is not None:
             result["class_accuracy"] = (f_q["logits"].argmax(1) == labels).float().mean().item()
     q = model.quant
@@ -233,7 +238,41 @@ def evaluate(
         "sampling_seconds": round(t_sample, 2),
         "seconds": round(time.perf_counter() - t0, 2),
     })
+    if prompts:
+        result["prompts"] = list(prompts)
     return result
+
+
+def quality_summary(model: Pipeline, base: str | Path | Pipeline | None = None, num: int = 300, *, seed: int = 0,
+                    prompts: list[str] | None = None, batch_size: int = 50, device: str = "cpu",
+                    progress: bool = True, calib=None, calib_options: dict | None = None) -> list[dict]:
+    """Paired quality of a quantized ``model`` against its FP base on ``num`` samples (with the
+    sampler it was calibrated for, on ``prompts`` for a text model), next to the naive method's
+    at the same quantization config calibrated on the same data: ``calib`` (trajectories or
+    their file), else collected as the record of ``model``'s calibration says, with
+    ``calib_options`` (keywords of :func:`accuquant.quantize`: labels, guidance...) over it.
+
+    Returns :func:`evaluate` results, ``model``'s first; a naive ``model`` is its own
+    comparison (one row).
+    """
+    from ..api import quantize
+
+    if model.quant is None:
+        raise AccuQuantError("quality summary: the model is not quantized")
+    fp = base_of(model, base).to(device)
+    steps, scheduler = model.sampling_settings()
+    ev = dict(num=num, steps=steps, seed=seed, scheduler=scheduler, batch_size=batch_size, device=device,
+              progress=progress, prompts=prompts)
+    rows = [evaluate(model, fp, **ev)]
+    if model.quant.method != "naive":
+        cal = model.quant.calibration
+        recorded = {"steps": cal.get("steps"), "scheduler": cal.get("solver"), "calib_samples": cal.get("samples"),
+                    "seed": cal.get("seed"), "guidance_scale": cal.get("guidance_scale")}
+        opts = {**{k: v for k, v in recorded.items() if v is not None}, "prompts": prompts, "batch_size": batch_size,
+                "device": device, **(calib_options or {}), "progress": False}
+        naive = quantize(fp, model.quant.config, "naive", calib, **opts)
+        rows.append(evaluate(naive, fp, **ev))
+    return rows
 
 
 def format_table(r: dict) -> str:
@@ -250,6 +289,8 @@ def format_table(r: dict) -> str:
             else "full precision")
     rows = [("model", name), ("samples", f"{r['num']} ({r['steps']} {r['scheduler']} steps, "
                                                              f"guidance {r['guidance_scale']})")]
+    if r.get("prompts"):
+        rows.append(("prompts", "; ".join(r["prompts"])))
     rows += [(k, fmt(r[k])) for k in ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "lpips", "class_accuracy")
              if k in r]
     rows.append(("time", f"{r['seconds']:.1f} s"))

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ..config import DEFAULT_STEPS
 from ..quant.layers import placement, resident_bytes
 from .evaluation import base_of
 from ..io.load import load_pipeline
@@ -28,7 +29,7 @@ def _stats(times: list[float]) -> dict:
             "max_ms": round(1e3 * max(times), 3)}
 
 
-def measure(path: str, backends: list[str], batch: int = 2, steps: int = 20, repeats: int = 5,
+def measure(path: str, backends: list[str], batch: int = 2, steps: int = DEFAULT_STEPS, repeats: int = 5,
             threads: int | None = None, base: str | None = None, device: str = "cpu") -> dict:
     """Latency of the FP base (float32, bf16 autocast) and of ``path`` on each of ``backends``."""
     if threads is not None:
@@ -43,7 +44,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = 20, repeats: int = 5,
+def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = DEFAULT_STEPS, repeats: int = 5,
                       whole_sample: bool = True, cond=None) -> dict:
     """:func:`measure` on pipelines in memory: ``quant`` maps a backend name to the quantized
     pipeline frozen onto it, ``fp`` is their base; ``whole_sample=False`` times one

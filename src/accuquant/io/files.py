@@ -3,38 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
-import torch
 
 from ..errors import AccuQuantError
-
-
-def check_safetensors(path: Path) -> None:
-    """Refuse a missing, truncated or corrupt safetensors file with a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise AccuQuantError(f"{path}: no such file")
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than its header")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError("header runs past the end of the file")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            raise ValueError(f"expected {8 + n + end} bytes, found {size}")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise AccuQuantError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
 
 @contextlib.contextmanager
@@ -126,13 +101,38 @@ def check_writable(out: Path) -> None:
         raise AccuQuantError(f"{out}: cannot write in {parent} ({e.strerror or e})") from None
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output directory that exists and is not empty, unless ``overwrite``."""
+def check_not_inside(out, source) -> None:
+    """Refuse, before any work, an output path that would replace or write into the model
+    being read: ``out`` is ``source``'s directory, lies inside it, or contains it (symbolic
+    links resolved; ``bundled:NAME`` is its asset directory). A ``source`` that is not a local
+    path (a hub id, an in-memory model, ``None``) is not checked."""
+    from ..bundled import real_path, resolve_ref
+
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    src = Path(resolve_ref(str(source)))
+    if not src.exists():
+        return
+    src, dst = real_path(src), real_path(out)
+    if dst == src:
+        where = "is"
+    elif src in dst.parents:
+        where = "lies inside"
+    elif dst in src.parents:
+        where = "contains"
+    else:
+        return
+    raise AccuQuantError(f"{out}: the output {where} the input model {source}; write it elsewhere")
+
+
+def check_out_dir(out: Path, overwrite: bool, overwrite_name: str = "overwrite=True") -> None:
+    """Refuse an output directory that exists and is not empty, unless ``overwrite``
+    (``overwrite_name``: how the caller's user asks for it, such as the command line's flag)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AccuQuantError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AccuQuantError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
+        raise AccuQuantError(f"{out}: directory exists and is not empty (pass {overwrite_name} to replace it)")
     check_writable(out)
 
 

@@ -20,16 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ..models import ADAPTERS
+from ..models import ADAPTERS, denoiser_names
 from ..backends import get_backend
 from ..bundled import model_ref, resolve_ref
 from ..errors import AccuQuantError
 from .save import FORMAT, QUANT_FILE, SCALARS, WEIGHTS_FILE, module_dtype, unpack_codes
 from ..quant.layers import freeze_model, quant_layers, wrap_model
 from ..methods import METHODS
-from ..pipeline import DENOISER_NAMES, SAMPLING_FILE, Pipeline, QuantRecord, SamplingDefaults
+from ..pipeline import SAMPLING_FILE, Pipeline, QuantRecord, SamplingDefaults
 from ..errors import check_finite
-from .files import check_safetensors
+from .safetensors import check_safetensors
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: pipeline components accuquant neither uses nor saves (a safety checker is 1.2 GB)
@@ -106,7 +106,7 @@ def load_pipeline(path: str | Path, device: str = "cpu", backend: str = "fake") 
         return load_quantized(root, device=device, backend=backend)
     if (root / "model_index.json").is_file():
         index = _read_json(root / "model_index.json")
-        name = next((n for n in DENOISER_NAMES if n in index), None)
+        name = next((n for n in denoiser_names() if n in index), None)
         if name is None:
             raise AccuQuantError(f"{path}: the pipeline has no 'unet' or 'transformer' component")
         components = {}
@@ -150,7 +150,7 @@ def as_pipeline(source, copy_model: bool = True) -> Pipeline:
     if isinstance(source, nn.Module):
         model = copy.deepcopy(source) if copy_model else source
         return Pipeline(model.eval(), _default_scheduler_config())
-    for name in DENOISER_NAMES:
+    for name in denoiser_names():
         model = getattr(source, name, None)
         if isinstance(model, nn.Module):
             comps = {k: v for k, v in getattr(source, "components", {}).items()
@@ -158,7 +158,8 @@ def as_pipeline(source, copy_model: bool = True) -> Pipeline:
             model = copy.deepcopy(model) if copy_model else model
             index = {k: v for k, v in dict(getattr(source, "config", {}) or {}).items() if k not in SKIPPED_COMPONENTS}
             index["_class_name"] = type(source).__name__
-            return Pipeline(model.eval(), dict(source.scheduler.config), comps, name, model_index=index)
+            sched = {**source.scheduler.config, "_class_name": type(source.scheduler).__name__}  # the solver's default
+            return Pipeline(model.eval(), sched, comps, name, model_index=index)
     raise AccuQuantError(f"cannot quantize a {type(source).__name__}: expected a path, a diffusers pipeline or model")
 
 

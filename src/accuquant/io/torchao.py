@@ -80,7 +80,7 @@ def torchao_model(pipe) -> nn.Module:
         q = spec.weight_codes.to(torch.int32) - z.to(torch.int32)
         if q.min() < -128 or q.max() > 127:
             raise AccuQuantError(f"{name}: weight codes {int(q.min())}..{int(q.max())} do not fit int8 (8-bit "
-                                 "asymmetric weights): quantize with --weight-symmetric or fewer bits")
+                                 "asymmetric weights): quantize with weight_symmetric or fewer bits")
         out_ch = q.shape[0]
         scale = g.scale.detach().float().reshape(-1)
         scale = (scale.expand(out_ch) if scale.numel() == 1 else scale).reshape(out_ch, 1).contiguous()

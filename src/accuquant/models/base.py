@@ -11,13 +11,16 @@ whose input is a channel concatenation).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from ..config import QuantConfig
 from ..errors import AccuQuantError, ConfigError
+from ..quant.layers import WrapReport, wrap_model
 
 
 class Conditions(Mapping):
@@ -200,6 +203,16 @@ class Denoiser(nn.Module):
         """Layers whose input is a channel concatenation, by name, and the channel where it splits."""
         return {}
 
+    def resolve(self, config: QuantConfig) -> QuantConfig:
+        """``config`` with the family's layers kept in FP written out where it gives none (so
+        that a saved config says them)."""
+        return config if config.keep_fp is not None else dataclasses.replace(config, keep_fp=self.keep_fp)
+
+    def wrap(self, config: QuantConfig) -> WrapReport:
+        """Wrap the model's layers and the family's attention processors for calibration."""
+        return wrap_model(self.model, self.resolve(config), self.shortcut_splits(),
+                          processors=self.attention_processors)
+
 
 #: diffusers model class name -> adapter class
 ADAPTERS: dict[str, type[Denoiser]] = {}
@@ -214,6 +227,11 @@ def register_adapter(*class_names: str):
         return cls
 
     return deco
+
+
+def denoiser_names() -> tuple[str, ...]:
+    """The pipeline components that can hold a denoiser, as the registered families name them."""
+    return tuple(dict.fromkeys(cls.component for cls in ADAPTERS.values()))
 
 
 def adapter_class(model_class: str) -> type[Denoiser]:
@@ -267,3 +285,38 @@ class ClassConditional(Denoiser):
         if n and self.null_class is not None and self.null_class == n - 1:
             return n - 1
         return n
+
+
+class TextConditional(Denoiser):
+    """Text-conditioned families: prompts are encoded by the family (:meth:`encode`, its
+    text encoders, which stay in full precision) into the entries of
+    :attr:`condition_keys`, each with a ``negative_`` twin (the empty prompt) that forms
+    the unconditional branch of classifier-free guidance."""
+
+    conditioning = "text"
+    #: the condition entries :meth:`raw` reads (SD3: the sequence and the pooled embedding)
+    condition_keys: tuple[str, ...] = ("embeds",)
+
+    def conditions(self, num, labels=None, prompts=None, device="cpu"):
+        if not prompts:
+            raise AccuQuantError("this model is text-conditioned and has no default prompts: pass prompts")
+        return self.encode([prompts[k % len(prompts)] for k in range(num)], device)
+
+    def encode(self, prompts: list[str], device="cpu") -> Conditions:
+        """The conditions of ``prompts`` and their ``negative_`` twins, in float32 on the CPU."""
+        raise NotImplementedError
+
+    def check_conditions(self, cond, what):
+        missing = [k for k in self.condition_keys if k not in cond]
+        if missing:
+            raise AccuQuantError(f"{what}: this model is text-conditioned, but the data has no {', '.join(missing)}")
+
+    def require(self, cond: Conditions) -> None:
+        """Refuse a call without this family's prompt embeddings."""
+        if any(k not in cond for k in self.condition_keys):
+            raise AccuQuantError(f"this model is text-conditioned: it needs {' and '.join(self.condition_keys)}")
+
+    def unconditional(self, cond):
+        if any(f"negative_{k}" not in cond for k in self.condition_keys):
+            return super().unconditional(cond)
+        return Conditions({k: cond[f"negative_{k}"] for k in self.condition_keys})

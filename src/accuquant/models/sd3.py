@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import AccuQuantError
-from .base import Conditions, Denoiser, register_adapter
+from .base import Conditions, Denoiser, TextConditional, register_adapter
 
 
 @register_adapter("SD3Transformer2DModel")
-class SD3Adapter(Denoiser):
+class SD3Adapter(TextConditional):
     """Text-conditioned through the joint sequence (``cond["embeds"]``) and the pooled text
     embedding (``cond["pooled"]``); the unconditional branch: ``negative_embeds`` and
     ``negative_pooled``. Prompts are encoded by diffusers' own ``StableDiffusion3Pipeline``
@@ -20,28 +20,18 @@ class SD3Adapter(Denoiser):
 
     component = "transformer"
     pipeline_class = "StableDiffusion3Pipeline"
-    conditioning = "text"
+    condition_keys = ("embeds", "pooled")
     block_types = ("JointTransformerBlock", "SD3SingleTransformerBlock", "TimestepEmbedding",
                    "PixArtAlphaTextProjection")
     keep_fp = ("pos_embed.proj", "norm_out.linear", "proj_out")  # patch embedding and final layer, as DiT
     attention_processors = Denoiser.attention_processors + ("JointAttnProcessor2_0", "QuantJointAttnProcessor")
 
     def raw(self, x, t, cond):
-        if "embeds" not in cond or "pooled" not in cond:
-            raise AccuQuantError("this model is text-conditioned: it needs prompt embeddings and pooled embeddings")
+        self.require(cond)
         return self.model(hidden_states=x, timestep=t, encoder_hidden_states=cond["embeds"],
                           pooled_projections=cond["pooled"]).sample
 
-    def unconditional(self, cond):
-        if "negative_embeds" not in cond or "negative_pooled" not in cond:
-            return super().unconditional(cond)
-        return Conditions(embeds=cond["negative_embeds"], pooled=cond["negative_pooled"])
-
-    def conditions(self, num, labels=None, prompts=None, device="cpu"):
-        if not prompts:
-            raise AccuQuantError("this model is text-conditioned and has no default prompts: pass prompts "
-                                 "(--prompt, --prompt-file)")
-        prompts = [prompts[k % len(prompts)] for k in range(num)]
+    def encode(self, prompts, device="cpu"):
         embeds, neg, pooled, neg_pooled = self.encode_prompts(prompts, device)
         return Conditions(embeds=embeds, negative_embeds=neg, pooled=pooled, negative_pooled=neg_pooled)
 

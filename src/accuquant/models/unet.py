@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import AccuQuantError
-from .base import ClassConditional, Conditions, Denoiser, register_adapter
+from .base import ClassConditional, Conditions, Denoiser, TextConditional, register_adapter
 
 BLOCKS = ("ResnetBlock2D", "ResnetBlockCondNorm2D", "Attention", "BasicTransformerBlock", "Downsample2D",
           "Upsample2D", "TimestepEmbedding")
@@ -80,30 +80,19 @@ class UNet2DAdapter(ClassConditional, _UNet):
 
 
 @register_adapter("UNet2DConditionModel")
-class UNet2DConditionAdapter(_UNet):
+class UNet2DConditionAdapter(TextConditional, _UNet):
     """``UNet2DConditionModel``: text-conditioned through ``encoder_hidden_states``
-    (``cond["embeds"]``; the unconditional branch: ``cond["negative_embeds"]``)."""
+    (``cond["embeds"]``), the prompts encoded by the pipeline's CLIP text encoder."""
 
-    conditioning = "text"
     pipeline_class = "StableDiffusionPipeline"
 
     def raw(self, x, t, cond):
-        if "embeds" not in cond:
-            raise AccuQuantError("this model is text-conditioned: it needs prompt embeddings")
+        self.require(cond)
         return self.model(x, t, encoder_hidden_states=cond["embeds"]).sample
 
-    def unconditional(self, cond):
-        if "negative_embeds" not in cond:
-            return super().unconditional(cond)
-        return Conditions(embeds=cond["negative_embeds"])
-
-    def conditions(self, num, labels=None, prompts=None, device="cpu"):
-        if not prompts:
-            raise AccuQuantError("this model is text-conditioned and has no default prompts: pass prompts "
-                                 "(--prompt, --prompt-file)")
-        prompts = [prompts[k % len(prompts)] for k in range(num)]
+    def encode(self, prompts, device="cpu"):
         return Conditions(embeds=self.encode_prompts(prompts, device),
-                          negative_embeds=self.encode_prompts([""] * num, device))
+                          negative_embeds=self.encode_prompts([""] * len(prompts), device))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device="cpu") -> torch.Tensor:
