@@ -37,7 +37,7 @@ from accuquant import bundled
 from accuquant.eval.evaluation import evaluate, to_json_safe
 from accuquant.methods import METHODS
 from accuquant.io.files import atomic_path
-from accuquant.eval.compare import parse_bits
+from accuquant.config import parse_bits_label
 
 from common import ROOT, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
@@ -68,7 +68,7 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
 
 def quant_config(bits: str, opts: dict) -> tuple[aq.QuantConfig, dict]:
     """The quantization config of a variant at ``bits`` ("w4a8"), and its method options."""
-    w, a = parse_bits(bits)
+    w, a = parse_bits_label(bits)
     opts = dict(opts)
     keep = opts.pop("keep_fp", None)
     keep_fp = None if keep is None else tuple(p for p in str(keep).split("|") if p)

@@ -205,8 +205,8 @@ OTHER_TABLES = [
      "cosine rate from 1e-3 with the mean of the last half of the iterates is worse on both seeds it ran (1.12 and "
      "1.20 against 0.88 and 0.89): the optimisation is still improving at its 100th step (the ablation's rates "
      "agree: 3e-4 is worse, 3e-3 diverges), so what varies between seeds is where the per-step start and the "
-     "calibration batches lead, not the noise of the last steps. The defaults stay; `--lr-decay` and `--average` "
-     "remain as options. The faster per-step start (`--init-iters 150 --init-act-iters 0 --init-samples 16`, "
+     "calibration batches lead, not the noise of the last steps. The defaults stay (`--lr-decay` and `--average` "
+     "were later removed). The faster per-step start (`--init-iters 150 --init-act-iters 0 --init-samples 16`, "
      "\"Time of the main job\") ran on seeds 0 to 2: FID to FP 0.770, 0.715 and 0.662 against the defaults' 0.877, 0.889 and 0.670 on the same seeds (lower on each), PSNR 33.85, 34.01 and 34.17 dB against 34.75, 34.49 and 35.60 (lower on each, by 0.5 to 1.4 dB). In the main job itself (two threads, seed 0) it printed 0.591 / 34.27 dB against the defaults' 0.802 / 34.59 dB. "
      "Keeping the best iterate by the sampling error of 8 held-out trajectories (`--select-every 10`: the start "
      "and every 10th iterate scored) did not make it steadier either: FID to FP 1.170, 0.944, 0.436, 0.535 and "
@@ -216,7 +216,7 @@ OTHER_TABLES = [
      "0.00152 at 90), but the choice made on 8 trajectories does not carry over to 300 samples (seed 4's chosen "
      "70th iterate scored 1.11), and holding 8 of the 64 trajectories out also changes every batch. The chosen "
      "iterate was the 70th to the 100th on every seed, never the per-step start, whose held-out error was 1.9 "
-     "to 15 times the chosen iterate's (0.0015 to 0.0203 by seed). It stays an option, off by default."),
+     "to 15 times the chosen iterate's (0.0015 to 0.0203 by seed). It was later removed (off by default, no gain)."),
     ("memory_sd.md", "Memory at Stable Diffusion size",
      "`python benchmarks/memory_sd.py` (`benchmarks/results/memory_sd.{md,json}`): a UNet with SD-1.5's "
      "configuration, random weights, 8x8 latents (activations scale with the latent's area; weights and the "

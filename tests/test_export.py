@@ -96,3 +96,19 @@ def test_a_loaded_model_saves_the_same_files(tmp_path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     meta_a, meta_b = (json.loads((r / QUANT_FILE).read_text()) for r in (legacy, tmp_path / "again"))
     assert meta_b["format"] == FORMAT and meta_b["config"] == meta_a["config"] and meta_b["splits"] == meta_a["splits"]
+
+
+def test_saving_onto_the_fp_model_is_refused_from_python_too(tiny_pipeline_dir, tmp_path):
+    """The API protects the FP model as the command line does: a save that would replace the
+    model it came from, or write inside it, is refused and leaves it untouched."""
+    before = sorted(p.relative_to(tiny_pipeline_dir) for p in tiny_pipeline_dir.rglob("*"))
+    q = aq.quantize(str(tiny_pipeline_dir), aq.QuantConfig(weight_bits=8, act_bits=8), "naive", steps=2,
+                    calib_samples=2, progress=False)
+    for out in (tiny_pipeline_dir, tiny_pipeline_dir / "quantized"):
+        with pytest.raises(aq.AccuQuantError, match="the input model"):
+            q.save(out, overwrite=True)
+    assert sorted(p.relative_to(tiny_pipeline_dir) for p in tiny_pipeline_dir.rglob("*")) == before
+    q.save(tmp_path / "q")
+    back = aq.load(tmp_path / "q")
+    with pytest.raises(aq.AccuQuantError, match="the input model"):  # its base is recorded
+        back.save(tiny_pipeline_dir / "again")

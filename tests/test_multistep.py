@@ -146,14 +146,10 @@ def _interrupted_then_resumed(monkeypatch, **opts):
     return resumed
 
 
-@pytest.mark.parametrize("rounding, opts", [("keep", {}), ("learn", {}),
-                                            ("keep", {"lr_decay": "cosine", "average": 0.8}),
-                                            ("keep", {"select_every": 3, "holdout": 2})])
-def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding, opts):
-    """Also with a decaying rate and averaged iterates (the running mean is in the checkpoint),
-    and keeping the best scored iterate (the best so far is in the checkpoint)."""
-    full = _accuquant(rounding=rounding, **opts)
-    resumed = _interrupted_then_resumed(monkeypatch, rounding=rounding, **opts)
+@pytest.mark.parametrize("rounding", ["keep", "learn"])
+def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding):
+    full = _accuquant(rounding=rounding)
+    resumed = _interrupted_then_resumed(monkeypatch, rounding=rounding)
     a, b = _scales(full), _scales(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     a, b = _codes(full), _codes(resumed)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_CALIB_SAMPLES, DEFAULT_STEPS, parse_bits_label
 from ..errors import AccuQuantError
-from ..io.files import atomic_path, clean_stale
+from ..io.files import atomic_path, check_not_inside, clean_stale
 
 #: what ``accuquant compare`` runs when not told
 DEFAULT_METHODS = ("naive", "per-step", "accuquant")
@@ -197,8 +197,6 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
     from ..methods import METHODS
     from ..cache import cache_dir
 
-    from ..io.files import check_not_inside
-
     settings.check()
     out = Path(out)
     check_not_inside(out, resolve_ref(settings.model))  # never write into (or over) the model compared
@@ -212,7 +210,8 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
     ev = dict(num=settings.num, steps=settings.steps, seed=settings.seed, scheduler=settings.scheduler,
               device=settings.device, progress=not quiet, prompts=settings.prompts)
     an = dict(num=settings.analyze_num, steps=settings.steps, seed=settings.seed, scheduler=settings.scheduler,
-              device=settings.device, progress=not quiet, x0_points=settings.steps, prompts=settings.prompts)  # x0 FID at every step
+              device=settings.device, progress=not quiet, prompts=settings.prompts,
+              x0_points=settings.steps)  # x0 FID at every step
     fp_path = out / "runs" / "fp.json"
     fp_rec = _read_json(fp_path)
     if not fp_rec or fp_rec.get("key") != key:

@@ -98,7 +98,8 @@ def sample_grid(results: dict, fp, out: Path, bits: str, quiet: bool) -> Path:
     from ..io.load import load_pipeline
 
     s = results["settings"]
-    kw = dict(seed=s["seed"], steps=s["steps"], scheduler=s["scheduler"], device=s["device"], progress=not quiet)
+    kw = dict(seed=s["seed"], steps=s["steps"], scheduler=s["scheduler"], device=s["device"], progress=not quiet,
+              prompts=s.get("prompts"))
     rows = [("FP", fp.decode(fp.sample(s["grid"], **kw)).cpu())]
     for method in s["methods"]:
         q = load_pipeline(out / "models" / f"{method}-{bits}").to(s["device"])

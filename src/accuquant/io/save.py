@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ..models import ADAPTERS
 from ..errors import AccuQuantError
 from ..quant.layers import quant_layers
-from .files import atomic_dir
+from .files import atomic_dir, check_not_inside
 
 QUANT_FILE = "accuquant.json"
 WEIGHTS_FILE = "accuquant_weights.safetensors"
@@ -101,6 +101,7 @@ def save_quantized(pipe, out: str | Path, overwrite: bool = False) -> None:
     """
     if pipe.quant is None:
         raise AccuQuantError("only a quantized pipeline can be saved this way (call accuquant.quantize first)")
+    check_not_inside(out, pipe.quant.base_model or pipe.source)  # never over the FP model it came from
     layers = quant_layers(pipe.model)
     if any(not layer.frozen and layer.weight_quant for layer in layers.values()):
         raise AccuQuantError("the model is not frozen; quantize() freezes it")
