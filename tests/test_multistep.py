@@ -146,6 +146,7 @@ def _interrupted_then_resumed(monkeypatch, **opts):
     return resumed
 
 
+@pytest.mark.slow  # a whole calibration run, twice
 @pytest.mark.parametrize("rounding", ["keep", "learn"])
 def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding):
     full = _accuquant(rounding=rounding)
@@ -156,6 +157,7 @@ def test_accuquant_resumes_to_the_same_result(monkeypatch, rounding):
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # a whole calibration run, twice
 def test_accuquant_keeps_a_learned_rounding_as_fixed_codes(monkeypatch):
     """With init="per-step" and rounding="keep", the saved codes are exactly the init's while
     the step sizes move (also across an interruption and a resume). The stand-in per-step
@@ -199,6 +201,7 @@ def test_accuquant_keeps_a_learned_rounding_as_fixed_codes(monkeypatch):
     assert max(moved) > 0.05, max(moved)
 
 
+@pytest.mark.slow  # a whole calibration run, twice
 def test_accuquant_learns_the_rounding_jointly_when_asked():
     """rounding="learn": AdaRound variables are learned with the step sizes (from the
     naive init: from the weights' fractional parts), the loss goes down, and the saved

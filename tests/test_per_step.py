@@ -169,6 +169,7 @@ def _codes(q):
     return {n: m.weight_codes.clone() for n, m in q.model.named_modules() if isinstance(m, QuantLayer)}
 
 
+@pytest.mark.slow  # a whole calibration run, twice
 def test_an_interrupted_run_resumes_to_the_same_result(monkeypatch):
     from accuquant.cache import cache_dir
 
@@ -272,6 +273,7 @@ def test_defect_weights_are_held_once_during_calibration(watched_run):
     assert max(seen["extra_floats"]) < 0.2  # norms, biases, step sizes: no second weight copy
 
 
+@pytest.mark.slow  # a whole calibration run, twice
 def test_defect_batch_size_and_device_are_parameters(watched_run):
     _, seen = watched_run
     assert max(r for r, _ in seen["rows"]) == 4
