@@ -8,9 +8,8 @@ import torch
 
 import accuquant as aq
 from accuquant.backends import base as backends
-from accuquant.models import shortcut_splits
 from accuquant.backends.base import BACKENDS, FakeQuantLayer, LayerSpec, build_layer, fake_quant_
-from accuquant.quant.layers import QuantLayer, freeze_model, quant_layers, wrap_model
+from accuquant.quant.layers import QuantLayer, freeze_model, quant_layers
 from accuquant.quant.quantizers import UniformQuantizer
 from conftest import tiny_unet
 

@@ -39,7 +39,6 @@ def test_sd3_samples_as_diffusers_does(sd3_pipeline_dir):
 def test_joint_attention_processor_computes_what_diffusers_does(sd3_pipeline_dir):
     """With quantization off, the quantized joint processor is the diffusers one."""
     from accuquant.calibrate.block_data import quantization_disabled
-    from accuquant.quant.layers import wrap_model
 
     fp = aq.load(sd3_pipeline_dir)
     model = diffusers.SD3Transformer2DModel.from_pretrained(str(sd3_pipeline_dir / "transformer")).eval()

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.models import shortcut_splits
-from accuquant.quant.layers import all_quantizers, wrap_model
+from accuquant.quant.layers import all_quantizers
 from accuquant.calibrate.loop import calibrate
 from accuquant.calibrate.protocol import Method, Run
 from accuquant.methods.naive import Naive, NaiveConfig

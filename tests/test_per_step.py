@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.models import shortcut_splits
 from accuquant.calibrate.blocks import find_blocks
-from accuquant.quant.layers import QuantLayer, all_quantizers, wrap_model
+from accuquant.quant.layers import QuantLayer, all_quantizers
 from accuquant.calibrate.loop import calibrate
 from accuquant.calibrate.protocol import Run
 from accuquant.methods import per_step as ps

@@ -77,7 +77,7 @@ def main() -> None:
     den = q.denoiser()
     with torch.no_grad():
         out = den(x, 500, aq.Conditions(labels=labels))
-        # the old release's name for the solver factory (make_scheduler today)
+        # the old release's name for the solver factory (make_solver today)
         traj = aq.run_trajectory(den, aq.make_solver("ddim", q.scheduler_config, 5), noise, aq.Conditions(labels=labels))
     save_file({"x": x, "labels": labels, "out": out, "noise": noise, "trajectory": traj}, str(REFERENCE),
               metadata={"timestep": "500", "solver": "ddim", "steps": "5", "accuquant": aq.__version__,
