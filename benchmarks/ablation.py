@@ -185,7 +185,7 @@ def _write_md(out: list, args) -> None:
                      + f" | {secs:.0f} | {evals} | {len(r['runs'])} |")
     Path(args.out + ".md").write_text(
         f"AccuQuant variants on {args.model}; {args.num} paired samples per run, "
-        f"{'flow-euler' if args.model == 'mnist-sd3' else 'DDIM'} {args.steps} steps, "
+        f"{'flow-euler' if args.model in ('mnist-sd3', 'mnist-flux') else 'DDIM'} {args.steps} steps, "
         f"calibration on {args.calib_samples} trajectories; mean (min..max) over calibration seeds; written by "
         "benchmarks/ablation.py. Options of each variant are in ablation.json. 'method s' is the time of the "
         "variant's own optimisation (AccuQuant rows exclude the shared per-step initialisation, which runs once "

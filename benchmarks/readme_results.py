@@ -31,6 +31,15 @@ DOCS = ROOT / "docs" / "compare"
 README = ROOT / "README.md"
 BEGIN = "<!-- results:begin (written by benchmarks/readme_results.py: do not edit by hand) -->"
 END = "<!-- results:end -->"
+MODELS_BEGIN = "<!-- models:begin (written by benchmarks/readme_results.py from `accuquant models`: do not edit by hand) -->"
+MODELS_END = "<!-- models:end -->"
+
+
+def models_table() -> str:
+    """The supported families, as ``accuquant models`` prints them."""
+    from accuquant.cli.models import table
+
+    return table()
 SEED_COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
 
 
@@ -297,12 +306,15 @@ def main() -> int:
     if args.compare:
         import_compare(Path(args.compare), [Path(d) for d in args.seeds.split(",") if d])
     text = README.read_text()
-    if BEGIN not in text or END not in text:
-        print("readme_results: the README has no results markers", file=sys.stderr)
+    if BEGIN not in text or END not in text or MODELS_BEGIN not in text or MODELS_END not in text:
+        print("readme_results: the README has no results or models markers", file=sys.stderr)
         return 2
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(head + render() + tail)
+    text = head + render() + tail
+    head, rest = text.split(MODELS_BEGIN, 1)
+    _, tail = rest.split(MODELS_END, 1)
+    README.write_text(head + MODELS_BEGIN + "\n" + models_table() + "\n" + MODELS_END + tail)
     print(f"rewrote the results section of {README.relative_to(ROOT)}")
     return 0
 

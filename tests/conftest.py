@@ -209,3 +209,43 @@ def sd3_pipeline_dir(tmp_path):
     (path / "accuquant_sampling.json").write_text(json.dumps({
         "guidance_scale": 3.0, "prompts": ["a handwritten one", "the digit 7"], "prompt_labels": [1, 7]}))
     return path
+
+
+def tiny_t5_encoder(vocab_size: int, d_model: int = 16, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=1, eos_token_id=1,
+        decoder_start_token_id=1)).eval()
+
+
+def tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = False):
+    """One double-stream and one single-stream block on 4x8x8 latents packed to 16 tokens."""
+    torch.manual_seed(seed)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4)
+    ).eval()
+
+
+@pytest.fixture
+def flux_pipeline_dir(tmp_path):
+    """A tiny standard FluxPipeline directory (CLIP pooled + T5 sequence, the CLIP tokenizer
+    for both; dynamic shift), with default prompts, their digits and the latent size."""
+    import json
+
+    tok = tokenizer()
+    path = tmp_path / "tiny-flux"
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.1)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipe = diffusers.FluxPipeline(transformer=tiny_flux_transformer(), scheduler=sched, vae=vae,
+                                  text_encoder=tiny_text_encoder(len(tok)), tokenizer=tok,
+                                  text_encoder_2=tiny_t5_encoder(len(tok)), tokenizer_2=tok)
+    pipe.save_pretrained(str(path))
+    (path / "accuquant_sampling.json").write_text(json.dumps({
+        "guidance_scale": 2.0, "prompts": ["a handwritten one", "the digit 7"], "prompt_labels": [1, 7],
+        "max_sequence_length": 8, "sample_size": 8}))
+    return path

@@ -206,6 +206,14 @@ def labels_to_text_model(c):
     return sample(c.fixture("sd_pipeline_dir"), c.grid, "--labels", "3")
 
 
+def pipeline_missing_text_encoder(c):
+    path = c.copy("flux_pipeline_dir")
+    _edit_json(path / "model_index.json", lambda d: d.update(text_encoder_2=[None, None]))
+    shutil.rmtree(path / "text_encoder_2")
+    return ["quantize", "--model", str(path), "--method", "naive", "--steps", "2", "--calib-samples", "2",
+            "--summary", "0", "--out", str(c.out), "--quiet"]
+
+
 def labels_out_of_range(c):
     return sample(c.fixture("digit_pipeline_dir"), c.grid, "--labels", "12")
 
@@ -303,6 +311,45 @@ def batch_smaller_than_its_pieces(c):
     return args
 
 
+# images of a video model, and frames of an image model
+@pytest.fixture
+def wan_pipeline_dir(tmp_path):
+    """The tiny Wan 2.1 text-to-video pipeline of ``tests/test_family_wan.py``."""
+    from tests.test_family_wan import save_wan_pipeline
+
+    return save_wan_pipeline(tmp_path / "tiny-wan")
+
+
+def sample_grid_of_video_model(c):
+    return sample(c.fixture("wan_pipeline_dir"), c.grid)
+
+
+def evaluate_video_model(c):
+    return ["evaluate", "--model", str(c.fixture("wan_pipeline_dir")), "--num", "2", "--steps", "2", "--quiet"]
+
+
+def analyze_video_model(c):
+    c.out, c.grid = c.tmp / "errors.csv", c.tmp / "errors.png"
+    return ["analyze", "--model", str(c.fixture("wan_pipeline_dir")), "--out", str(c.tmp / "errors"), "--num", "2",
+            "--steps", "2", "--quiet"]
+
+
+def compare_video_model(c):
+    return ["compare", "--model", str(c.fixture("wan_pipeline_dir")), "--out", str(c.out), "--methods", "naive",
+            "--bits", "w8a8", "--quiet"]
+
+
+def quantize_summary_of_video_model(c):
+    return ["quantize", "--model", str(c.fixture("wan_pipeline_dir")), "--method", "naive", "--steps", "2",
+            "--calib-samples", "2", "--summary", "2", "--out", str(c.out), "--quiet"]
+
+
+def frames_for_image_model(c):
+    m = c.copy("digit_pipeline_dir")
+    _edit_json(m / "accuquant_sampling.json", lambda d: d.update(num_frames=4))
+    return quantize(m, c.out)
+
+
 # an output onto the input model: refused before anything is read (the model is left as it was)
 def out_is_the_model(c):
     c.out = c.copy("tiny_pipeline_dir")
@@ -391,6 +438,8 @@ CASES = [
      "class-conditional"),
     (labels_to_text_model, "labels given to a text-conditioned model", "labels given, but this model is "
      "text-conditioned"),
+    (pipeline_missing_text_encoder, "a pipeline missing one of its text encoders (FLUX without T5)",
+     "the pipeline has no text_encoder_2"),
     (labels_out_of_range, "a class label out of range", "class labels must be in 0..9"),
     (zero_num, "`--num 0`", "expected a positive integer"),
     (negative_steps, "negative `--steps`", "expected a positive integer"),
@@ -426,6 +475,15 @@ CASES = [
     (compare_out_inside_the_model, "a `compare --out` inside the model's directory",
      "the output lies inside the input model"),
     (export_out_is_the_model, "an `export --out` that is the model's directory", "the output is the input model"),
+    (sample_grid_of_video_model, "`sample` (an image grid) of a video model (Wan)",
+     "WanTransformer3DModel (Wan 2.1) is a video model"),
+    (evaluate_video_model, "`evaluate` (image metrics) of a video model", "(Wan 2.1) is a video model"),
+    (analyze_video_model, "`analyze` (the FID of predicted images) of a video model", "(Wan 2.1) is a video model"),
+    (compare_video_model, "`compare` (image metrics and grids) of a video model", "(Wan 2.1) is a video model"),
+    (quantize_summary_of_video_model, "`quantize --summary` (image metrics) of a video model",
+     "(Wan 2.1) is a video model"),
+    (frames_for_image_model, "`num_frames` in `accuquant_sampling.json` of an image model",
+     "is an image model; frames are for video models"),
 ]
 
 

@@ -63,6 +63,10 @@ def test_commands_default_to_the_bundled_model(tmp_path, capsys):
     ("mnist-dit", diffusers.DiTPipeline, lambda p, **kw: p([7], **kw)),
     # without T5, as diffusers documents dropping it; sampled with the zero tokens it was trained with
     ("mnist-sd3", diffusers.StableDiffusion3Pipeline, lambda p, **kw: p("the digit 7", max_sequence_length=1, **kw)),
+    # its 8 T5 tokens, its 32 x 32 images, and true guidance against the empty prompt (it has no guidance embedding)
+    ("mnist-flux", diffusers.FluxPipeline,
+     lambda p, guidance_scale, **kw: p("the digit 7", negative_prompt="", true_cfg_scale=guidance_scale, height=32,
+                                       width=32, max_sequence_length=8, **kw)),
 ])
 def test_bundled_latent_models_are_standard_diffusers_pipelines(name, cls, call):
     kw = {"text_encoder_3": None, "tokenizer_3": None} if name == "mnist-sd3" else {}

@@ -330,13 +330,13 @@ def test_command_line_defaults_are_the_shared_ones():
 
 
 def test_keep_fp_help_names_every_family_default(monkeypatch):
-    from accuquant.models import ADAPTERS
+    from accuquant.models import families
 
     monkeypatch.setenv("COLUMNS", "1000")  # one line per option
     (line,) = [ln for ln in _quantize_parser().format_help().splitlines() if ln.strip().startswith("--keep-fp ")]
     assert "conv_in, conv_out" in line and "replace the family's" in line
-    for name, cls in ADAPTERS.items():
-        assert name in line and all(p in line for p in cls.keep_fp), name
+    for cls in families():
+        assert cls.family in line and all(p in line for p in cls.keep_fp), cls.family
 
 
 def test_new_quantization_flags_reach_the_saved_config(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):

@@ -44,7 +44,7 @@ class ToyPixArt(TextConditional):
 
         return Conditions(embeds=table(prompts), negative_embeds=table([""] * len(prompts)))
 
-    def solver_options(self, solver, scheduler_config):
+    def solver_options(self, solver, scheduler_config, steps):
         if solver != "flow-euler":
             return {}
         mu = 0.5 + self.sample_shape[1] / 64  # the shift grows with the latent's size
@@ -54,7 +54,7 @@ class ToyPixArt(TextConditional):
 
 @pytest.fixture
 def toy_family(monkeypatch):
-    monkeypatch.setitem(ADAPTERS, "PixArtTransformer2DModel", ToyPixArt)
+    monkeypatch.setitem(ADAPTERS, "PixArtTransformer2DModel", [ToyPixArt])
     ToyPixArt.solver_calls = []
     torch.manual_seed(0)
     model = diffusers.PixArtTransformer2DModel(

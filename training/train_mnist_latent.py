@@ -31,6 +31,18 @@
   (``accuquant_sampling.json``; plain diffusers: ``pipe(prompt, max_sequence_length=1)``). The prompt embeddings come from the pipeline's own ``encode_prompt`` during
   training, so training and sampling encode prompts the same way.
 
+* ``--family flux``: ``mnist-flux``, a standard ``FluxPipeline`` directory trained with flow
+  matching as ``sd3``. A ``FluxTransformer2DModel`` (2 double-stream and 4 single-stream
+  blocks of width 128, 4 heads, rotary position embeddings over axes of 8, 12 and 12
+  dimensions, no guidance embedding, as FLUX.1-schnell) on the 4x8x8 latents packed into
+  16 tokens of 16 channels; a tiny ``CLIPTextModel`` (pooled: the conditioning vector) and a
+  tiny ``T5EncoderModel`` (2 layers, width 64: the text sequence), both with the tokenizer
+  of ``mnist-sd`` (captions are at most 8 tokens: ``max_sequence_length`` 8, stored with the
+  model). FLUX.1's scheduler (shift 3 with dynamic shifting: at 16 tokens ``mu`` = 0.459);
+  it is sampled with true classifier-free guidance against the empty prompt (plain diffusers:
+  ``pipe(prompt, negative_prompt="", true_cfg_scale=2.0, height=32, width=32,
+  max_sequence_length=8)``). The VAE is ``mnist-sd3``'s (``--vae src/accuquant/assets/mnist-sd3/vae``).
+
 Shared recipe (sd, dit): cosine noise schedule (1,000 steps), noise prediction, MSE loss, latents
 sampled from the VAE posterior and multiplied by its ``scaling_factor``; AdamW (lr 1e-3,
 200 warm-up iterations, cosine decay), batch 128, gradient clipping at 1, EMA of the weights
@@ -243,7 +255,80 @@ class SD3:
                 "max_sequence_length": args.max_sequence_length}
 
 
-FAMILIES = {"sd": SD, "dit": DiT, "sd3": SD3}
+def build_flux() -> diffusers.FluxTransformer2DModel:
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+        axes_dims_rope=(8, 12, 12))
+
+
+def build_t5(vocab_size: int):
+    import transformers
+
+    cfg = transformers.T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                feed_forward_proj="gated-gelu", pad_token_id=1, eos_token_id=1,
+                                decoder_start_token_id=1, tie_word_embeddings=False)
+    return transformers.T5EncoderModel(cfg)
+
+
+def flux_scheduler() -> diffusers.FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's scheduler: shift 3 with dynamic shifting, so the shift is ``exp(mu)`` with ``mu``
+    interpolated from the image's token count (16 here: ``mu`` = 0.459)."""
+    return diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+class Flux:
+    """The FLUX.1 family (``FluxTransformer2DModel``: double-stream then single-stream blocks,
+    rotary position embeddings, no guidance embedding, as FLUX.1-schnell): the transformer,
+    the CLIP encoder (pooled) and the T5 encoder (sequence) learn together."""
+
+    def __init__(self, args):
+        self.tokenizer = build_tokenizer()
+        self.transformer = build_flux()
+        self.text_encoder = build_text_encoder(len(self.tokenizer))
+        self.text_encoder_2 = build_t5(len(self.tokenizer))
+        self.trained = torch.nn.ModuleDict({"transformer": self.transformer, "text_encoder": self.text_encoder,
+                                            "text_encoder_2": self.text_encoder_2})
+        self.empty = args.label_dropout
+        self.seq = args.max_sequence_length
+        self.pipe = self.pipeline(self.trained, None)
+
+    def pipeline(self, modules, vae):
+        return diffusers.FluxPipeline(
+            transformer=modules["transformer"], scheduler=flux_scheduler(), vae=vae,
+            text_encoder=modules["text_encoder"], tokenizer=self.tokenizer,
+            text_encoder_2=modules["text_encoder_2"], tokenizer_2=self.tokenizer)
+
+    def loss(self, z0, labels, g):
+        s = torch.sigmoid(torch.randn(len(z0), generator=g))  # logit-normal, as SD3 and FLUX
+        noise = torch.randn(z0.shape, generator=g)
+        texts = [caption(int(y), g) if torch.rand((), generator=g) >= self.empty else "" for y in labels]
+        embeds, pooled, txt_ids = self.pipe.encode_prompt(texts, None, device=torch.device("cpu"),
+                                                          max_sequence_length=self.seq)
+        b, c, h, w = z0.shape
+        pack = diffusers.FluxPipeline._pack_latents
+        img_ids = diffusers.FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", z0.dtype)
+        sv = s.view(-1, 1, 1, 1)
+        out = self.transformer(pack((1 - sv) * z0 + sv * noise, b, c, h, w), encoder_hidden_states=embeds,
+                               pooled_projections=pooled, timestep=s, img_ids=img_ids, txt_ids=txt_ids).sample
+        return F.mse_loss(out, pack(noise - z0, b, c, h, w))
+
+    def save(self, ema, vae, tmp):
+        pipe = self.pipeline({"transformer": half(ema["transformer"]), "text_encoder": ema["text_encoder"],
+                              "text_encoder_2": ema["text_encoder_2"]}, half(vae))
+        pipe.save_pretrained(tmp)
+        write_vocabulary(os.path.join(tmp, "tokenizer"))
+        write_vocabulary(os.path.join(tmp, "tokenizer_2"))
+
+    def sampling(self, args) -> dict:
+        prompts, labels = eval_prompts()
+        return {"guidance_scale": args.guidance_scale, "prompts": prompts, "prompt_labels": labels,
+                "max_sequence_length": args.max_sequence_length, "sample_size": 8}
+
+
+FAMILIES = {"sd": SD, "dit": DiT, "sd3": SD3, "flux": Flux}
 
 
 def main() -> None:
@@ -273,7 +358,7 @@ def main() -> None:
         mean, std = torch.cat([q.mean for q in post]), torch.cat([q.std for q in post])
     scale = vae.config.scaling_factor
     y_all = torch.from_numpy(labels[train])
-    if args.family == "sd3":  # SD3's VAE shifts latents by their mean before scaling them
+    if args.family in ("sd3", "flux"):  # SD3's and FLUX's VAEs shifts latents by their mean before scaling them
         shift = mean.mean().item()
         vae.register_to_config(shift_factor=shift)
         mean = mean - shift

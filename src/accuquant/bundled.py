@@ -1,6 +1,7 @@
 """The bundled domain: MNIST diffusion models (``mnist-ddpm``, a class-conditional pixel
 UNet, the default; ``mnist-sd``, a Stable Diffusion pipeline; ``mnist-dit``, a DiT
-pipeline; ``mnist-sd3``, a Stable Diffusion 3 (MMDiT, flow matching) pipeline), the digit classifier, and the held-out digits that are the evaluation's
+pipeline; ``mnist-sd3``, a Stable Diffusion 3 (MMDiT, flow matching) pipeline; ``mnist-flux``, a
+FLUX.1 pipeline), the digit classifier, and the held-out digits that are the evaluation's
 real-data reference.
 
 All of it ships inside the package (``accuquant/assets``); nothing is read from outside.
@@ -17,7 +18,7 @@ from .errors import AccuQuantError
 
 ASSETS = Path(__file__).parent / "assets"
 #: the bundled models, chosen by name (``--model mnist-sd``); the first is the default
-MODELS = ("mnist-ddpm", "mnist-sd", "mnist-dit", "mnist-sd3")
+MODELS = ("mnist-ddpm", "mnist-sd", "mnist-dit", "mnist-sd3", "mnist-flux")
 DEFAULT_MODEL = ASSETS / MODELS[0]
 CLASSIFIER = ASSETS / "mnist-classifier"
 HELDOUT = ASSETS / "mnist_heldout.safetensors"

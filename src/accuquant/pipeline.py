@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import cache
-from .models import ADAPTERS, Conditions, Denoiser, make_denoiser
+from .models import Conditions, Denoiser, adapter_class, make_denoiser
 from .calibrate.data import noise_batches
 from .config import DEFAULT_STEPS, QuantConfig
 from .errors import AccuQuantError
@@ -28,6 +28,15 @@ from .progress import progress_bar
 from .sampling import Solver, default_solver, make_solver, run_trajectory
 
 SAMPLING_FILE = "accuquant_sampling.json"
+
+
+def check_images(model_class: str, what: str, hint: str = "") -> None:
+    """Refuse ``what`` (something that makes or scores images) on a denoiser class whose
+    family's samples are videos, in one line; a class no family handles is left to the loader."""
+    from .models import ADAPTERS
+
+    if model_class in ADAPTERS and (cls := adapter_class(model_class)).media != "image":
+        raise AccuQuantError(f"{what} works on images, and {model_class} ({cls.family}) is a video model{hint}")
 
 
 @dataclass
@@ -42,9 +51,13 @@ class SamplingDefaults:
         prompts: default prompts of a text-conditioned model (calibration, evaluation and
             sampling when none are given), cycled over the samples.
         prompt_labels: the class each default prompt asks for (the evaluation's class accuracy).
-        max_sequence_length: SD3-style pipelines without a third (T5) text encoder fill its
-            slot with this many zero tokens (diffusers' default 256): a model trained with
-            fewer is sampled with the same (plain diffusers: ``pipe(..., max_sequence_length=N)``).
+        max_sequence_length: text tokens of the T5-style encoder (SD3-style pipelines
+            without one fill its slot with this many zero tokens; diffusers' default 256 or
+            512): a model trained with fewer is sampled with the same (plain diffusers:
+            ``pipe(..., max_sequence_length=N)``).
+        sample_size: the latent side (an int, or ``[h, w]``) for models whose config has none
+            (FLUX, Wan); plain diffusers: ``height`` and ``width`` times the VAE's factor.
+        num_frames: latent frames of a video model.
     """
 
     guidance_scale: float = 1.0
@@ -53,6 +66,8 @@ class SamplingDefaults:
     prompts: list[str] | None = None
     prompt_labels: list[int] | None = None
     max_sequence_length: int | None = None
+    sample_size: int | list[int] | None = None
+    num_frames: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = SAMPLING_FILE) -> "SamplingDefaults":
@@ -62,7 +77,11 @@ class SamplingDefaults:
         g = out.guidance_scale
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
             raise AccuQuantError(f"{source}: 'guidance_scale' must be a finite number >= 0, not {g!r}")
-        for k in ("num_classes", "null_class", "max_sequence_length"):
+        size = out.sample_size
+        if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0) and not (
+                isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise AccuQuantError(f"{source}: 'sample_size' must be a positive integer or [height, width], not {size!r}")
+        for k in ("num_classes", "null_class", "max_sequence_length", "num_frames"):
             v = getattr(out, k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise AccuQuantError(f"{source}: {k!r} must be a non-negative integer or null, not {v!r}")
@@ -79,7 +98,8 @@ class SamplingDefaults:
         """All fields but the default prompts when there are none (so a model without them
         keeps the cache keys it had before they existed)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if v is not None or k not in ("prompts", "prompt_labels", "max_sequence_length")}
+                if v is not None or k not in ("prompts", "prompt_labels", "max_sequence_length", "sample_size",
+                                              "num_frames")}
 
 
 @dataclass
@@ -144,13 +164,21 @@ class Pipeline:
     quant: QuantRecord | None = None  # set by quantize and load
     source: str | None = None
 
+    def __post_init__(self):
+        if self.defaults.num_frames is not None:  # frames of an image model: a mistake, said at once
+            cls = adapter_class(self.model)
+            if cls.media != "video":
+                raise AccuQuantError(f"num_frames: {type(self.model).__name__} ({cls.family or cls.__name__}) is an "
+                                     f"image model; frames are for video models")
+
     # ------------------------------------------------------------ the family's adapter
     def denoiser(self, guidance_scale: float | None = None) -> Denoiser:
         """The model behind its family's adapter, with this pipeline's components and defaults."""
         g = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         d = self.defaults
         return make_denoiser(self.model, g, d.null_class, self.components, d.num_classes,
-                             max_sequence_length=d.max_sequence_length)
+                             max_sequence_length=d.max_sequence_length, sample_size=d.sample_size,
+                             num_frames=d.num_frames)
 
     @property
     def num_classes(self) -> int | None:
@@ -190,8 +218,18 @@ class Pipeline:
         return self
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] from final samples, as the model's family decodes them."""
+        """Images in [0, 1] from final samples, as the model's family decodes them (a video
+        model is refused: what scores or shows images would misread its frames; see
+        :meth:`decode_video`)."""
+        check_images(type(self.model).__name__, "decode", "; decode_video gives its frames")
         return self.denoiser(1.0).decode(x)
+
+    def decode_video(self, x: torch.Tensor) -> torch.Tensor:
+        """A video model's frames ``(B, 3, F, H, W)`` in [0, 1] from final samples."""
+        den = self.denoiser(1.0)
+        if den.media != "video":
+            raise AccuQuantError(f"decode_video: {type(self.model).__name__} is an image model; decode gives its images")
+        return den.decode(x)
 
     @torch.no_grad()
     def sample(
@@ -242,7 +280,7 @@ class Pipeline:
 
         import diffusers
 
-        name = (self.model_index or {}).get("_class_name") or ADAPTERS[type(self.model).__name__].pipeline_class
+        name = (self.model_index or {}).get("_class_name") or adapter_class(self.model).pipeline_class
         cls = getattr(diffusers, name, None)
         if cls is None:
             raise AccuQuantError(f"diffusers has no pipeline class {name}")
@@ -275,7 +313,7 @@ class Pipeline:
         model's dynamic shift ``mu``: :meth:`~accuquant.models.Denoiser.solver_options`)."""
         steps, name = self.sampling_settings(steps, scheduler)
         return make_solver(name, self.scheduler_config, steps,
-                           **self.denoiser(1.0).solver_options(name, self.scheduler_config))
+                           **self.denoiser(1.0).solver_options(name, self.scheduler_config, steps))
 
     def sampling_settings(self, steps: int | None = None, scheduler: str | None = None) -> tuple[int, str]:
         """Steps and scheduler: as given, else those a quantized model was calibrated for, else

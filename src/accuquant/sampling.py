@@ -228,9 +228,15 @@ class FlowEulerSolver(Solver):
     name = "flow-euler"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
 
-    def __init__(self, scheduler_config: dict, num_steps: int, mu: float | None = None):
-        self._mu = mu
-        super().__init__(scheduler_config, num_steps, **({} if mu is None else {"mu": mu}))
+    def __init__(self, scheduler_config: dict, num_steps: int, mu: float | None = None,
+                 sigmas: list[float] | None = None):
+        self._mu, self._sigmas = mu, sigmas
+        config = dict(scheduler_config)
+        if "FlowMatch" not in str(config.get("_class_name", "")) and "flow_shift" in config:
+            # a multistep scheduler in flow mode (Sana, Wan) names its shift flow_shift
+            config = {"shift": config["flow_shift"], **{k: v for k, v in config.items() if k != "_use_default_values"}}
+        kw = {k: v for k, v in (("mu", mu), ("sigmas", sigmas)) if v is not None}
+        super().__init__(config, num_steps, **kw)
 
     def check_config(self, config):
         if config.get("stochastic_sampling"):
@@ -255,7 +261,7 @@ class FlowEulerSolver(Solver):
         return x - self.sigmas[i].to(x.dtype) * out
 
     def describe(self):
-        return {**super().describe(), **({} if self._mu is None else {"mu": self._mu})}
+        return {**super().describe(), **{k: v for k, v in (("mu", self._mu), ("sigmas", self._sigmas)) if v is not None}}
 
 
 SOLVERS: dict[str, type[Solver]] = {
@@ -276,10 +282,17 @@ def solver_class(name: str) -> type[Solver]:
     return SOLVERS[name.lower()]
 
 
+def is_flow(scheduler_config: dict) -> bool:
+    """Whether the scheduler samples a flow-matching model: a ``FlowMatch*`` scheduler, or a
+    multistep one in its flow mode (Sana's DPM-Solver, Wan's UniPC)."""
+    return ("FlowMatch" in str(scheduler_config.get("_class_name", ""))
+            or scheduler_config.get("prediction_type") == "flow_prediction" or bool(scheduler_config.get("use_flow_sigmas")))
+
+
 def default_solver(scheduler_config: dict) -> str:
     """The solver of a model when none is named: ``flow-euler`` for a flow-matching model
-    (its scheduler is a ``FlowMatch*`` one), else ``ddim``."""
-    return "flow-euler" if "FlowMatch" in str(scheduler_config.get("_class_name", "")) else "ddim"
+    (:func:`is_flow`), else ``ddim``."""
+    return "flow-euler" if is_flow(scheduler_config) else "ddim"
 
 
 def make_solver(name: str | None, scheduler_config: dict, num_steps: int, **kwargs) -> Solver:

@@ -25,6 +25,9 @@ from torch import nn
 from .base import FakeQuantLayer, LayerSpec, register_backend
 
 
+#: the layer kinds the integer backends (this one and ``cuda-int8``) run on integer kernels
+INTEGER_KINDS = ("linear", "conv2d")
+
 class Unsupported(Exception):
     """Why a layer cannot run on the int8 kernels."""
 
@@ -85,7 +88,7 @@ class IntegerLayer(nn.Module):
 
     def __init__(self, spec: LayerSpec):
         super().__init__()
-        if spec.kind not in ("linear", "conv2d"):
+        if spec.kind not in INTEGER_KINDS:
             raise Unsupported(f"{spec.kind} layers")
         if spec.weight_codes is None:
             raise Unsupported("float weights")

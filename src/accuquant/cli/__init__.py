@@ -1,5 +1,5 @@
-"""The ``accuquant`` command line: ``quantize``, ``sample``, ``evaluate``, ``analyze``, ``compare``, ``speed``
-and ``export``, one module each (``add_parser(sub)`` and ``run(args)``; shared arguments and the
+"""The ``accuquant`` command line: ``quantize``, ``sample``, ``evaluate``, ``analyze``, ``compare``, ``speed``,
+``export`` and ``models``, one module each (``add_parser(sub)`` and ``run(args)``; shared arguments and the
 flags generated from the option system in :mod:`accuquant.cli.options`).
 
 Every problem with the input, and every failed write (a full disk, a permission), ends with
@@ -15,14 +15,14 @@ import sys
 from ..config import DEFAULT_BATCH_SIZE
 from ..errors import AccuQuantError
 from ..version import __version__
-from . import analyze, compare, evaluate, export, quantize, sample, speed
+from . import analyze, compare, evaluate, export, models, quantize, sample, speed
 from .options import EXIT_USAGE, Parser, method_flags
 
 __all__ = ["EXIT_USAGE", "build_parser", "main", "method_flags"]
 
 #: command name -> its module, in the order ``accuquant --help`` lists them
 COMMANDS = {"quantize": quantize, "sample": sample, "evaluate": evaluate, "analyze": analyze, "export": export,
-            "speed": speed, "compare": compare}
+            "speed": speed, "compare": compare, "models": models}
 
 
 def build_parser() -> Parser:

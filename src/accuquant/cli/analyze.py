@@ -32,6 +32,7 @@ def run(args) -> None:
     model_path = resolve_ref(args.model)
     for p in (csv_path, png_path):
         o.check_output_file(p, args.overwrite, model_path, args.base)
+    o.check_images("analyze (the FID of predicted images)", model_path, resolve_ref(args.base) if args.base else None)
     prompts = o.prompts(args)  # a bad prompt file is refused before the model loads
     model = load_pipeline(model_path, device=args.device)
     if args.base is None and model.quant is not None and model.quant.base_model:

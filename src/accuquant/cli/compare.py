@@ -60,6 +60,7 @@ def run(args) -> None:
         except AccuQuantError as e:
             raise AccuQuantError(f"--bits: {e}") from None
     model = o.model_arg(args)
+    o.check_images("compare (image metrics and grids)", model)
     settings = CompareSettings(
         model=model_ref(model) if Path(model).exists() else model,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],

@@ -24,6 +24,7 @@ def run(args) -> None:
     import json
 
     from ..backends import get_backend
+    from ..bundled import resolve_ref
     from ..eval.evaluation import evaluate, format_table, to_json_safe
     from ..io.load import load_pipeline
 
@@ -31,6 +32,7 @@ def run(args) -> None:
     o.check_scheduler(args.scheduler)
     get_backend(args.backend)
     prompts = o.prompts(args)  # a bad prompt file is refused before the model loads
+    o.check_images("evaluate (image metrics)", o.model_arg(args), resolve_ref(args.base) if args.base else None)
     model = load_pipeline(o.model_arg(args), device=args.device, backend=args.backend)
     if not args.json:
         o.print_placement(model, args.backend)

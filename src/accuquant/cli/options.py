@@ -177,11 +177,11 @@ def quant_config(args) -> QuantConfig:
 
 def family_keep_fp() -> str:
     """The layers each model family keeps in full precision by default, for help texts."""
-    from ..models import ADAPTERS
+    from ..models import families
 
     by = {}
-    for name, cls in ADAPTERS.items():
-        by.setdefault(tuple(cls.keep_fp), []).append(name)
+    for cls in families():
+        by.setdefault(tuple(cls.keep_fp), []).append(cls.family)
     return "; ".join(f"{'/'.join(names)}: {', '.join(keep) or 'none'}" for keep, names in by.items())
 
 
@@ -262,6 +262,43 @@ def check_output_file(out: Path, overwrite: bool, *sources) -> None:
     if out.exists() and not overwrite:
         raise AccuQuantError(f"{out}: exists (pass --overwrite to replace it)")
     check_writable(out)
+
+
+def denoiser_class(model) -> str | None:
+    """The denoiser class a model directory names (an accuquant model's record, a pipeline's
+    ``model_index.json``, a model's ``config.json``), read without loading anything; ``None``
+    where it names none (a hub id, a damaged file: the loader says what is wrong)."""
+    import json
+
+    from ..models import denoiser_names
+
+    root = Path(str(model))
+
+    def read(name):
+        try:
+            d = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            return None
+        return d if isinstance(d, dict) else None
+
+    if (d := read("accuquant.json")) is not None:
+        return d.get("denoiser_class")
+    if (d := read("model_index.json")) is not None:
+        spec = next((d[n] for n in denoiser_names() if isinstance(d.get(n), list) and len(d[n]) == 2), None)
+        return spec[1] if spec else None
+    if (d := read("config.json")) is not None:
+        return d.get("_class_name")
+    return None
+
+
+def check_images(what: str, *models) -> None:
+    """Refuse, before any work, a command that makes or scores images (``what``) on a video
+    model (each of ``models``: directories, ``None`` skipped)."""
+    from ..pipeline import check_images as check
+
+    for model in models:
+        if model is not None and isinstance(name := denoiser_class(model), str):
+            check(name, what)
 
 
 def print_placement(pipe, backend: str) -> None:

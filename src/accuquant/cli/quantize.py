@@ -83,6 +83,8 @@ def run(args) -> None:
     o.check_scheduler(args.scheduler)
     args.prompts = o.prompts(args)  # a bad prompt file is refused before any work
     model_path = o.model_arg(args)
+    if args.summary:
+        o.check_images("quantize --summary (image metrics)", model_path)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(model_path).name}-{args.method}-{cfg.label}"
     check_not_inside(out, model_path)  # never replace (or write into) the model being read
     check_out_dir(out, args.overwrite, "--overwrite")  # refuse before the long work, not after

@@ -35,6 +35,7 @@ def run(args) -> None:
     o.check_output_file(out, args.overwrite, model)
     if out.suffix.lower() != ".png":
         raise AccuQuantError(f"{out}: the grid is written as PNG; use a .png name")
+    o.check_images("sample (an image grid)", model)
     get_backend(args.backend)  # an unknown backend is refused before the model loads
     prompts = o.prompts(args)  # a bad prompt file is refused before the model loads
     pipe = load_pipeline(model, device=args.device, backend=args.backend)

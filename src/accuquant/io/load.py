@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ..models import ADAPTERS, denoiser_names
+from ..models import ADAPTERS, adapter_class, denoiser_names, unsupported
 from ..backends import get_backend
 from ..bundled import model_ref, resolve_ref
 from ..errors import AccuQuantError
@@ -47,8 +47,10 @@ def _load_component(path: Path, library: str, class_name: str):
         raise AccuQuantError(f"{path}: needs {library}.{class_name}, which is not installed") from None
     import diffusers
 
-    # Without `accelerate`, diffusers warns at every load unless told not to try.
-    kwargs = {"low_cpu_mem_usage": False} if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) else {}
+    # Without `accelerate`, diffusers warns at every load unless told not to try; a model with
+    # layers kept in float32 (Wan's `_keep_in_fp32_modules`) cannot load that way.
+    kwargs = {"low_cpu_mem_usage": False} if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) \
+        and not getattr(cls, "_keep_in_fp32_modules", None) else {}
     try:
         return cls.from_pretrained(str(path), **kwargs)
     except AccuQuantError:
@@ -81,7 +83,8 @@ def _default_scheduler_config() -> dict:
 
 def load_pipeline(path: str | Path, device: str = "cpu", backend: str = "fake") -> Pipeline:
     """Load a pipeline from a diffusers pipeline directory, a model directory, an accuquant
-    quantized directory, or a hub id (downloaded by diffusers on machines that can).
+    quantized directory, or a hub id (from the local hub cache when it is there, else
+    downloaded by diffusers on machines that can).
 
     ``backend`` runs the layers of a quantized model (:mod:`accuquant.backends`).
 
@@ -92,12 +95,16 @@ def load_pipeline(path: str | Path, device: str = "cpu", backend: str = "fake") 
     root = Path(resolve_ref(str(path)))
     if not root.exists():
         if _HUB_ID.match(str(path)):
-            try:
-                import diffusers
+            import diffusers
 
-                root = Path(diffusers.DiffusionPipeline.download(str(path)))
-            except Exception as e:
-                raise AccuQuantError(f"{path}: not a local directory, and the hub download failed ({type(e).__name__})") from None
+            try:  # the local cache first: no network needed, and no time lost on a machine without it
+                root = Path(diffusers.DiffusionPipeline.download(str(path), local_files_only=True))
+            except Exception:
+                try:
+                    root = Path(diffusers.DiffusionPipeline.download(str(path)))
+                except Exception as e:
+                    raise AccuQuantError(f"{path}: not a local directory, not in the hub cache, and the hub download "
+                                         f"failed ({type(e).__name__})") from None
         else:
             raise AccuQuantError(f"{path}: no such file or directory")
     if not root.is_dir():
@@ -118,7 +125,7 @@ def load_pipeline(path: str | Path, device: str = "cpu", backend: str = "fake") 
                 sched = dict(_read_json(root / comp / "scheduler_config.json"))
                 continue
             if comp == name and spec[1] not in ADAPTERS:
-                raise AccuQuantError(f"{path}: unsupported denoiser {spec[1]}; supported: {', '.join(sorted(ADAPTERS))}")
+                raise AccuQuantError(f"{path}: {unsupported(spec[1])}")
             if comp in SKIPPED_COMPONENTS:
                 continue
             components[comp] = _load_component(root / comp, spec[0], spec[1])
@@ -129,11 +136,11 @@ def load_pipeline(path: str | Path, device: str = "cpu", backend: str = "fake") 
         cfg = _read_json(root / "config.json")
         cls = cfg.get("_class_name")
         if cls not in ADAPTERS:
-            raise AccuQuantError(f"{path}: not a supported diffusers model (class {cls!r})")
+            raise AccuQuantError(f"{path}: {unsupported(str(cls))}")
         model = _load_component(root, "diffusers", cls)
         sched_file = root / "scheduler_config.json"
         sched = dict(_read_json(sched_file)) if sched_file.is_file() else _default_scheduler_config()
-        pipe = Pipeline(model, sched, {}, ADAPTERS[cls].component, _defaults(root), source=model_ref(root))
+        pipe = Pipeline(model, sched, {}, adapter_class(cls).component, _defaults(root), source=model_ref(root))
     else:
         raise AccuQuantError(f"{path}: not a diffusers model directory (no model_index.json or config.json)")
     check_finite(pipe.model, str(path))

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..models import ADAPTERS
+from ..models import adapter_class
 from ..errors import AccuQuantError
 from ..quant.layers import quant_layers
 from .files import atomic_dir, check_not_inside
@@ -86,7 +86,7 @@ def _save_components(pipe, root: Path) -> None:
         if hasattr(comp, "save_pretrained"):
             comp.save_pretrained(str(root / name))
     index = dict(pipe.model_index) if pipe.model_index else {
-        "_class_name": ADAPTERS[type(pipe.model).__name__].pipeline_class,
+        "_class_name": adapter_class(pipe.model).pipeline_class,
         "_diffusers_version": diffusers.__version__,
         pipe.denoiser_name: ["diffusers", type(pipe.model).__name__],
         "scheduler": ["diffusers", type(sched).__name__],

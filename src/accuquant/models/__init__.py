@@ -10,9 +10,15 @@ module and its import below, or, outside the package, one registered adapter cla
 from . import unet  # noqa: F401, I001  (the families register themselves; unet first: denoiser_names() order)
 from . import dit  # noqa: F401
 from . import sd3  # noqa: F401
+from . import flux  # noqa: F401
+from . import sana  # noqa: F401
+from . import wan  # noqa: F401
+from . import sdxl  # noqa: F401  (after unet: SDXL's adapter is tried first for UNet2DConditionModel)
+from . import pixart  # noqa: F401
 from .base import (ADAPTERS, ClassConditional, Conditions, Denoiser, TextConditional, adapter_class, denoiser_names,
-                   make_denoiser, register_adapter)
+                   families, make_denoiser, register_adapter, unsupported)
 from .unet import shortcut_splits
 
 __all__ = ["ADAPTERS", "ClassConditional", "Conditions", "Denoiser", "TextConditional", "adapter_class",
-           "denoiser_names", "make_denoiser", "register_adapter", "shortcut_splits"]
+           "denoiser_names", "families", "make_denoiser", "register_adapter", "shortcut_splits",
+           "unsupported"]

@@ -73,9 +73,21 @@ class Denoiser(nn.Module):
         null_class: class label of the unconditional branch (class-conditional models).
         components: the pipeline's other components (VAE, text encoders, tokenizers).
         num_classes: number of real classes, when the model's files say it.
-        max_sequence_length: text tokens of the third (T5) encoder's slot in SD3-style
-            pipelines, zeros when there is no third encoder (diffusers' default: 256).
+        max_sequence_length: text tokens of the T5-style encoder (SD3-style pipelines
+            without one: zeros in its slot); ``None``: the pipeline's default.
+        sample_size: latent height and width (an int, or ``[h, w]``) where the model's
+            config has none (FLUX, Wan); ``None``: the config's, else the family's default.
+        num_frames: latent frames of a video model; ``None``: the family's default.
     """
+
+    #: the family's name, as ``accuquant models`` lists it (empty: not listed)
+    family = ""
+    #: ``"image"`` or ``"video"``: what the model's samples decode to
+    media = "image"
+    #: latent side when neither the model's config nor the pipeline's defaults give one
+    default_sample_size: int | None = None
+    #: kinds of the layers quantized (``linear``, ``conv2d``, ``conv1d``), for the backends' coverage
+    layer_kinds: tuple[str, ...] = ("linear", "conv2d")
 
     #: the pipeline component that holds the model
     component = "unet"
@@ -94,9 +106,11 @@ class Denoiser(nn.Module):
 
     def __init__(self, model: nn.Module, guidance_scale: float = 1.0, null_class: int | None = None,
                  components: dict | None = None, num_classes: int | None = None,
-                 max_sequence_length: int | None = None):
+                 max_sequence_length: int | None = None, sample_size=None, num_frames: int | None = None):
         super().__init__()
         self.max_sequence_length = max_sequence_length
+        self._sample_size = sample_size
+        self._num_frames = num_frames
         self.model = model
         self.guidance_scale = float(guidance_scale)
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
@@ -168,10 +182,18 @@ class Denoiser(nn.Module):
         return self.model.config
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        size = self.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.config.in_channels, h, w)
+    def latent_size(self) -> tuple[int, int]:
+        """Latent height and width: the pipeline's, else the model config's, else the family's."""
+        size = self._sample_size or getattr(self.config, "sample_size", None) or self.default_sample_size
+        if size is None:
+            raise AccuQuantError(f"{type(self.model).__name__}: the latent size is unknown (its config has no "
+                                 "sample_size): give sample_size in accuquant_sampling.json")
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample as the solver sees it (``C, H, W``; video ``C, F, H, W``)."""
+        return (self.config.in_channels, *self.latent_size)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -192,10 +214,35 @@ class Denoiser(nn.Module):
             x = vae.decode((x / vae.config.scaling_factor + shift).to(vae.dtype)).sample
         return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
+    # ---------------------------------------------------------------- the registry's summary
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter handles ``model`` (several families share a diffusers class:
+        SD and SDXL's ``UNet2DConditionModel``)."""
+        return True
+
+    #: the sampler a pipeline of the family gets by default
+    default_solver = "ddim"
+
+    @classmethod
+    def describe(cls) -> dict:
+        """What ``accuquant models`` prints of the family: its classes, sampler, what stays in
+        FP, the attention processors quantized, and whether the integer backends run every
+        quantized layer kind."""
+        from ..backends.int8 import INTEGER_KINDS
+
+        integer = all(k in INTEGER_KINDS for k in cls.layer_kinds)
+        return {"family": cls.family, "pipeline": cls.pipeline_class, "denoiser": ", ".join(cls.model_classes),
+                "conditioning": cls.conditioning if isinstance(cls.conditioning, str) else "none or class",
+                "media": cls.media, "sampler": cls.default_solver, "keep_fp": list(cls.keep_fp),
+                "attention": [p for p in cls.attention_processors if not p.startswith("Quant")],
+                "int8": integer, "cuda-int8": integer}
+
     # ---------------------------------------------------------------- sampling
-    def solver_options(self, solver: str, scheduler_config: dict) -> dict:
-        """The family's arguments of solver ``solver`` beyond the scheduler config and step
-        count (a flow model whose sigmas shift with the image size: its ``mu``)."""
+    def solver_options(self, solver: str, scheduler_config: dict, steps: int) -> dict:
+        """The family's arguments of solver ``solver`` with ``steps`` steps beyond the scheduler
+        config (a flow model whose sigmas shift with the image size: its ``mu``; FLUX's own
+        sigma spacing)."""
         return {}
 
     # ---------------------------------------------------------------- quantization
@@ -214,38 +261,61 @@ class Denoiser(nn.Module):
                           processors=self.attention_processors)
 
 
-#: diffusers model class name -> adapter class
-ADAPTERS: dict[str, type[Denoiser]] = {}
+#: diffusers model class name -> the adapters of that class, the most specific first
+ADAPTERS: dict[str, list[type[Denoiser]]] = {}
 
 
 def register_adapter(*class_names: str):
-    """Class decorator: the adapter of the diffusers model classes ``class_names``."""
+    """Class decorator: an adapter of the diffusers model classes ``class_names``. Adapters
+    registered later for a class are tried first (a specialisation such as SDXL's is
+    registered after the general SD one), each asked :meth:`Denoiser.matches`."""
 
     def deco(cls):
+        cls.model_classes = tuple(class_names)
         for name in class_names:
-            ADAPTERS[name] = cls
+            ADAPTERS.setdefault(name, []).insert(0, cls)
         return cls
 
     return deco
 
 
+def families() -> list[type[Denoiser]]:
+    """The registered adapters that name a family, in registration order."""
+    seen = dict.fromkeys(cls for classes in ADAPTERS.values() for cls in reversed(classes) if cls.family)
+    return list(seen)
+
+
 def denoiser_names() -> tuple[str, ...]:
     """The pipeline components that can hold a denoiser, as the registered families name them."""
-    return tuple(dict.fromkeys(cls.component for cls in ADAPTERS.values()))
+    return tuple(dict.fromkeys(cls.component for classes in ADAPTERS.values() for cls in reversed(classes)))
 
 
-def adapter_class(model_class: str) -> type[Denoiser]:
-    if model_class not in ADAPTERS:
-        raise AccuQuantError(f"unsupported denoiser {model_class}; supported: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[model_class]
+def unsupported(model_class: str) -> AccuQuantError:
+    """The one-line refusal of a denoiser class no adapter handles, naming the families."""
+    names = ", ".join(f"{c.family} ({'/'.join(c.model_classes)})" for c in families())
+    return AccuQuantError(f"unsupported denoiser {model_class}; supported families: {names}")
+
+
+def adapter_class(model) -> type[Denoiser]:
+    """The adapter of ``model`` (a module, or a diffusers class name: its first adapter)."""
+    name = model if isinstance(model, str) else type(model).__name__
+    if name not in ADAPTERS:
+        raise unsupported(name)
+    if isinstance(model, str):
+        return ADAPTERS[name][-1]
+    for cls in ADAPTERS[name]:
+        if cls.matches(model):
+            return cls
+    raise unsupported(name)
 
 
 def make_denoiser(model: nn.Module, guidance_scale: float = 1.0, null_class: int | None = None,
                   components: dict | None = None, num_classes: int | None = None,
-                  max_sequence_length: int | None = None) -> Denoiser:
+                  max_sequence_length: int | None = None, sample_size=None, num_frames: int | None = None) -> Denoiser:
     """Wrap a diffusers denoiser in its family's adapter."""
-    return adapter_class(type(model).__name__)(model, guidance_scale, null_class, components, num_classes,
-                                               max_sequence_length=max_sequence_length)
+    return adapter_class(model)(model, guidance_scale, null_class, components, num_classes,
+                                max_sequence_length=max_sequence_length, sample_size=sample_size,
+                                num_frames=num_frames)
 
 
 class ClassConditional(Denoiser):
@@ -310,6 +380,15 @@ class TextConditional(Denoiser):
         missing = [k for k in self.condition_keys if k not in cond]
         if missing:
             raise AccuQuantError(f"{what}: this model is text-conditioned, but the data has no {', '.join(missing)}")
+
+    def text_components(self, *names: str) -> list:
+        """The pipeline components ``names`` (text encoders and tokenizers); a missing one is
+        refused in one line naming it."""
+        missing = [k for k in names if self.components.get(k) is None]
+        if missing:
+            raise AccuQuantError(f"the pipeline has no {', '.join(missing)}: this {self.family or type(self.model).__name__}"
+                                 f" model encodes its prompts with {'it' if len(missing) == 1 else 'them'}")
+        return [self.components[k] for k in names]
 
     def require(self, cond: Conditions) -> None:
         """Refuse a call without this family's prompt embeddings."""

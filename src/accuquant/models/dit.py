@@ -11,7 +11,9 @@ class DiTAdapter(ClassConditional):
     """A learned-variance output keeps only its first half; the unconditional class is the
     extra label embedding row (``num_embeds_ada_norm``)."""
 
+    family = "DiT"
     component = "transformer"
+    layer_kinds = ("linear",)
     pipeline_class = "DiTPipeline"
     block_types = ("BasicTransformerBlock", "Attention", "TimestepEmbedding")
     keep_fp = ("pos_embed.proj", "proj_out", "proj_out_1", "proj_out_2")  # patch embedding and output projections

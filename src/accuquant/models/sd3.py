@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import AccuQuantError
 from .base import Conditions, Denoiser, TextConditional, register_adapter
 
 
@@ -18,7 +17,10 @@ class SD3Adapter(TextConditional):
     ones a diffusers user gets. The model predicts the flow velocity: sample with
     ``flow-euler``."""
 
+    family = "SD3 / SD3.5"
     component = "transformer"
+    layer_kinds = ("linear",)
+    default_solver = "flow-euler"
     pipeline_class = "StableDiffusion3Pipeline"
     condition_keys = ("embeds", "pooled")
     block_types = ("JointTransformerBlock", "SD3SingleTransformerBlock", "TimestepEmbedding",
@@ -42,10 +44,7 @@ class SD3Adapter(TextConditional):
         import diffusers
 
         c = self.components
-        needed = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-        missing = [k for k in needed if c.get(k) is None]
-        if missing:
-            raise AccuQuantError(f"prompts given, but the pipeline has no {', '.join(missing)}")
+        self.text_components("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
         pipe = diffusers.StableDiffusion3Pipeline(
             transformer=self.model, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=c.get("vae"),
             text_encoder=c["text_encoder"].to(device), tokenizer=c["tokenizer"],

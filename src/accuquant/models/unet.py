@@ -6,8 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import AccuQuantError
-from .base import ClassConditional, Conditions, Denoiser, TextConditional, register_adapter
+from .base import (
+    ClassConditional,
+    Conditions,
+    Denoiser,
+    TextConditional,
+    register_adapter,
+)
 
 BLOCKS = ("ResnetBlock2D", "ResnetBlockCondNorm2D", "Attention", "BasicTransformerBlock", "Downsample2D",
           "Upsample2D", "TimestepEmbedding")
@@ -54,6 +59,7 @@ class _UNet(Denoiser):
 class UNet2DAdapter(ClassConditional, _UNet):
     """``UNet2DModel``: unconditional, or class-conditional through ``class_labels``."""
 
+    family = "UNet (DDPM)"
     pipeline_class = "DDIMPipeline"
 
     @property
@@ -84,7 +90,12 @@ class UNet2DConditionAdapter(TextConditional, _UNet):
     """``UNet2DConditionModel``: text-conditioned through ``encoder_hidden_states``
     (``cond["embeds"]``), the prompts encoded by the pipeline's CLIP text encoder."""
 
+    family = "Stable Diffusion 1.x/2.x"
     pipeline_class = "StableDiffusionPipeline"
+
+    @classmethod
+    def matches(cls, model):
+        return getattr(model.config, "addition_embed_type", None) != "text_time"  # that is SDXL's
 
     def raw(self, x, t, cond):
         self.require(cond)
@@ -96,8 +107,6 @@ class UNet2DConditionAdapter(TextConditional, _UNet):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device="cpu") -> torch.Tensor:
-        tok, enc = self.components.get("tokenizer"), self.components.get("text_encoder")
-        if tok is None or enc is None:
-            raise AccuQuantError("prompts given, but the pipeline has no tokenizer and text encoder")
+        tok, enc = self.text_components("tokenizer", "text_encoder")
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
         return enc.to(device)(ids.input_ids.to(device))[0].float().cpu()  # conditions are kept in float32

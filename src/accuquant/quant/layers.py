@@ -70,6 +70,13 @@ class QuantLayer(nn.Module):
         self.register_module("kernel", None)  # the backend module, once frozen
         self.codes_in_kernel = False  # the codes were dropped: the kernel holds the only copy
 
+    # ------------------------------------------------------------------ the wrapped layer's shape
+    # (pipelines read them: SDXL's reads ``add_embedding.linear_1.in_features``)
+    in_features = property(lambda self: self.module.in_features)
+    out_features = property(lambda self: self.module.out_features)
+    in_channels = property(lambda self: self.module.in_channels)
+    out_channels = property(lambda self: self.module.out_channels)
+
     # ------------------------------------------------------------------ helpers
     @property
     def frozen(self) -> bool:
@@ -230,7 +237,7 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
     if attn_bits is not None or sm_bits is not None:
         chosen = None if attention is None else set(attention)
         for name, mod in model.named_modules():
-            if not (hasattr(mod, "set_processor") and hasattr(mod, "to_q") and hasattr(mod, "head_to_batch_dim")):
+            if not (hasattr(mod, "set_processor") and hasattr(mod, "processor") and hasattr(mod, "to_q")):
                 continue
             kind = type(mod.processor).__name__
             wanted = kind in processors if chosen is None else name in chosen
