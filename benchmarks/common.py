@@ -50,3 +50,88 @@ def sd15_conditions(n: int):
 
     g = torch.Generator().manual_seed(n)
     return aq.Conditions(embeds=torch.randn(n, 77, 768, generator=g), negative_embeds=torch.zeros(n, 77, 768))
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (``VmRSS``) or its peak since the last reset (``VmHWM``), in MB."""
+    import re
+
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024
+
+
+def reset_peak() -> float:
+    """Reset the process's peak resident memory; the resident memory now."""
+    import gc
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss_mb()
+
+
+def measure_env() -> dict:
+    """The environment of a measured child process: freed tensors go back to the system (see
+    memory.py), so a peak is what the work holds."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+
+
+def save_minmax_quantizers(pipe, solver, calib, config: dict, path: Path, key: str, batch_size: int = 4) -> None:
+    """Wrap ``pipe``'s denoiser with ``QuantConfig(**config)``, set its ranges by the naive method
+    on 8 points of ``calib`` and save its quantizers to ``path`` (checkpoint ``key``), for
+    :func:`wrapped_from` in other processes."""
+    import accuquant as aq
+    from accuquant.calibrate.loop import calibrate
+    from accuquant.calibrate.protocol import Run
+    from accuquant.io.checkpoint import save_checkpoint
+    from accuquant.methods.naive import Naive, NaiveConfig
+
+    den = pipe.denoiser()
+    cfg = aq.QuantConfig(**config)
+    den.wrap(cfg)
+    calibrate(Run(den, solver, calib, cfg, batch_size=batch_size, progress=False),
+              Naive(NaiveConfig(act_calib_pairs=8)))
+    save_checkpoint(path, pipe.model, key, 0)
+
+
+def wrapped_from(pipe, config: dict, path: Path, key: str):
+    """``pipe``'s denoiser wrapped with ``QuantConfig(**config)`` and the quantizers saved by
+    :func:`save_minmax_quantizers` loaded; the model's own parameters take no gradients (as in
+    calibration, only quantizer parameters do)."""
+    import accuquant as aq
+    from accuquant.io.checkpoint import load_quantizers, read_checkpoint
+
+    den = pipe.denoiser()
+    for p in pipe.model.parameters():
+        p.requires_grad_(False)
+    den.wrap(aq.QuantConfig(**config))
+    load_quantizers(pipe.model, read_checkpoint(path, key)[1])
+    return den
+
+
+def accuquant_step(pipe, den, solver, calib, m: int, fixed_codes: bool = False) -> dict:
+    """One AccuQuant optimisation step (checkpoint gradient) from the first trajectory of
+    ``calib`` over ``m`` steps, step sizes learned (``fixed_codes``: the start's integer weight
+    codes fixed, AccuQuant's default): its ``seconds``, the resident memory before it and its
+    peak above that (MB)."""
+    import time
+
+    import torch
+
+    from accuquant.calibrate.multistep import multistep_backward
+    from accuquant.quant.layers import all_quantizers, quant_layers
+
+    if fixed_codes:
+        for layer in quant_layers(pipe.model).values():
+            for q, part in layer.weight_parts():
+                q.fix_codes(part.detach())
+    for q in all_quantizers(pipe.model).values():
+        if q.enabled:
+            q.scale.requires_grad_(True)
+    idx = torch.tensor([0])
+    xs, outs = calib.xs[idx], calib.outs[idx]
+    state = solver.state_at(0, xs, outs)
+    before = reset_peak()
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        multistep_backward(den, solver, xs[:, 0], state, 0, m, calib.cond.index(idx), xs[:, m], "checkpoint")
+    return {"seconds": time.perf_counter() - t0, "rss_before_mb": before, "peak_mb": rss_mb("VmHWM") - before}

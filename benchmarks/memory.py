@@ -36,7 +36,6 @@ def _rss_mb() -> float:
 def _wrapped(batch: int):
     import accuquant as aq
     from accuquant import bundled
-    from accuquant.quant.layers import wrap_model
 
     pipe = aq.load(bundled.DEFAULT_MODEL)
     solver = aq.make_solver("ddim", pipe.scheduler_config, 20)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -34,24 +33,11 @@ from pathlib import Path
 
 from accuquant.config import parse_size
 from accuquant.io.files import atomic_path
-from common import ROOT, sd15_conditions, sd15_unet
+from common import (ROOT, accuquant_step, measure_env, reset_peak, rss_mb, save_minmax_quantizers,
+                    sd15_conditions, sd15_unet, wrapped_from)
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = dict(weight_bits=4, act_bits=8, weight_init="minmax", act_init="minmax")
-
-
-def _rss_mb(field: str = "VmRSS") -> float:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024
-
-
-def _reset_peak() -> float:
-    """Reset the process's peak resident memory; the resident memory now."""
-    import gc
-
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    return _rss_mb()
 
 
 def _pipe(latent: int):
@@ -64,17 +50,8 @@ def _pipe(latent: int):
 
 def _wrapped(latent: int, folder: Path):
     """The W4A8 UNet with the quantizers of ``setup`` loaded."""
-    import accuquant as aq
-    from accuquant.io.checkpoint import load_quantizers, read_checkpoint
-    from accuquant.quant.layers import wrap_model
-
     pipe = _pipe(latent)
-    den = pipe.denoiser()
-    for p in pipe.model.parameters():  # quantizer parameters only take gradients, as in calibration
-        p.requires_grad_(False)
-    den.wrap(aq.QuantConfig(**CONFIG))
-    load_quantizers(pipe.model, read_checkpoint(folder / "quantizers.safetensors", "memory-sd")[1])
-    return pipe, den
+    return pipe, wrapped_from(pipe, CONFIG, folder / "quantizers.safetensors", "memory-sd")
 
 
 def child(kind: str, value: str, latent: int, folder: Path) -> dict:
@@ -89,26 +66,15 @@ def child(kind: str, value: str, latent: int, folder: Path) -> dict:
         n = int(value)
         pipe = _pipe(latent)
         den, cond = pipe.denoiser(), sd15_conditions(n)
-        before = _reset_peak()
+        before = reset_peak()
         t0 = time.perf_counter()
         aq.collect_trajectories(den, solver_of(pipe), n, cond=cond, batch_size=4, progress=False,
                                 path=folder / f"calib{n}.safetensors")
         out.update(file_mb=(folder / f"calib{n}.safetensors").stat().st_size / 2**20)
     elif kind == "setup":  # min-max ranges on the smallest set, saved for the other processes
-        from accuquant.io.checkpoint import save_checkpoint
-        from accuquant.calibrate.loop import calibrate
-        from accuquant.calibrate.protocol import Run
-        from accuquant.methods.naive import Naive
-        from accuquant.quant.layers import wrap_model
-        from accuquant.methods.naive import NaiveConfig
-
         pipe = _pipe(latent)
-        den = pipe.denoiser()
-        calib = aq.Trajectories.load(folder / "calib.safetensors")
-        cfg = aq.QuantConfig(**CONFIG)
-        den.wrap(cfg)
-        calibrate(Run(den, solver_of(pipe), calib, cfg, batch_size=4, progress=False), Naive(NaiveConfig(act_calib_pairs=8)))
-        save_checkpoint(folder / "quantizers.safetensors", pipe.model, "memory-sd", 0)
+        save_minmax_quantizers(pipe, solver_of(pipe), aq.Trajectories.load(folder / "calib.safetensors"), CONFIG,
+                               folder / "quantizers.safetensors", "memory-sd")
         return out
     elif kind == "capture":
         from accuquant.calibrate.block_data import capture, collect, parse_size
@@ -126,37 +92,19 @@ def child(kind: str, value: str, latent: int, folder: Path) -> dict:
 
         block = max(blocks, key=row_bytes)
         points = calib.points(2, 0)
-        before = _reset_peak()
+        before = reset_peak()
         t0 = time.perf_counter()
         data = collect(den, block.module, calib.batches(points, 4), 256, parse_size(value), folder / "spill")
         out.update(block=block.name, rows=data.rows, data_ram_peak_mb=data.peak_ram_bytes / 2**20,
                    budget_mb=parse_size(value) / 2**20, chunks_on_disk=data.on_disk, chunks=len(data.chunks))
-        seconds, peak = time.perf_counter() - t0, _rss_mb("VmHWM")
+        seconds, peak = time.perf_counter() - t0, rss_mb("VmHWM")
         data.close()
         return {**out, "seconds": seconds, "rss_before_mb": before, "peak_mb": peak - before}
-    elif kind in ("step", "step-codes"):
-        from accuquant.quant.layers import all_quantizers, quant_layers
-        from accuquant.calibrate.multistep import multistep_backward
-
-        m = int(value)
+    elif kind in ("step", "step-codes"):  # step-codes: AccuQuant's default, the start's integer codes fixed
         pipe, den = _wrapped(latent, folder)
-        if kind == "step-codes":  # AccuQuant's default: the start's integer codes fixed, step sizes learned
-            for layer in quant_layers(pipe.model).values():
-                for q, part in layer.weight_parts():
-                    q.fix_codes(part.detach())
         calib = aq.Trajectories.load(folder / "calib.safetensors")
-        solver = solver_of(pipe)
-        for q in all_quantizers(pipe.model).values():
-            if q.enabled:
-                q.scale.requires_grad_(True)
-        idx = torch.tensor([0])
-        xs, outs = calib.xs[idx], calib.outs[idx]
-        state = solver.state_at(0, xs, outs)
-        before = _reset_peak()
-        t0 = time.perf_counter()
-        with torch.enable_grad():
-            multistep_backward(den, solver, xs[:, 0], state, 0, m, calib.cond.index(idx), xs[:, m], "checkpoint")
-    out.update(seconds=time.perf_counter() - t0, rss_before_mb=before, peak_mb=_rss_mb("VmHWM") - before)
+        return {**out, **accuquant_step(pipe, den, solver_of(pipe), calib, int(value), kind == "step-codes")}
+    out.update(seconds=time.perf_counter() - t0, rss_before_mb=before, peak_mb=rss_mb("VmHWM") - before)
     return out
 
 
@@ -173,8 +121,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.latent, Path(args.child[2]))))
         return
-    # freed tensors go back to the system (see memory.py), so a peak is what the work holds
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+    env = measure_env()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [("collect", n) for n in args.prompts.split(",")] + [("setup", "-")]

@@ -139,6 +139,14 @@ OTHER_TABLES = [
      "`--bits w4a8,w3a8 --seeds 1,2` (`benchmarks/results/compare_mnist-sd3*.{md,json}`, grids and error plots in "
      "`docs/compare/mnist-sd3/`): flow-matching Euler, 20 steps, guidance 2.0; each seed, then the mean "
      "(min..max) over seeds."),
+    ("compare_mnist-flux.md", "mnist-flux (FLUX.1: double- and single-stream blocks, rotary embeddings): all methods",
+     "`python benchmarks/families.py --model mnist-flux --bits w4a8,w3a8 --seeds 0,1,2 --num 500` (one `accuquant "
+     "compare` per calibration seed; `benchmarks/results/compare_mnist-flux*.{md,json}`, grids and error plots in "
+     "`docs/compare/mnist-flux/`): flow-matching Euler with FLUX's sigmas and dynamic shift, 20 steps, true "
+     "guidance 2.0; each seed, then the mean (min..max) over seeds."),
+    ("ablation_mnist-flux.md", "mnist-flux: group size at equal compute",
+     "`python benchmarks/ablation.py --model mnist-flux --bits w4a8 --num 300 --seeds 0 --variants "
+     "\"M=1:group_size=1,iters=400;M=4:group_size=4,iters=100\"` (`benchmarks/results/ablation_mnist-flux.{md,json}`)."),
     ("ablation_mnist-sd3.md", "mnist-sd3: group size at equal compute, and a longer optimisation",
      "`python benchmarks/ablation.py --model mnist-sd3 --bits w4a8 --num 300 --seeds 0,1,2 --variants ...` "
      "(`benchmarks/results/ablation_mnist-sd3.{md,json}`): the group-size ablation on a flow trajectory, and "

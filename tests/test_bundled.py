@@ -39,7 +39,8 @@ def test_default_model_is_a_guided_class_conditional_unet_with_attention():
 
 def test_shipped_weights_stay_small_and_the_package_reads_nothing_outside():
     files = [p for p in bundled.ASSETS.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 30 * 2**20
+    # five small pipelines and the classifier (about 32 MB): the wheel stays under 40 MB, no file over 10 MB
+    assert sum(p.stat().st_size for p in files) < 40 * 2**20
     assert max(p.stat().st_size for p in files) < 10 * 2**20
     src = Path(aq.__file__).parent
     for f in src.rglob("*.py"):

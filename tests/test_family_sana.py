@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.quant.attention import QuantSanaAttnProcessor, QuantSanaLinearAttnProcessor
+from accuquant.quant.processors import QuantSanaAttnProcessor, QuantSanaLinearAttnProcessor
 from accuquant.quant.layers import QuantLayer
 from tests.conftest import tokenizer
 

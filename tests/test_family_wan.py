@@ -12,7 +12,7 @@ import torch
 
 import accuquant as aq
 from accuquant.cli import main
-from accuquant.quant.attention import QuantWanAttnProcessor
+from accuquant.quant.processors import QuantWanAttnProcessor
 from accuquant.quant.layers import QuantLayer
 from tests.conftest import tokenizer
 

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import QUANT_PROCESSORS, QuantAttnProcessor
+from .attention import QuantAttnProcessor
+from .processors import QUANT_PROCESSORS
 from ..backends import Grid, LayerSpec, get_backend
 from ..config import QuantConfig
 from ..errors import AccuQuantError
