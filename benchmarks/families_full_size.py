@@ -45,6 +45,7 @@ machine is quiet: with other jobs on its cores, oneDNN's threads wait for each o
     python benchmarks/families_full_size.py                       # results/families_full_size.{json,md}
     python benchmarks/families_full_size.py --families flux --blocks 1 --out /tmp/flux   # a quick check
     python benchmarks/families_full_size.py --families sd35-medium --blocks sd35-medium=2
+    python benchmarks/families_full_size.py --step-blocks sdxl=1,sana=4   # the step, where it does not fit, smaller
 
 Results of families not run again are kept in the json and the table.
 """
@@ -116,6 +117,8 @@ FAMILIES: dict[str, dict] = {
                        "projection (1280); time ids built by the adapter",
         "latent": {"sample_size": 16},
         "verified": "every value as in several public copies of the file, which agree",
+        # reduced (--step-blocks sdxl=N): at most N transformer layers in each attention block
+        "layers": "transformer_layers_per_block",
     },
     "flux": {
         "title": "FLUX.1-dev",
@@ -262,7 +265,9 @@ def config_of(name: str, blocks: int | None) -> dict:
     ``blocks`` double-stream and ``2 * blocks`` single-stream, the published 19:38)."""
     fam = FAMILIES[name]
     cfg = dict(fam["config"])
-    if blocks:
+    if blocks and "layers" in fam:
+        cfg[fam["layers"]] = [min(blocks, n) for n in cfg[fam["layers"]]]
+    elif blocks:
         for key, mult, _ in fam["stacks"].values():
             cfg[key] = blocks * mult
         if "dual_attention_layers" in cfg:
@@ -381,7 +386,7 @@ def child(kind: str, name: str, folder: Path, blocks: int | None, value: str, re
                    params=_params(model),
                    stacks={k: {"blocks": len(v), "params_per_block": statistics.fmean(_params(b) for b in v)}
                            for k, v in block_lists(model).items()})
-        if blocks:  # the published depth's parameters, counted on the meta device (nothing allocated)
+        if blocks and FAMILIES[name].get("stacks"):  # the published depth's parameters, counted on the meta device (nothing allocated)
             import diffusers
 
             try:
@@ -506,13 +511,19 @@ def _rounded(x):
     return x
 
 
-def run_family(name: str, blocks: int | None, args) -> dict:
+def run_family(name: str, blocks: int | None, args, step_blocks: int | None = None) -> dict:
+    """One family's measurements; the AccuQuant step at ``step_blocks`` (its own build and
+    calibration data) where given and different from ``blocks``."""
     fam = FAMILIES[name]
+    step_blocks = step_blocks if step_blocks is not None else blocks
     entry: dict = {"title": fam["title"], "source": f"{fam['repo']} {fam['file']}", "class": fam["class"],
                    "verified": fam["verified"], "blocks": blocks, "config": config_of(name, blocks),
                    "latent": fam["latent"], "text": fam["text"], "text_source": fam["text_source"],
                    "guidance": fam.get("guidance", 1.0), "steps": STEPS, "calib_samples": CALIB_SAMPLES,
                    "threads": args.threads, "repeats": args.repeats}
+    if step_blocks != blocks:
+        entry["step_blocks"] = step_blocks
+        entry["step_config"] = config_of(name, step_blocks)
     if not has_adapter(name):
         entry["status"] = "not run: no adapter"
         print(f"{name}: not run: no adapter", flush=True)
@@ -521,15 +532,20 @@ def run_family(name: str, blocks: int | None, args) -> dict:
     errors = {}
     with tempfile.TemporaryDirectory(prefix=f"families-{name}-") as tmp:
         steps = [str(m) for m in MS] + ([f"{m}-codes" for m in MS] if args.fixed_codes else [])
-        jobs = [("build", "-"), ("naive", "-"), *[("step", v) for v in steps], ("speed", "-")]
-        needs = {"naive": [], "build": [], "step": ["build"], "speed": ["naive"]}
+        own = step_blocks != blocks
+        jobs = [("build", "-"), *([("step_build", "-")] if own else []), ("naive", "-"), *[("step", v) for v in steps],
+                ("speed", "-")]
+        needs = {"naive": [], "build": [], "step_build": [], "step": ["step_build" if own else "build"],
+                 "speed": ["naive"]}
         for kind, value in jobs:
             label = kind if value == "-" else f"{kind} M={value.replace('-codes', ' (fixed codes)')}"
+            folder, n_blocks = (Path(tmp) / "step", step_blocks) if kind.startswith("step") and own else (Path(tmp), blocks)
+            folder.mkdir(exist_ok=True)
             missing = [n for n in needs[kind] if n in errors]
             if missing:
                 errors[label] = f"skipped: {missing[0]} failed"
                 continue
-            r = _run(kind, name, Path(tmp), blocks, value, args)
+            r = _run(kind.removeprefix("step_"), name, folder, n_blocks, value, args)
             print(f"{name} {label}: " + json.dumps(_rounded({k: v for k, v in r.items() if k != "stderr_tail"}))[:600],
                   flush=True)
             if "error" in r:
@@ -550,7 +566,7 @@ def run_family(name: str, blocks: int | None, args) -> dict:
         q = next(k for k in v if k.endswith("-int8"))
         entry["int8"] = {"vs_fp32": v[q]["call_speedup"],
                          "vs_bf16": round(v[q]["call_speedup"] / v["bf16"]["call_speedup"], 3)}
-    if blocks and "build" in entry:
+    if blocks and fam.get("stacks") and "build" in entry:
         entry["published"] = _published_estimate(name, entry)
     entry["errors"] = errors
     entry["status"] = "ok" if not errors else "partly failed"
@@ -626,8 +642,9 @@ def table(doc: dict) -> str:
             continue
         b, n, s = e.get("build"), e.get("naive") or {}, e.get("step", {})
         params = f"{b['params'] / 1e6:,.0f}" if b else "failed"
+        at = f" ({_depth(name, {**e, 'blocks': e['step_blocks'], 'config': e['step_config']})})" if "step_blocks" in e else ""
         lines.append(f"| {e['title']} | {depth} | {latent} | {params} | {_cell(b)} | {_cell(n.get('quantize'))} | "
-                     f"{_cell(n.get('sample'))} | {_cell(s.get('1'), True)} | {_cell(s.get('4'), True)} | "
+                     f"{_cell(n.get('sample'))} | {_cell(s.get('1'), True)}{at} | {_cell(s.get('4'), True)}{at} | "
                      f"{e.get('step_m4_vs_m1', '-')} |")
     codes = {n: e for n, e in fams.items() if any(k.endswith("-codes") for k in e.get("step", {}))}
     if codes:
@@ -682,6 +699,9 @@ def table(doc: dict) -> str:
 
 def _depth(name: str, e: dict) -> str:
     fam = FAMILIES[name]
+    if "layers" in fam and e.get("blocks"):
+        key = fam["layers"]
+        return f"{key} {e['config'][key]} (of {fam['config'][key]})"
     if not fam.get("stacks"):
         return "published"
     counts = [(e["config"][key], label) for key, _, label in fam["stacks"].values()]
@@ -699,10 +719,10 @@ def _blocks_for(spec: str | None) -> dict[str, int | None]:
     if not spec:
         return out
     if "=" not in spec:
-        return {n: (int(spec) if f.get("stacks") else None) for n, f in FAMILIES.items()}
+        return {n: (int(spec) if f.get("stacks") or "layers" in f else None) for n, f in FAMILIES.items()}
     for kv in spec.split(","):
         k, v = kv.split("=")
-        if k not in FAMILIES or not FAMILIES[k].get("stacks"):
+        if k not in FAMILIES or not (FAMILIES[k].get("stacks") or "layers" in FAMILIES[k]):
             raise SystemExit(f"--blocks: {k!r} is not a family with block stacks")
         out[k] = int(v) or None
     return out
@@ -716,6 +736,9 @@ def main() -> None:
     p.add_argument("--blocks", default=None,
                    help="N: every transformer family runs N blocks (FLUX: N double + 2N single); or family=N,... "
                         "(0: published). Default: FLUX 1 (+ 2 single), SD3.5 Large 3, the others published")
+    p.add_argument("--step-blocks", default="",
+                   help="family=N,...: the AccuQuant step of those families with N blocks (SDXL: at most N transformer "
+                        "layers per attention block), on its own build and data, the rest as --blocks")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3, help="timed denoiser calls per variant")
     p.add_argument("--fixed-codes", action="store_true",
@@ -738,6 +761,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown families: {', '.join(unknown)} (choose from {', '.join(FAMILIES)})")
     blocks = _blocks_for(args.blocks)
+    named = {kv.split("=")[0] for kv in args.step_blocks.split(",") if kv}
+    step_blocks = {k: v for k, v in _blocks_for(args.step_blocks or None).items() if k in named}
     import diffusers
 
     import accuquant as aq
@@ -751,7 +776,7 @@ def main() -> None:
     t0 = time.perf_counter()
     done = {}
     for name in names:
-        done[name] = run_family(name, blocks[name], args)
+        done[name] = run_family(name, blocks[name], args, step_blocks.get(name, blocks[name]))
         doc["families"] = {n: done.get(n) or old[n] for n in FAMILIES if n in done or n in old}
         doc["wall_s"] = round(time.perf_counter() - t0, 1)
         path.parent.mkdir(parents=True, exist_ok=True)

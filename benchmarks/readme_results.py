@@ -65,7 +65,14 @@ def import_compare(main_dir: Path, seed_dirs: list[Path]) -> None:
 
 
 def _table_lines(md: Path) -> list[str]:
-    return [line for line in md.read_text().splitlines() if line.startswith("|")]
+    """A results file from its first table on (its opening paragraph is the README's own text):
+    every table, and the lines between and after them (notes), blank lines kept."""
+    lines = md.read_text().splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    out = lines[first:]
+    while out and not out[-1].strip():
+        out.pop()
+    return out
 
 
 def _ratio_lines(res: dict) -> list[str]:

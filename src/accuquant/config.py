@@ -218,9 +218,22 @@ def _percentile(value, name):
 
 
 def _act_granularity(value, name):
-    if value != "tensor":
-        raise ConfigError(f"{name}: only 'tensor' is supported, got {value!r}")
+    if value not in ("tensor", "token"):
+        raise ConfigError(f"{name}: 'tensor' (static, one range) or 'token' (dynamic, each token's own range), "
+                          f"got {value!r}; per channel is refused (channel ranges change with the time step)")
     return value
+
+
+def _group(value, name):
+    if value is None or value == "none":
+        return None
+    try:
+        n = int(value) if isinstance(value, str) else value
+    except ValueError:
+        n = value
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ConfigError(f"{name}: expected a group size of at least 2 inputs, or none, got {value!r}")
+    return n
 
 
 def _format_version(value, name):
@@ -241,8 +254,11 @@ class QuantConfig(Options):
     act_bits: int | None = option(8, "bits of layer inputs (activations), 2..8, or none", parse=_bits)
     weight_granularity: str = option("channel", "one weight range per output channel, or per tensor",
                                      choices=("channel", "tensor"))
-    act_granularity: str = option("tensor", "activation ranges: per tensor (channel ranges change with the time "
-                                  "step: refused)", parse=_act_granularity)
+    weight_group: int | None = option(None, "weights: one range per group of this many inputs of each output "
+                                      "channel (64: SVDQuant's), or none: one per output channel", parse=_group)
+    act_granularity: str = option("tensor", "activation ranges: tensor (static, one range per layer input, "
+                                  "calibrated) or token (dynamic: each token's own range, times a learned "
+                                  "clipping factor)", parse=_act_granularity)
     weight_symmetric: bool = option(False, "symmetric signed weight grid with zero point 0 (default: affine, "
                                     "an integer zero point)", parse=_bool)
     act_symmetric: bool = option(False, "symmetric activation grid (default affine)", parse=_bool)
@@ -262,6 +278,12 @@ class QuantConfig(Options):
                                  parse=_format_version)
 
     WHAT = "quantization config"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weight_group is not None and self.weight_granularity != "channel":
+            raise ConfigError("weight_group: groups divide each output channel's inputs; it needs "
+                              f"weight_granularity 'channel', not {self.weight_granularity!r}")
 
     # effective bit widths of the attention matmul inputs
     @property

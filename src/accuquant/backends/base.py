@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AccuQuantError
-from ..quant.quantizers import int_range, round_ste
+from ..quant.quantizers import grouped, int_range, round_ste, token_quant
 
 KINDS = ("linear", "conv1d", "conv2d")
 
@@ -32,13 +32,18 @@ class Grid:
     """An affine integer grid: ``x = (q - zero_point) * scale`` for ``q`` in ``[qmin, qmax]``.
 
     ``scale`` and ``zero_point`` are 0-dim (per tensor) or broadcast to the quantized
-    tensor (per output channel of a weight); zero points are integer-valued floats.
+    tensor (per output channel of a weight), or to its grouped view ``(O, K / group,
+    group)`` (``group``: per group of inputs); zero points are integer-valued floats.
+    ``per_token``: an input grid whose ranges are each token's own at run time, ``scale``
+    their clipping factor (:func:`~accuquant.quant.quantizers.token_quant`).
     """
 
     scale: torch.Tensor
     zero_point: torch.Tensor
     bits: int
     symmetric: bool
+    group: int | None = None
+    per_token: bool = False
 
     @property
     def qmin(self) -> int:
@@ -92,7 +97,7 @@ class LayerSpec:
         """The float weight: ``(q - z) * s`` per part, as calibration computes it."""
         if self.weight_codes is None:
             return self.weight
-        return torch.cat([(c.to(g.scale.dtype) - g.zero_point) * g.scale
+        return torch.cat([((grouped(c, g.group).to(g.scale.dtype) - g.zero_point) * g.scale).reshape(c.shape)
                           for g, c in zip(self.weight_grids, self.parts(self.weight_codes, 1))], dim=1)
 
 
@@ -178,6 +183,7 @@ class FakeQuantLayer(nn.Module):
             self.register_buffer(f"input_scale_{i}", g.scale.detach().reshape(()).clone(), persistent=False)
         # per input part: step size, zero point (an integer), qmin, qmax
         self.grids = [(g.scale.item(), g.zero_point.item(), g.qmin, g.qmax) for g in spec.input_grids]
+        self.per_token = [(g.symmetric if g.per_token else None) for g in spec.input_grids]
         self.stride, self.padding, self.dilation, self.groups = spec.stride, spec.padding, spec.dilation, spec.groups
         self.padding_mode = spec.padding_mode
         self.conv = {"conv1d": F.conv1d, "conv2d": F.conv2d}.get(spec.kind)
@@ -192,7 +198,7 @@ class FakeQuantLayer(nn.Module):
         dim = -1 if self.kind == "linear" else 1
         sizes = (x.shape[dim],) if self.split is None else (self.split, x.shape[dim] - self.split)
         key = (x.shape, x.stride(), x.dtype)
-        out = _workspace(x, self.layouts.get(key))
+        out = None if any(t is not None for t in self.per_token) else _workspace(x, self.layouts.get(key))
         if out is None:
             # per part, then concatenated as calibration does: the result's memory format
             # (channels-last or not), which the conv's algorithm and rounding depend on, is
@@ -208,6 +214,8 @@ class FakeQuantLayer(nn.Module):
     def _quantize(self, p: torch.Tensor, i: int, out: torch.Tensor | None = None) -> torch.Tensor:
         s = getattr(self, f"input_scale_{i}")
         scale, z, qmin, qmax = self.grids[i]
+        if self.per_token[i] is not None:  # each token's own range, as calibration's TokenQuantizer
+            return token_quant(p, s, qmin, qmax, self.per_token[i], -1 if self.kind == "linear" else 1)
         if p.requires_grad and torch.is_grad_enabled():  # the quantizer's own arithmetic and gradient
             return (torch.clamp(round_ste(p / s) + z, qmin, qmax) - z) * s
         return fake_quant_(torch.div(p, s) if out is None else torch.div(p, s, out=out), scale, qmin - z, qmax - z)

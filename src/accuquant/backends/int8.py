@@ -94,6 +94,10 @@ class IntegerLayer(nn.Module):
             raise Unsupported("float weights")
         if not spec.input_grids:
             raise Unsupported("float activations")
+        if any(g.group for g in spec.weight_grids):
+            raise Unsupported("weight step sizes per group of inputs")
+        if any(g.per_token for g in spec.input_grids):
+            raise Unsupported("per-token activation ranges")
         if spec.padding_mode != "zeros" or isinstance(spec.padding, str):
             raise Unsupported(f"padding {spec.padding_mode!r}/{spec.padding!r}")
         self.kind, self.split = spec.kind, spec.split

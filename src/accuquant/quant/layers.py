@@ -30,16 +30,34 @@ from .processors import QUANT_PROCESSORS
 from ..backends import Grid, LayerSpec, get_backend
 from ..config import QuantConfig
 from ..errors import AccuQuantError
-from .quantizers import UniformQuantizer
+from .quantizers import TokenQuantizer, UniformQuantizer
 
 WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
+def weight_group(weight: torch.Tensor, cfg: QuantConfig) -> int | None:
+    """The group size of ``weight``'s quantizer: ``cfg.weight_group`` where it divides the
+    weight's inputs per output channel (inputs times kernel); else ``None``, one range per
+    output channel (a 3-channel input conv at group 64)."""
+    g = cfg.weight_group
+    return g if g is not None and weight[0].numel() % g == 0 and weight[0].numel() > g else None
+
+
 def _weight_quantizer(weight: torch.Tensor, cfg: QuantConfig) -> UniformQuantizer:
     if cfg.weight_granularity == "channel":
+        group = weight_group(weight, cfg)
+        if group is not None:
+            shape = (weight.shape[0], weight[0].numel() // group, 1)
+            return UniformQuantizer(cfg.weight_bits, cfg.weight_symmetric, shape, axis=0, group=group)
         shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
         return UniformQuantizer(cfg.weight_bits, cfg.weight_symmetric, shape, axis=0)
     return UniformQuantizer(cfg.weight_bits, cfg.weight_symmetric)
+
+
+def _input_quantizer(module: nn.Module, cfg: QuantConfig) -> UniformQuantizer:
+    if cfg.act_granularity == "token":
+        return TokenQuantizer(cfg.act_bits, cfg.act_symmetric, dim=-1 if isinstance(module, nn.Linear) else 1)
+    return UniformQuantizer(cfg.act_bits, cfg.act_symmetric)
 
 
 class QuantLayer(nn.Module):
@@ -65,7 +83,7 @@ class QuantLayer(nn.Module):
         )
         n_in = 1 if split is None else 2
         self.input_quant = nn.ModuleList(
-            [UniformQuantizer(cfg.act_bits, cfg.act_symmetric) for _ in range(n_in)] if cfg.act_bits is not None else []
+            [_input_quantizer(module, cfg) for _ in range(n_in)] if cfg.act_bits is not None else []
         )
         self.register_buffer("weight_codes", None)
         self.register_module("kernel", None)  # the backend module, once frozen
@@ -152,7 +170,8 @@ class QuantLayer(nn.Module):
     def spec(self) -> LayerSpec:
         """The deployable description of this layer (integer codes when frozen)."""
         m = self.module
-        grids = lambda qs: [Grid(q.scale.detach(), q.zero_point, q.bits, q.symmetric) for q in qs]  # noqa: E731
+        grids = lambda qs: [Grid(q.scale.detach(), q.zero_point, q.bits, q.symmetric, q.group,  # noqa: E731
+                                 isinstance(q, TokenQuantizer)) for q in qs]
         codes = None
         if self.frozen:
             self._need_codes()

@@ -14,6 +14,12 @@ quantizer can also hold fixed integer codes (:meth:`UniformQuantizer.fix_codes`)
 ``x_hat = (q - z) * s`` with ``q`` fixed and only ``s`` learnable, which keeps learned
 rounding decisions when the step size moves (``floor(x / s)`` would jump by a whole step
 for every weight that crosses a grid point).
+
+Granularity: one step size per tensor, per slice along an axis (a weight's output
+channels), or per group of ``group`` consecutive inputs of each output channel (a weight
+of shape ``(O, ...)`` viewed as ``(O, K / group, group)``, ``K`` its inputs times its
+kernel). :class:`TokenQuantizer` quantizes activations per token, with ranges taken from
+each token at run time.
 """
 
 from __future__ import annotations
@@ -66,6 +72,11 @@ def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def grouped(x: torch.Tensor, group: int | None) -> torch.Tensor:
+    """``x`` (a weight, ``(O, ...)``) as ``(O, K / group, group)``; unchanged without a group."""
+    return x if group is None else x.reshape(x.shape[0], -1, group)
+
+
 def _reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(x.dim()))
@@ -79,17 +90,22 @@ class UniformQuantizer(nn.Module):
         bits: bit width, 2 to 8.
         symmetric: symmetric signed grid (zero point 0) or affine unsigned grid.
         shape: shape of the step size and zero point, broadcastable to the quantized
-            tensor: ``()`` per tensor, ``(C, 1, 1, 1)`` per output channel of a conv weight.
+            tensor: ``()`` per tensor, ``(C, 1, 1, 1)`` per output channel of a conv weight,
+            ``(O, K / group, 1)`` per group.
         axis: the per-channel axis (``None`` per tensor).
+        group: inputs per step size along each output channel (the tensor is seen as
+            ``(O, K / group, group)``; ``axis`` is then 0, and the groups' axis too).
     """
 
-    def __init__(self, bits: int, symmetric: bool, shape: tuple[int, ...] = (), axis: int | None = None):
+    def __init__(self, bits: int, symmetric: bool, shape: tuple[int, ...] = (), axis: int | None = None,
+                 group: int | None = None):
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"bits must be in 2..8, got {bits}")
         self.bits = bits
         self.symmetric = symmetric
         self.axis = axis
+        self.group = group
         self.qmin, self.qmax = int_range(bits, symmetric)
         self.scale = nn.Parameter(torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
@@ -102,7 +118,7 @@ class UniformQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"
-        gran = "tensor" if self.axis is None else f"axis={self.axis}"
+        gran = f"group={self.group}" if self.group else "tensor" if self.axis is None else f"axis={self.axis}"
         extra = ", adaround" if self.alpha is not None else (", fixed codes" if self.codes is not None else "")
         return f"bits={self.bits}, {kind}, {gran}" + extra
 
@@ -113,9 +129,14 @@ class UniformQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
-        s = self.scale
         if self.codes is not None:
             return self.from_int(self.codes)
+        if self.group is not None:
+            return self._quantize(grouped(x, self.group)).reshape(x.shape)
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scale
         if not torch.is_grad_enabled() and self.alpha is None:
             # Inference: the same arithmetic as below, in place on one fresh tensor (3x faster).
             y = x / s
@@ -133,15 +154,16 @@ class UniformQuantizer(nn.Module):
         with torch.no_grad():
             if self.codes is not None:
                 return self.codes.clone()
+            shape, x = x.shape, grouped(x, self.group)
             if self.alpha is not None:
                 x_int = torch.floor(x / self.scale) + (self.alpha >= 0).to(x.dtype)
             else:
                 x_int = torch.round(x / self.scale)
-            return torch.clamp(x_int + self.zero_point, self.qmin, self.qmax).to(torch.int16)
+            return torch.clamp(x_int + self.zero_point, self.qmin, self.qmax).to(torch.int16).reshape(shape)
 
     def from_int(self, q: torch.Tensor) -> torch.Tensor:
         """Floats from integer codes: ``(q - z) * s`` (differentiable in ``s``)."""
-        return _FromCodes.apply(q, self.zero_point, self.scale)
+        return _FromCodes.apply(grouped(q, self.group), self.zero_point, self.scale).reshape(q.shape)
 
     # ------------------------------------------------------------------ ranges
     @torch.no_grad()
@@ -164,14 +186,16 @@ class UniformQuantizer(nn.Module):
     @torch.no_grad()
     def init_range(self, x: torch.Tensor, method: str = "mse", percentile: float = 99.99, p: float = 2.0) -> None:
         """Initialise the range from data ``x`` by ``"minmax"``, ``"percentile"`` or ``"mse"`` (Lp) search."""
-        x = x.detach().float()
-        dims = _reduce_dims(x, self.axis)
+        x = grouped(x.detach().float(), self.group)
+        dims = (2,) if self.group else _reduce_dims(x, self.axis)
         shape = self.scale.shape
         xmin = x.amin(dim=dims).reshape(shape) if dims else x.reshape(shape)
         xmax = x.amax(dim=dims).reshape(shape) if dims else x.reshape(shape)
         if method == "minmax":
             self.set_range(xmin, xmax)
         elif method == "percentile":
+            if self.group:
+                x = x.flatten(0, 1)  # each group a row, as a channel is
             flat = x if self.axis is None else x.movedim(self.axis, 0)
             flat = flat.reshape(-1) if self.axis is None else flat.reshape(flat.shape[0], -1)
             if flat.shape[-1] > 1 << 20:  # torch.quantile's size limit; a random subset is plenty
@@ -223,6 +247,7 @@ class UniformQuantizer(nn.Module):
     @torch.no_grad()
     def enable_learned_rounding(self, w: torch.Tensor) -> None:
         """Start AdaRound: rounding variables initialised so that ``h(alpha)`` equals the fractional part of ``w / s``."""
+        w = grouped(w, self.group)
         rest = (w / self.scale) - torch.floor(w / self.scale)
         rest = rest.clamp(1e-4, 1 - 1e-4)
         alpha = -torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1)
@@ -242,6 +267,45 @@ class UniformQuantizer(nn.Module):
             return self.scale.new_zeros(())
         h = torch.clamp(torch.sigmoid(self.alpha) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
         return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+def token_quant(x: torch.Tensor, clip: torch.Tensor, qmin: int, qmax: int, symmetric: bool, dim: int) -> torch.Tensor:
+    """``x`` fake-quantized per token: each slice along ``dim`` (a token's features; a conv
+    input's channels at one pixel) gets the range ``[min, max]`` of its values (widened to
+    include 0) times ``clip``, spread over ``[qmin, qmax]``. The ranges are taken without
+    gradient; ``clip`` gets the step size's (LSQ) gradient. Calibration and the fake
+    backend both call this, so their outputs are bit-identical."""
+    with torch.no_grad():
+        lo = x.detach().amin(dim, keepdim=True).clamp_(max=0)
+        hi = x.detach().amax(dim, keepdim=True).clamp_(min=0)
+    if symmetric:
+        s = (torch.maximum(-lo, hi) * clip / qmax).clamp(min=1e-8)
+        return torch.clamp(round_ste(x / s), qmin, qmax) * s
+    s = ((hi - lo) * clip / (qmax - qmin)).clamp(min=1e-8)
+    z = torch.round(-lo * clip.detach() / s.detach()).clamp_(qmin, qmax)
+    return (torch.clamp(round_ste(x / s) + z, qmin, qmax) - z) * s
+
+
+class TokenQuantizer(UniformQuantizer):
+    """Dynamic per-token activation quantizer (``act_granularity="token"``): the step size of
+    each token comes from its own range at run time (:func:`token_quant`); what is learned
+    and saved is ``scale``, here a clipping factor of those ranges (1: min-max), one per
+    quantizer. ``dim`` is the feature axis: -1 for a linear layer's input, 1 for a conv's."""
+
+    def __init__(self, bits: int, symmetric: bool, dim: int = -1):
+        super().__init__(bits, symmetric)
+        self.dim = dim
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, {'sym' if self.symmetric else 'asym'}, per token (dim={self.dim})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None or not self.enabled:  # nothing to observe: ranges come at run time
+            return x
+        return token_quant(x, self.scale, self.qmin, self.qmax, self.symmetric, self.dim)
+
+    def set_range(self, xmin, xmax) -> None:
+        """Ranges are each token's own: the clipping factor stays as it is."""
 
 
 def annealed_beta(frac: float, start: float = 20.0, end: float = 2.0) -> float:
