@@ -224,6 +224,23 @@ def _act_granularity(value, name):
     return value
 
 
+OUTLIER_KINDS = ("smooth", "rotate", "lowrank")
+
+
+def _outliers(value, name):
+    """A subset of :data:`OUTLIER_KINDS`, from a list or comma-separated text (``none``: empty)."""
+    if value is None or value == "none" or value == ():
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(k, str) for k in items):
+        raise ConfigError(f"{name}: expected some of {', '.join(OUTLIER_KINDS)}, got {value!r}")
+    items = {k.strip() for item in items for k in item.split(",")} - {"none", ""}  # a flag is repeatable
+    unknown = sorted(items - set(OUTLIER_KINDS))
+    if unknown:
+        raise ConfigError(f"{name}: {unknown[0]!r} is not one of {', '.join(OUTLIER_KINDS)}")
+    return tuple(k for k in OUTLIER_KINDS if k in items)
+
+
 def _group(value, name):
     if value is None or value == "none":
         return None
@@ -259,6 +276,12 @@ class QuantConfig(Options):
     act_granularity: str = option("tensor", "activation ranges: tensor (static, one range per layer input, "
                                   "calibrated) or token (dynamic: each token's own range, times a learned "
                                   "clipping factor)", parse=_act_granularity)
+    outliers: tuple[str, ...] = option((), "outlier handling of each quantized layer, comma-separated: smooth "
+                                       "(SmoothQuant scales), rotate (Hadamard), lowrank (a floating-point branch "
+                                       "of rank --rank from the SVD), or none", parse=_outliers)
+    rank: int = option(32, "rank of the low-rank branch (outliers lowrank)", minimum=1)
+    smooth_alpha: float = option(0.5, "SmoothQuant's migration strength of the smoothing scales' start",
+                                 minimum=0.0, maximum=1.0)
     weight_symmetric: bool = option(False, "symmetric signed weight grid with zero point 0 (default: affine, "
                                     "an integer zero point)", parse=_bool)
     act_symmetric: bool = option(False, "symmetric activation grid (default affine)", parse=_bool)
@@ -301,6 +324,7 @@ class QuantConfig(Options):
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["keep_fp"] = None if self.keep_fp is None else list(self.keep_fp)
+        d["outliers"] = list(self.outliers)
         return d
 
 

@@ -68,6 +68,9 @@ class LayerSpec:
         weight: the float weight, only when ``weight_codes`` is ``None``.
         split: input channel at which a concatenated input is split, or ``None``.
         stride, padding, dilation, groups, padding_mode: the conv's (unused for linear).
+        outliers: the layer's smoothing, rotation and low-rank branch
+            (:class:`~accuquant.quant.outliers.Outliers`), or ``None``: the weight codes are
+            then those of the residual, which multiplies the transformed input.
     """
 
     kind: str
@@ -82,6 +85,7 @@ class LayerSpec:
     dilation: tuple[int, ...] = (1,)
     groups: int = 1
     padding_mode: str = "zeros"
+    outliers: nn.Module | None = None
 
     @property
     def weight_bits(self) -> int | None:
@@ -186,6 +190,7 @@ class FakeQuantLayer(nn.Module):
         self.per_token = [(g.symmetric if g.per_token else None) for g in spec.input_grids]
         self.stride, self.padding, self.dilation, self.groups = spec.stride, spec.padding, spec.dilation, spec.groups
         self.padding_mode = spec.padding_mode
+        self.outliers = None if spec.outliers is None else frozen_copy(spec.outliers)
         self.conv = {"conv1d": F.conv1d, "conv2d": F.conv2d}.get(spec.kind)
         self.layouts: dict[tuple, tuple[int, ...]] = {}  # input shape and strides -> strides of the quantized input
         if spec.padding_mode != "zeros":
@@ -221,6 +226,14 @@ class FakeQuantLayer(nn.Module):
         return fake_quant_(torch.div(p, s) if out is None else torch.div(p, s, out=out), scale, qmin - z, qmax - z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.outliers is not None:  # as calibration's QuantLayer: the branch reads the transformed input
+            x = self.outliers.input(x)
+            y = self._forward(x)
+            b = self.outliers.branch(x)
+            return y if b is None else y + b
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x)
         if self.conv is None:
             return F.linear(x, self.weight, self.bias)
@@ -231,6 +244,20 @@ class FakeQuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}, weight={tuple(self.weight.shape)}, split={self.split}, inputs={len(self.grids)}"
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are non-persistent buffers: a kernel's own
+    tensors, which follow ``.to(device)`` and stay out of the state dict (the wrapping
+    layer's holds them)."""
+    import copy
+
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        for name, p in list(m._parameters.items()):
+            del m._parameters[name]
+            m.register_buffer(name, None if p is None else p.detach().clone(), persistent=False)
+    return out
 
 
 def _reversed_padding(padding, dilation, kernel) -> list[int]:

@@ -98,6 +98,8 @@ class IntegerLayer(nn.Module):
             raise Unsupported("weight step sizes per group of inputs")
         if any(g.per_token for g in spec.input_grids):
             raise Unsupported("per-token activation ranges")
+        if spec.outliers is not None:
+            raise Unsupported("outlier transforms (smoothing, rotation, low-rank branch)")
         if spec.padding_mode != "zeros" or isinstance(spec.padding, str):
             raise Unsupported(f"padding {spec.padding_mode!r}/{spec.padding!r}")
         self.kind, self.split = spec.kind, spec.split

@@ -122,7 +122,7 @@ def add_option_flag(group, flag: str, entries: list[tuple[type, str, dataclasses
         text = g.metadata["help"] + (f" ({', '.join(choices)})" if choices else "")
         if field_type(owner_cls, g) is bool:
             text += " (on by default; this flag turns it off)" if g.default else ""
-        elif g.default is not None:
+        elif g.default is not None and g.default != ():
             text += f" (default {g.default})"
         parts.append(f"{owner}: {text}" if owner else text)
     help_text = ("; ".join(parts) + more).replace("%", "%%")

@@ -57,6 +57,9 @@ def torchao_model(pipe) -> nn.Module:
         if spec.kind != "linear" or spec.split is not None:
             raise AccuQuantError(f"{name}: a quantized {spec.kind} has no torchao form; the torchao export takes "
                                  "models whose quantized layers are all Linear (keep the others in full precision)")
+        if spec.outliers is not None:
+            raise AccuQuantError(f"{name}: a layer with outlier transforms (smoothing, rotation, a low-rank branch) "
+                                 "has no torchao form: quantize without outliers to export")
         if spec.weight_grids[0].group is not None:
             raise AccuQuantError(f"{name}: weights quantized per group of inputs have no torchao Int8Tensor form "
                                  "(one step size per output channel): quantize without weight_group to export")

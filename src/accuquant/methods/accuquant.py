@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calibrate.protocol import Group, Method, Phase, Run, Unit
-from ..quant.layers import all_quantizers, quant_layers
+from ..quant.layers import all_quantizers, outlier_parameters, quant_layers
 from ..calibrate.multistep import GRAD_MODES, multistep_backward
 from ..quant.quantizers import annealed_beta
 from ..quant.rounding import fix_learned_codes, harden, learnable_rounding, penalty
@@ -57,6 +57,8 @@ class AccuQuantConfig(MethodConfig):
                            "learned step sizes) or learn (AdaRound variables learned jointly)",
                            choices=("keep", "learn"))
     save_every: int = option(25, "checkpoint period in iterations", cli=False, minimum=1)
+    outlier_lr: float = option(1e-4, "learning rate of the outlier transforms (smoothing scales' logs, low-rank "
+                               "factors), with outliers", positive=True, rate=True)
     round_lr: float = option(5e-2, "learning rate of the rounding variables (rounding=learn)", cli=False,
                              positive=True, rate=True)
     round_reg: float = option(1e-4, "weight of the rounding regulariser, relative to the loss", cli=False, minimum=0)
@@ -90,12 +92,14 @@ class AccuQuant(Method):
         def params(resumed: bool) -> list[Group]:
             scales = Group({f"{n}.scale": q.scale for n, q in all_quantizers(run.model).items() if q.enabled}, c.lr,
                            relative=True)
+            extra = outlier_parameters(layers)
+            outliers = [Group(extra, c.outlier_lr)] if extra else []
             if not learn:
                 fix_learned_codes(layers)
-                return [scales]
+                return [scales, *outliers]
             alphas = learnable_rounding(layers, c.round_margin, resumed)
             start.update({k: a.detach() >= 0 for k, a in alphas.items()})
-            return [scales, Group(alphas, c.round_lr)]
+            return [scales, Group(alphas, c.round_lr), *outliers]
 
         def loss(gen: torch.Generator, it: int) -> float:
             s, length = grp[int(torch.randint(len(grp), (1,), generator=gen)) if c.schedule == "uniform"

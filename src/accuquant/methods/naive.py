@@ -4,7 +4,10 @@ Weights: per-channel ranges searched for the lowest quantization error (the conf
 ``weight_init``, MSE by default). Activations: per-tensor ranges from the inputs every
 quantizer sees while the model denoises the calibration trajectories, over all steps
 (``act_init``: min-max, percentile, or MSE on a bounded random sample of the values).
-These ranges are also the starting point of the other methods.
+With outlier handling (``QuantConfig.outliers``), first the closed-form start of each
+layer's transforms: SmoothQuant's scales from the per-channel maxima of its inputs on the
+same trajectories (in full precision), the low-rank branch from the SVD of the smoothed,
+rotated weight. These ranges are also the starting point of the other methods.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..calibrate.block_data import quantization_disabled
 from ..calibrate.protocol import Method, Run
 from ..quant.layers import all_quantizers, quant_layers
 from ..progress import progress_bar
@@ -34,6 +38,38 @@ def init_weight_ranges(run: Run) -> None:
     for layer in quant_layers(run.model).values():
         for q, part in layer.weight_parts():
             q.init_range(part, run.config.weight_init, run.config.percentile)
+
+
+@torch.no_grad()
+def init_outliers(run: Run, max_pairs: int | None = None) -> None:
+    """The closed-form start of every layer's outlier transforms (see the module docstring)."""
+    layers = {n: lyr for n, lyr in quant_layers(run.model).items() if lyr.outliers is not None}
+    if not layers:
+        return
+    absmax: dict[str, torch.Tensor] = {}
+    smoothed = {n: lyr for n, lyr in layers.items() if lyr.outliers.log_smooth is not None}
+
+    def hook(name: str, dim: int):
+        def observe(module, args):
+            x = args[0].detach()
+            m = x.abs().movedim(dim, -1).reshape(-1, x.shape[dim]).amax(0).float()
+            absmax[name] = m if name not in absmax else torch.maximum(absmax[name], m)
+        return observe
+
+    if smoothed:
+        hooks = [lyr.register_forward_pre_hook(hook(n, lyr.outliers.channel_dim)) for n, lyr in smoothed.items()]
+        batches = run.calib.num_steps * -(-_points_per_step(run, max_pairs) // run.batch_size)
+        try:
+            with quantization_disabled(run.model), progress_bar(batches, "smoothing scales",
+                                                                 disable=not run.progress) as bar:
+                for x, t, cond in calibration_batches(run, max_pairs, run.seed):
+                    run.denoiser(x, t, cond)
+                    bar.update(1)
+        finally:
+            for h in hooks:
+                h.remove()
+    for name, lyr in layers.items():
+        lyr.outliers.initialise(lyr.module.weight, absmax.get(name), run.config.smooth_alpha)
 
 
 def _act_quantizers(model) -> dict:
@@ -89,5 +125,6 @@ class Naive(Method):
     Config = NaiveConfig
 
     def initialise(self, run: Run) -> None:
+        init_outliers(run, self.config.act_calib_pairs)
         init_weight_ranges(run)
         init_act_ranges(run, self.config.act_calib_pairs)

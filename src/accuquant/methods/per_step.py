@@ -28,6 +28,7 @@ from ..calibrate.block_data import block_outputs, collect
 from ..calibrate.blocks import Block, find_blocks
 from ..cache import derive_seed
 from ..calibrate.protocol import Group, Method, Phase, Run, Unit
+from ..quant.layers import outlier_parameters
 from ..quant.quantizers import annealed_beta
 from ..quant.rounding import harden, learnable_rounding, penalty, weight_quantizers
 from ..config import MethodConfig, option
@@ -43,6 +44,8 @@ class PerStepConfig(MethodConfig):
     act_iters: int = option(100, "activation step-size iterations per block", minimum=0)
     act_lr: float = option(1e-3, "learning rate of activation step sizes, relative to each step size", positive=True,
                            rate=True)
+    outlier_lr: float = option(1e-4, "learning rate of the outlier transforms (smoothing scales' logs, low-rank "
+                               "factors), learned with the activation step sizes", positive=True, rate=True)
     samples_per_step: int = option(32, "calibration points per sampling step (all trajectories if fewer)", minimum=1)
     reg_weight: float = option(0.01, "weight of AdaRound's rounding regulariser", cli=False, minimum=0)
     warmup: float = option(0.2, "fraction of the AdaRound iterations without the regulariser", cli=False, minimum=0)
@@ -105,7 +108,9 @@ class PerStep(Method):
 
             def act_steps(resumed):
                 quants = [q for q in block.act_quant if q.enabled]
-                return [Group({f"{block.name}.act.{k}": q.scale for k, q in enumerate(quants)}, c.act_lr, True)]
+                extra = outlier_parameters(layers)
+                return [Group({f"{block.name}.act.{k}": q.scale for k, q in enumerate(quants)}, c.act_lr, True),
+                        *([Group(extra, c.outlier_lr)] if extra else [])]
 
             yield [Phase("rounding", c.iters, lambda resumed: [Group(learnable_rounding(layers), c.lr)],
                          rounding_loss, end=lambda: harden(layers)),

@@ -30,6 +30,7 @@ from .processors import QUANT_PROCESSORS
 from ..backends import Grid, LayerSpec, get_backend
 from ..config import QuantConfig
 from ..errors import AccuQuantError
+from .outliers import Outliers
 from .quantizers import TokenQuantizer, UniformQuantizer
 
 WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -85,6 +86,11 @@ class QuantLayer(nn.Module):
         self.input_quant = nn.ModuleList(
             [_input_quantizer(module, cfg) for _ in range(n_in)] if cfg.act_bits is not None else []
         )
+        #: smoothing, rotation, low-rank branch (``cfg.outliers``): not for a split or grouped conv
+        self.outliers = None
+        if cfg.outliers and split is None and getattr(module, "groups", 1) == 1:
+            o = Outliers(cfg.outliers, w.shape[1], w.shape[0], cfg.rank, -1 if isinstance(module, nn.Linear) else 1)
+            self.outliers = o if o.active else None
         self.register_buffer("weight_codes", None)
         self.register_module("kernel", None)  # the backend module, once frozen
         self.codes_in_kernel = False  # the codes were dropped: the kernel holds the only copy
@@ -114,8 +120,9 @@ class QuantLayer(nn.Module):
 
     def weight_parts(self) -> list[tuple[UniformQuantizer, torch.Tensor]]:
         """Each weight quantizer with the slice of the float weight it quantizes (both halves
-        of a split layer; the layer must not be frozen)."""
-        return list(zip(self.weight_quant, self._parts(self.module.weight, 1)))
+        of a split layer; with outlier handling, the residual ``R``; the layer must not be frozen)."""
+        w = self.module.weight if self.outliers is None else self.outliers.residual(self.module.weight)
+        return list(zip(self.weight_quant, self._parts(w, 1)))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -127,7 +134,7 @@ class QuantLayer(nn.Module):
                 [q.from_int(c.to(torch.int16) + q.qmin) for q, c in zip(self.weight_quant, parts)], dim=1
             )
         if not self.weight_quant:
-            return self.module.weight
+            return self.module.weight if self.outliers is None else self.outliers.residual(self.module.weight)
         return torch.cat([q(p) for q, p in self.weight_parts()], dim=1)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,11 +148,15 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             return self.kernel(x)
-        x = self.quantize_input(x)
-        w = self.weight
+        if self.outliers is not None:
+            x = self.outliers.input(x)
+        xq, w = self.quantize_input(x), self.weight
         if isinstance(self.module, nn.Linear):
-            return F.linear(x, w, self.module.bias)
-        return self.module._conv_forward(x, w, self.module.bias)
+            y = F.linear(xq, w, self.module.bias)
+        else:
+            y = self.module._conv_forward(xq, w, self.module.bias)
+        b = self.outliers.branch(x) if self.outliers is not None else None
+        return y if b is None else y + b
 
     @torch.no_grad()
     def freeze(self, backend: str = "fake") -> None:
@@ -183,8 +194,11 @@ class QuantLayer(nn.Module):
         conv = {} if kind == "linear" else dict(stride=m.stride, padding=m.padding, dilation=m.dilation,
                                                  groups=m.groups, padding_mode=m.padding_mode)
         bias = m.bias.detach() if m.bias is not None else None
+        weight = None
+        if codes is None:
+            weight = (m.weight if self.outliers is None else self.outliers.residual(m.weight)).detach()
         return LayerSpec(kind, codes, grids(self.weight_quant) if codes is not None else [], grids(self.input_quant),
-                         bias, weight=None if codes is not None else m.weight.detach(), split=self.split, **conv)
+                         bias, weight=weight, split=self.split, outliers=self.outliers, **conv)
 
     def extra_repr(self) -> str:
         return f"split={self.split}, frozen={self.frozen}"
@@ -273,6 +287,13 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def outlier_parameters(layers: dict[str, QuantLayer]) -> dict[str, nn.Parameter]:
+    """The learnable parameters of the layers' outlier transforms (smoothing scales' logs,
+    branch factors), by name."""
+    return {f"{n}.outliers.{k}": p for n, lyr in layers.items() if lyr.outliers is not None
+            for k, p in lyr.outliers.parameters_to_learn().items()}
 
 
 def all_quantizers(model: nn.Module) -> dict[str, UniformQuantizer]:
