@@ -62,7 +62,7 @@ def _assert_refused(code, err, out_path=None):
         (["--percentile", "40"], "percentile: expected a value in (50, 100]"),
         (["--percentile", "many"], "percentile: expected a value in (50, 100], got 'many'"),
         (["--weight-granularity", "row"], "weight_granularity: 'row' is not one of channel, tensor"),
-        (["--act-granularity", "channel"], "act_granularity: only 'tensor' is supported"),
+        (["--act-granularity", "channel"], "act_granularity: 'tensor' (static, one range) or 'token'"),
         (["--act-init", "magic"], "act_init: 'magic' is not one of minmax, percentile, mse"),
         (["--attn-bits", "eleven"], "attn_bits: expected a bit width"),
     ],

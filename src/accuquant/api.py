@@ -127,6 +127,12 @@ def prepare(source, config: QuantConfig, mconfig: MethodConfig, calib=None, *, s
                              f"({den.sample_shape})")
     den.check_conditions(calib.cond, "calibration data")
     config = den.resolve(config)
+    mixed = None
+    if config.mixed_precision is not None and config.layer_bits is None:
+        from .calibrate.mixed import mixed_config
+
+        splits = den.shortcut_splits() if config.split_shortcut else {}
+        config, mixed = mixed_config(den, solver, calib, config, splits, device, progress and is_main())
     report = den.wrap(config)
     cache.forget(pipe.model)  # changed in place: not the FP model any more
     pipe.to(device)
@@ -136,6 +142,8 @@ def prepare(source, config: QuantConfig, mconfig: MethodConfig, calib=None, *, s
               checkpoint=cache.checkpoint_path(key), resume=resume, key=key, base_key=base_key,
               result_cache=cache.results_dir() if use_cache else None, micro_batches=int(micro_batches),
               max_memory=max_memory)
+    if mixed is not None:
+        run.log["mixed_precision"] = mixed
     return Prepared(pipe, run, config, report, dtype, time.perf_counter() - t0)
 
 

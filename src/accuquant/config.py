@@ -7,20 +7,19 @@ A config validates itself when built (before any work), carries a version, and
 round-trips through JSON; run and cache keys are made from its dict.
 
 The defaults that the command line and the Python API share are written here once
-(:data:`DEFAULT_METHOD` and the rest), as are the parsing of bit widths
-(:func:`parse_bits`), their label (:func:`bits_label`: ``w4a8``) and memory sizes
-(:func:`parse_size`).
+(:data:`DEFAULT_METHOD` and the rest), as is the parsing of memory sizes
+(:func:`parse_size`); bit widths and their labels are :mod:`accuquant.bits`' (re-exported).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+from .bits import FLOAT_BITS, bits_label, parse_bits, parse_bits_label  # noqa: F401  (re-exported)
 from .errors import AccuQuantError, ConfigError
 
 FORMAT_VERSION = 1
@@ -32,52 +31,7 @@ DEFAULT_CALIB_SAMPLES = 64
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_MEMORY = "2GB"
 
-#: bit widths that mean "keep this tensor in floating point"
-FLOAT_BITS = (16, 32)
-_FLOAT_WORDS = ("none", "fp", "float")
-
-
 # ---------------------------------------------------------------------------- values
-def parse_bits(value: Any, name: str = "bits", allow_act: bool = False) -> int | str | None:
-    """A bit width from an int or text: 2..8, ``None`` for floating point (also 16, 32,
-    ``"none"``, ``"fp"``, ``"float"``), or ``"act"`` (the activation bits) where allowed."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if allow_act and text == "act":
-            return "act"
-        if text in _FLOAT_WORDS:
-            return None
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(f"{name}: expected a bit width (2 to 8, 16/32 or none), got {value!r}") from None
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: expected an integer bit width, got {value!r}")
-    if value in FLOAT_BITS:
-        return None
-    if not 2 <= value <= 8:
-        raise ConfigError(f"{name}: {value} bits is out of range (2 to 8, or 16/32/none for floating point)")
-    return value
-
-
-def bits_label(weight_bits: int | None, act_bits: int | None) -> str:
-    """``w4a8``; ``fp`` for a part kept in floating point (``w4afp``)."""
-    return f"w{weight_bits or 'fp'}a{act_bits or 'fp'}"
-
-
-_LABEL = re.compile(r"^w(\w+?)a(\w+)$")
-
-
-def parse_bits_label(text: str) -> tuple[int | None, int | None]:
-    """``"w4a8"`` -> ``(4, 8)``, the inverse of :func:`bits_label`."""
-    m = _LABEL.match(text.strip().lower())
-    if not m:
-        raise ConfigError(f"bit widths {text!r}: not of the form w<bits>a<bits> (e.g. w4a8)")
-    return parse_bits(m.group(1), "weight bits"), parse_bits(m.group(2), "activation bits")
-
-
 _UNITS = {"": 2**20, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -241,6 +195,32 @@ def _outliers(value, name):
     return tuple(k for k in OUTLIER_KINDS if k in items)
 
 
+def _layer_bits(value, name):
+    """``{layer name: [weight bits, act bits]}`` (each 2..8 or none), or ``None``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping of layer names to [weight bits, act bits], got {value!r}")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ConfigError(f"{name}: {k!r}: expected [weight bits, act bits], got {v!r}")
+        out[k] = [parse_bits(b, f"{name}[{k}]") for b in v]
+    return out
+
+
+def _avg_bits(value, name):
+    if value is None or value == "none":
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not 2.0 <= v <= 8.0:
+        raise ConfigError(f"{name}: expected an average bit width in 2..8, or none, got {value!r}")
+    return v
+
+
 def _group(value, name):
     if value is None or value == "none":
         return None
@@ -282,6 +262,13 @@ class QuantConfig(Options):
     rank: int = option(32, "rank of the low-rank branch (outliers lowrank)", minimum=1)
     smooth_alpha: float = option(0.5, "SmoothQuant's migration strength of the smoothing scales' start",
                                  minimum=0.0, maximum=1.0)
+    mixed_precision: float | None = option(None, "average weight bits of a mixed-precision allocation (e.g. 4.25): "
+                                           "each layer at 8, 6 or --weight-bits, chosen by the rise of the k-step "
+                                           "sampling error when that layer alone is at that width; none: uniform",
+                                           parse=_avg_bits)
+    layer_bits: dict[str, list] | None = option(None, "per-layer [weight bits, act bits] overriding weight_bits and "
+                                                "act_bits (what a mixed-precision allocation writes)", cli=False,
+                                                parse=_layer_bits)
     weight_symmetric: bool = option(False, "symmetric signed weight grid with zero point 0 (default: affine, "
                                     "an integer zero point)", parse=_bool)
     act_symmetric: bool = option(False, "symmetric activation grid (default affine)", parse=_bool)
@@ -304,6 +291,9 @@ class QuantConfig(Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mixed_precision is not None and not (self.weight_bits or 8) <= self.mixed_precision <= 8:
+            raise ConfigError(f"mixed_precision: the average {self.mixed_precision} must lie between weight_bits "
+                              f"({self.weight_bits}, the lowest width) and 8")
         if self.weight_group is not None and self.weight_granularity != "channel":
             raise ConfigError("weight_group: groups divide each output channel's inputs; it needs "
                               f"weight_granularity 'channel', not {self.weight_granularity!r}")
@@ -325,7 +315,14 @@ class QuantConfig(Options):
         d = dataclasses.asdict(self)
         d["keep_fp"] = None if self.keep_fp is None else list(self.keep_fp)
         d["outliers"] = list(self.outliers)
-        return d
+        # options added since format 1, at their default, are left out: the configs of models
+        # that do not use them (saved files, run and cache keys) read as they always did
+        return {k: v for k, v in d.items() if not (k in LATER and v == LATER[k])}
+
+
+#: options of :class:`QuantConfig` added since its format 1, with their defaults
+LATER = {"weight_group": None, "outliers": [], "rank": 32, "smooth_alpha": 0.5, "mixed_precision": None,
+         "layer_bits": None}
 
 
 # ---------------------------------------------------------------------------- how to calibrate

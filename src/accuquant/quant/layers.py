@@ -223,6 +223,14 @@ class WrapReport:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+def layer_config(cfg: QuantConfig, name: str) -> QuantConfig:
+    """The config of layer ``name``: ``cfg`` with its own bits where ``cfg.layer_bits`` gives them."""
+    if not cfg.layer_bits or name not in cfg.layer_bits:
+        return cfg
+    w, a = cfg.layer_bits[name]
+    return dataclasses.replace(cfg, weight_bits=w, act_bits=a, layer_bits=None, mixed_precision=None)
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -263,7 +271,7 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
             report.kept_fp.append(name)
             continue
         split = splits.get(name)
-        _set_submodule(model, name, QuantLayer(mod, cfg, split))
+        _set_submodule(model, name, QuantLayer(mod, layer_config(cfg, name), split))
         report.quantized.append(name)
         if split is not None:
             report.split[name] = split

@@ -1,0 +1,73 @@
+"""Mixed precision: per-layer widths, the sensitivity measure, the exact allocation, and
+the widths saved with the model."""
+
+import itertools
+import random
+
+import diffusers
+import pytest
+import torch
+
+import accuquant as aq
+from accuquant.calibrate.mixed import allocate
+from accuquant.quant.layers import quant_layers
+from conftest import text_conditions, tiny_cond_unet
+
+
+def test_the_allocation_is_the_best_under_the_budget():
+    rng = random.Random(0)
+    for trial in range(20):
+        names = [f"l{i}" for i in range(5)]
+        params = {n: rng.randint(10, 1000) for n in names}
+        sens = {}
+        for n in names:  # lower widths hurt more
+            s4 = rng.random()
+            s6 = s4 * rng.random()
+            sens[n] = {4: s4, 6: s6, 8: s6 * rng.random()}
+        avg = rng.uniform(4.0, 6.5)
+        got = allocate(sens, params, avg)
+        total = sum(params.values())
+        assert sum(params[n] * b for n, b in got.items()) <= avg * total + 1e-9
+        best = min((sum(sens[n][b] for n, b in zip(names, bits)), bits)
+                   for bits in itertools.product((4, 6, 8), repeat=5)
+                   if sum(params[n] * b for n, b in zip(names, bits)) <= avg * total)
+        # exact up to rounding each cost up to 1/4000 of the span: never above the budget, rarely worse
+        assert sum(sens[n][b] for n, b in got.items()) <= best[0] * 1.02 + 1e-12, trial
+    assert set(allocate(sens, params, 4.0).values()) == {4}
+    assert set(allocate(sens, params, 8.0).values()) == {8}
+
+
+def test_per_layer_widths_apply_validate_and_round_trip():
+    cfg = aq.QuantConfig(weight_bits=4, layer_bits={"a.b": [8, 8], "c": [6, None]})
+    assert aq.QuantConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(aq.AccuQuantError, match="layer_bits"):
+        aq.QuantConfig(layer_bits={"a": [9, 8]})
+    with pytest.raises(aq.AccuQuantError, match="between weight_bits"):
+        aq.QuantConfig(weight_bits=4, mixed_precision=3.5)
+
+
+def test_a_mixed_precision_model_calibrates_saves_and_loads_bit_identically(tmp_path):
+    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
+    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 4), 4,
+                                    cond=text_conditions(4), progress=False)
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=8, mixed_precision=5.0, weight_init="minmax", act_init="minmax")
+    q = aq.quantize(fp, cfg, "naive", calib=calib, steps=4, progress=False)
+    info = q.quant.method_log["mixed_precision"]
+    layers = quant_layers(q.model)
+    widths = {n: lyr.weight_quant[0].bits for n, lyr in layers.items()}
+    params = {n: lyr.module.weight.numel() if hasattr(lyr.module, "weight") else 0 for n, lyr in layers.items()}
+    sens = info["sensitivity"]
+    assert set(widths.values()) > {4} and info["average_weight_bits"] <= 5.0
+    assert q.quant.config.layer_bits == {n: [b, 8] for n, b in widths.items() if b != 4}
+    # the measure: a layer at 4 bits costs more than at 8, over the model
+    assert sum(s["4"] for s in sens.values()) > sum(s["8"] for s in sens.values())
+    # the most sensitive layer (per parameter) got more than the lowest width
+    top = max(sens, key=lambda n: (sens[n]["4"] - sens[n]["8"]))
+    assert widths[top] > 4
+    q.save(tmp_path / "q")
+    back = aq.load(tmp_path / "q")
+    assert {n: lyr.weight_quant[0].bits for n, lyr in quant_layers(back.model).items()} == widths
+    x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
+    with torch.no_grad():
+        assert torch.equal(q.denoiser()(x, 700, cond), back.denoiser()(x, 700, cond))
+    del params
