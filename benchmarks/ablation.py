@@ -67,12 +67,17 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
 
 
 def quant_config(bits: str, opts: dict) -> tuple[aq.QuantConfig, dict]:
-    """The quantization config of a variant at ``bits`` ("w4a8"), and its method options."""
+    """The quantization config of a variant at ``bits`` ("w4a8"), and its method options: an
+    option that names a ``QuantConfig`` field goes to the config (lists '|'-separated:
+    ``keep_fp=a|b``, ``outliers=smooth|rotate``)."""
     w, a = parse_bits_label(bits)
     opts = dict(opts)
-    keep = opts.pop("keep_fp", None)
-    keep_fp = None if keep is None else tuple(p for p in str(keep).split("|") if p)
-    return aq.QuantConfig(weight_bits=w, act_bits=a, keep_fp=keep_fp), opts
+    fields = {f.name for f in dataclasses.fields(aq.QuantConfig)}
+    quant = {k: opts.pop(k) for k in list(opts) if k in fields}
+    for k in ("keep_fp", "outliers"):
+        if k in quant:
+            quant[k] = tuple(p for p in str(quant[k]).split("|") if p)
+    return aq.QuantConfig(weight_bits=w, act_bits=a, **quant), opts
 
 
 def denoiser_evals(q: aq.Pipeline) -> int:
@@ -161,7 +166,8 @@ def _is_default(row: dict) -> bool:
     from accuquant.methods.accuquant import AccuQuantConfig
 
     opts, DEFAULTS = row["options"], dataclasses.asdict(AccuQuantConfig())
-    return (row["method"] == "accuquant" and "keep_fp" not in opts
+    quant = {f.name for f in dataclasses.fields(aq.QuantConfig)}
+    return (row["method"] == "accuquant" and not quant & set(opts)
             and all(opts.get(k, v) == v for k, v in DEFAULTS.items()))
 
 

@@ -267,6 +267,19 @@ OTHER_TABLES = [
      "results/memory_sd_plain_autograd`: `benchmarks/results/memory_sd_plain_autograd.{md,json}`), and "
      "3592 MB since the quantizer's backward recomputes it from the int16 codes it already holds (the row "
      "above; the same gradient bit for bit, tested)."),
+    ("families_full_size.md", "The families at their published size",
+     "`python benchmarks/families_full_size.py --threads 1 --step-blocks sdxl=1,sana=4,sd35-medium=4,wan=6` "
+     "(`benchmarks/results/families_full_size.{md,json}`): each family's published denoiser configuration, "
+     "random-initialised (no weights can be downloaded here; memory and speed do not depend on the values), on "
+     "one CPU thread while another single-thread job ran on the second core (times are indicative; memory is "
+     "not affected). FLUX.1-dev (12 B parameters) and SD3.5 Large (8 B) do not fit 24 GB in float32: they run "
+     "the published blocks, fewer of them, with per-block figures and the published depth's estimate. Every "
+     "family quantizes end to end (naive W8A8) at its published size except those two. An AccuQuant step holds "
+     "about 14 bytes per parameter above the model (the weights' fake-quantization graph), so at full size it "
+     "fits 24 GB only for PixArt-Σ; the others' steps ran with the blocks named in their row (SDXL: one "
+     "transformer layer per attention block), and their M = 4 / M = 1 ratio is what the target is about. On "
+     "this machine's CPU (AVX2, no VNNI) the int8 kernels cannot take 8-bit weights, so the int8 column times the "
+     "fake fallback: see the layers-on-int8 count."),
     ("int8_speed.md", "Speed of the int8 backend",
      "`python benchmarks/int8_speed.py --threads 1,2 --repeats 3` (`benchmarks/results/int8_speed.{md,json}`), "
      "nothing else running. The target (int8 at least 2x float32 and at least as fast as bf16 on the SD-1.5-size "

@@ -140,3 +140,19 @@ def test_accuquant_learns_the_transforms_under_its_multistep_loss():
     with torch.no_grad():
         out = learned.denoiser()(torch.randn(2, 4, 8, 8), 500, text_conditions(2, seed=3))
     assert torch.isfinite(out).all()
+
+
+def test_a_stored_start_and_a_checkpoint_carry_the_transforms():
+    """AccuQuant's per-step start, taken from the result store, is the per-step model itself:
+    its smoothing scales and branches included, not only its quantizers."""
+    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
+    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 4), 4,
+                                    cond=text_conditions(4), progress=False)
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=4, outliers="smooth,lowrank", rank=2, attn_bits=8, softmax_bits=8)
+    kw = dict(calib=calib, steps=4, progress=False)
+    per_step = aq.quantize(fp, cfg, "per-step", iters=4, act_iters=2, samples_per_step=2, **kw)
+    start = aq.quantize(fp, cfg, "accuquant", iters=0, init_iters=4, init_act_iters=2, init_samples=2, **kw)
+    assert start.quant.method_log["init"].get("cached")
+    x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
+    with torch.no_grad():
+        assert torch.equal(per_step.denoiser()(x, 500, cond), start.denoiser()(x, 500, cond))

@@ -147,7 +147,11 @@ class ResultStore:
         state = read_checkpoint(path, key) if path is not None else None
         if state is None:
             return None
-        load_quantizers(model, state[1])
+        try:
+            load_quantizers(model, state[1])
+        except KeyError:  # kept before entries held the layers' outlier transforms: made again
+            path.unlink(missing_ok=True)
+            return None
         return {**state[2], "cached": True}
 
     def save(self, model: torch.nn.Module, config, log: dict) -> None:

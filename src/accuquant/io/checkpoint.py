@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import AccuQuantError
-from ..quant.layers import all_quantizers
+from ..quant.layers import all_quantizers, outlier_parameters, quant_layers
 from .files import atomic_path
 
 FORMAT = "accuquant.checkpoint/3"
@@ -30,8 +30,8 @@ FORMAT = "accuquant.checkpoint/3"
 
 def save_checkpoint(path: Path, model: nn.Module, key: str, done: int, extra: dict | None = None,
                     tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """Save every quantizer of ``model``, the progress marker ``done``, JSON ``extra`` and
-    the method's own ``tensors`` (optimiser state...)."""
+    """Save every quantizer of ``model`` and its layers' outlier transforms, the progress
+    marker ``done``, JSON ``extra`` and the method's own ``tensors`` (optimiser state...)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()}
     for name, q in all_quantizers(model).items():
         tensors[f"{name}.scale"] = q.scale.detach().cpu().contiguous()
@@ -40,6 +40,8 @@ def save_checkpoint(path: Path, model: nn.Module, key: str, done: int, extra: di
             tensors[f"{name}.alpha"] = q.alpha.detach().cpu().contiguous()
         if q.codes is not None:
             tensors[f"{name}.codes"] = q.codes.cpu().contiguous()
+    for name, p in outlier_parameters(quant_layers(model)).items():  # smoothing scales, branch factors
+        tensors[name] = p.detach().cpu().contiguous()
     meta = {"format": FORMAT, "key": key, "done": str(done), "extra": json.dumps(extra or {}),
             "sha256": checksum(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,3 +91,5 @@ def load_quantizers(model: nn.Module, tensors: dict) -> None:
             q.alpha = None
         codes = tensors.get(f"{name}.codes")
         q.codes = None if codes is None else codes.to(device=q.scale.device, dtype=torch.int16)
+    for name, p in outlier_parameters(quant_layers(model)).items():
+        p.data.copy_(tensors[name].to(p.device))
