@@ -118,7 +118,10 @@ def _quantize(args, model_path, cfg, mconfig, out: Path, bundled: bool, main: bo
     pipe.save(out, overwrite=args.overwrite)
     report = pipe.quant.report
     wfile = out / pipe.denoiser_name / "accuquant_weights.safetensors"
-    print(f"quantized {pipe.denoiser_name} with {args.method} at W{cfg.weight_bits or 'fp'}A{cfg.act_bits or 'fp'}: "
+    mixed = pipe.quant.method_log.get("mixed_precision")
+    widths = f" (mixed: {mixed['average_weight_bits']:.2f} weight bits on average)" if mixed else ""
+    print(f"quantized {pipe.denoiser_name} with {args.method} at W{cfg.weight_bits or 'fp'}A{cfg.act_bits or 'fp'}"
+          f"{widths}: "
           f"{len(report.quantized)} layers ({len(report.split)} shortcut-split), "
           f"{len(report.attention)} attention blocks; kept in full precision: {', '.join(report.kept_fp) or 'none'}")
     print(f"saved {out} (weights {os.path.getsize(wfile) / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f} s")
