@@ -521,6 +521,8 @@ def run_family(name: str, blocks: int | None, args, step_blocks: int | None = No
                    "latent": fam["latent"], "text": fam["text"], "text_source": fam["text_source"],
                    "guidance": fam.get("guidance", 1.0), "steps": STEPS, "calib_samples": CALIB_SAMPLES,
                    "threads": args.threads, "repeats": args.repeats}
+    if args.skip:
+        entry["skipped"] = [k for k in args.skip.split(",") if k]
     if step_blocks != blocks:
         entry["step_blocks"] = step_blocks
         entry["step_config"] = config_of(name, step_blocks)
@@ -535,6 +537,7 @@ def run_family(name: str, blocks: int | None, args, step_blocks: int | None = No
         own = step_blocks != blocks
         jobs = [("build", "-"), *([("step_build", "-")] if own else []), ("naive", "-"), *[("step", v) for v in steps],
                 ("speed", "-")]
+        jobs = [(k, v) for k, v in jobs if k not in args.skip.split(",")]
         needs = {"naive": [], "build": [], "step_build": [], "step": ["step_build" if own else "build"],
                  "speed": ["naive"]}
         for kind, value in jobs:
@@ -694,6 +697,8 @@ def table(doc: dict) -> str:
         lines.append(f"* {e['title']}: {e['source']}; {e['verified']}. Text: {text} ({e['text_source']}).")
         for label, why in e.get("errors", {}).items():
             lines.append(f"  * {label}: {why}")
+        if e.get("skipped"):
+            lines.append(f"  * not measured (to fit the time at hand): {', '.join(e['skipped'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -739,6 +744,8 @@ def main() -> None:
     p.add_argument("--step-blocks", default="",
                    help="family=N,...: the AccuQuant step of those families with N blocks (SDXL: at most N transformer "
                         "layers per attention block), on its own build and data, the rest as --blocks")
+    p.add_argument("--skip", default="", help="measurements not taken, comma-separated (speed: no int8/fp32/bf16 "
+                   "timing, the longest part at full size)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3, help="timed denoiser calls per variant")
     p.add_argument("--fixed-codes", action="store_true",
