@@ -646,9 +646,10 @@ def table(doc: dict) -> str:
         b, n, s = e.get("build"), e.get("naive") or {}, e.get("step", {})
         params = f"{b['params'] / 1e6:,.0f}" if b else "failed"
         at = f" ({_depth(name, {**e, 'blocks': e['step_blocks'], 'config': e['step_config']})})" if "step_blocks" in e else ""
+        steps = ((_cell(s.get('1'), True) + at, _cell(s.get('4'), True) + at) if "step" not in e.get("skipped", [])
+                 else ("not measured", "not measured"))
         lines.append(f"| {e['title']} | {depth} | {latent} | {params} | {_cell(b)} | {_cell(n.get('quantize'))} | "
-                     f"{_cell(n.get('sample'))} | {_cell(s.get('1'), True)}{at} | {_cell(s.get('4'), True)}{at} | "
-                     f"{e.get('step_m4_vs_m1', '-')} |")
+                     f"{_cell(n.get('sample'))} | {steps[0]} | {steps[1]} | {e.get('step_m4_vs_m1', '-')} |")
     codes = {n: e for n, e in fams.items() if any(k.endswith("-codes") for k in e.get("step", {}))}
     if codes:
         lines += ["", ("The AccuQuant step with the start's weight codes fixed (AccuQuant's default after per-step's "

@@ -281,18 +281,25 @@ OTHER_TABLES = [
      "per-step at W4A8 scored FID to FP 0.317 and PSNR 36.35 dB on seed 0 (500 samples, the compare table "
      "above)."),
     ("families_full_size.md", "The families at their published size",
-     "`python benchmarks/families_full_size.py --threads 1 --step-blocks sdxl=1,sana=4,sd35-medium=4,wan=6` "
+     "`python benchmarks/families_full_size.py --threads 1 --step-blocks sana=4,wan=6 --families "
+     "pixart-sigma,flux,sd35-large,wan,sana`, then `--families sd35-medium --step-blocks sd35-medium=4 --skip speed` "
+     "and `--families sdxl --skip speed,step,step_build` "
      "(`benchmarks/results/families_full_size.{md,json}`): each family's published denoiser configuration, "
      "random-initialised (no weights can be downloaded here; memory and speed do not depend on the values), on "
      "one CPU thread while another single-thread job ran on the second core (times are indicative; memory is "
      "not affected). FLUX.1-dev (12 B parameters) and SD3.5 Large (8 B) do not fit 24 GB in float32: they run "
      "the published blocks, fewer of them, with per-block figures and the published depth's estimate. Every "
      "family quantizes end to end (naive W8A8) at its published size except those two. An AccuQuant step holds "
-     "about 14 bytes per parameter above the model (the weights' fake-quantization graph), so at full size it "
-     "fits 24 GB only for PixArt-Σ; the others' steps ran with the blocks named in their row (SDXL: one "
-     "transformer layer per attention block), and their M = 4 / M = 1 ratio is what the target is about. On "
-     "this machine's CPU (AVX2, no VNNI) the int8 kernels cannot take 8-bit weights, so the int8 column times the "
-     "fake fallback: see the layers-on-int8 count."),
+     "about 13 bytes per parameter above the model in float32 (PixArt-Σ: 8.2 GB above its 0.61 B parameters; "
+     "mostly the weights' fake-quantization graph), so at full size a step of Wan 2.1 1.3B, Sana 1600M, SD3.5 "
+     "Medium or SDXL would need about 18 to 34 GB above the model: the first three's steps ran with the blocks "
+     "named in their row, on their own build and calibration data; SDXL's step and the int8 timing of SD3.5 "
+     "Medium and SDXL were not measured, to fit the time at hand (`--skip`; `--step-blocks sdxl=1` runs SDXL's "
+     "step with at most one transformer layer per attention block). The target is the M = 4 / M = 1 ratio of "
+     "the step's memory; on this machine's CPU (AMD "
+     "EPYC exposing AVX2 without VNNI) the int8 kernels cannot take 8-bit weights, so its int8 column times the "
+     "fake fallback (the layers-on-int8 count says so), and bf16 autocast, without AVX512-BF16, is 5 to 12 times "
+     "slower than float32."),
     ("int8_speed.md", "Speed of the int8 backend",
      "`python benchmarks/int8_speed.py --threads 1,2 --repeats 3` (`benchmarks/results/int8_speed.{md,json}`), "
      "nothing else running. The target (int8 at least 2x float32 and at least as fast as bf16 on the SD-1.5-size "
