@@ -110,6 +110,15 @@ def digit_pipeline_dir(tmp_path):
     return save_digit_pipeline(tmp_path / "digits")
 
 
+def text_pipeline_and_calibration(steps: int = 3, num: int = 2):
+    """A tiny text-conditioned pipeline (SD-style UNet, DDIM) and FP trajectories of ``num``
+    samples over ``steps`` steps with random prompt embeddings."""
+    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
+    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, steps), num,
+                                    cond=text_conditions(num), progress=False)
+    return fp, calib
+
+
 def tiny_vae(seed: int = 0):
     """1x16x16 images to 4x8x8 latents."""
     torch.manual_seed(seed)

@@ -8,7 +8,7 @@ import torch
 
 import accuquant as aq
 from accuquant.io.save import FORMAT, QUANT_FILE, WEIGHTS_FILE, pack_codes, unpack_codes
-from conftest import class_pipeline, text_conditions, tiny_cond_unet, tiny_unet
+from conftest import text_pipeline_and_calibration, class_pipeline, text_conditions, tiny_unet
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -36,9 +36,7 @@ def test_saved_model_is_bit_identical(tmp_path):
 
 
 def test_text_model_saves_and_loads_bit_identically(tmp_path):
-    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
-    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 3), 2,
-                                    cond=text_conditions(2), progress=False)
+    fp, calib = text_pipeline_and_calibration(3, 2)
     q = aq.quantize(fp, aq.QuantConfig(weight_bits=3, act_bits=6), "naive", calib=calib, steps=3, progress=False)
     q.save(tmp_path / "q")
     back = aq.load(tmp_path / "q")

@@ -1,7 +1,6 @@
 """Weights per group of inputs and activations per token: the grids, exactness on the fake
 backend, the integer backends' fallback, and save/load."""
 
-import diffusers
 import pytest
 import torch
 from torch import nn
@@ -9,7 +8,7 @@ from torch import nn
 import accuquant as aq
 from accuquant.quant.layers import QuantLayer, quant_layers
 from accuquant.quant.quantizers import TokenQuantizer, UniformQuantizer, grouped, token_quant
-from conftest import tiny_cond_unet, text_conditions
+from conftest import text_pipeline_and_calibration, text_conditions
 
 
 def test_a_group_as_wide_as_the_channel_is_the_per_channel_quantizer():
@@ -112,9 +111,7 @@ def test_the_options_validate_and_round_trip():
 
 
 def test_a_text_model_with_groups_and_tokens_calibrates_saves_and_loads_bit_identically(tmp_path):
-    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
-    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 3), 2,
-                                    cond=text_conditions(2), progress=False)
+    fp, calib = text_pipeline_and_calibration(3, 2)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=4, weight_group=16, act_granularity="token")
     x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
     outs = {}

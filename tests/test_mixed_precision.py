@@ -4,14 +4,13 @@ the widths saved with the model."""
 import itertools
 import random
 
-import diffusers
 import pytest
 import torch
 
 import accuquant as aq
 from accuquant.calibrate.mixed import allocate
 from accuquant.quant.layers import quant_layers
-from conftest import text_conditions, tiny_cond_unet
+from conftest import text_pipeline_and_calibration, text_conditions
 
 
 def test_the_allocation_is_the_best_under_the_budget():
@@ -47,9 +46,7 @@ def test_per_layer_widths_apply_validate_and_round_trip():
 
 
 def test_a_mixed_precision_model_calibrates_saves_and_loads_bit_identically(tmp_path):
-    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
-    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 4), 4,
-                                    cond=text_conditions(4), progress=False)
+    fp, calib = text_pipeline_and_calibration(4, 4)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=8, mixed_precision=5.0, weight_init="minmax", act_init="minmax")
     q = aq.quantize(fp, cfg, "naive", calib=calib, steps=4, progress=False)
     info = q.quant.method_log["mixed_precision"]

@@ -1,7 +1,6 @@
 """Outlier handling: smoothing, rotation and the low-rank branch are exact rewrites of the
 layer, their closed-form start helps 4-bit activations, and they freeze, save and load."""
 
-import diffusers
 import pytest
 import torch
 from torch import nn
@@ -10,7 +9,7 @@ import accuquant as aq
 from accuquant.calibrate.block_data import quantization_disabled
 from accuquant.quant.layers import QuantLayer, quant_layers
 from accuquant.quant.outliers import hadamard, rotation_block
-from conftest import text_conditions, tiny_cond_unet
+from conftest import text_pipeline_and_calibration, text_conditions
 
 
 def test_the_hadamard_blocks_are_orthonormal():
@@ -97,9 +96,7 @@ def test_the_options_validate():
 
 
 def test_a_model_with_every_transform_calibrates_freezes_saves_and_loads_bit_identically(tmp_path):
-    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
-    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 3), 2,
-                                    cond=text_conditions(2), progress=False)
+    fp, calib = text_pipeline_and_calibration(3, 2)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=4, act_granularity="token", outliers="smooth,rotate,lowrank",
                          rank=4, attn_bits=8, softmax_bits=8)  # the attention matmuls' inputs at 8 bits
     x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
@@ -125,9 +122,7 @@ def test_a_model_with_every_transform_calibrates_freezes_saves_and_loads_bit_ide
 
 
 def test_accuquant_learns_the_transforms_under_its_multistep_loss():
-    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
-    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 4), 4,
-                                    cond=text_conditions(4), progress=False)
+    fp, calib = text_pipeline_and_calibration(4, 4)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=4, outliers="smooth,lowrank", rank=2, attn_bits=8, softmax_bits=8)
     kw = dict(calib=calib, steps=4, progress=False, init="naive", group_size=2, batch_size=2)
     start = aq.quantize(fp, cfg, "accuquant", iters=0, **kw)
@@ -145,9 +140,7 @@ def test_accuquant_learns_the_transforms_under_its_multistep_loss():
 def test_a_stored_start_and_a_checkpoint_carry_the_transforms():
     """AccuQuant's per-step start, taken from the result store, is the per-step model itself:
     its smoothing scales and branches included, not only its quantizers."""
-    fp = aq.Pipeline(tiny_cond_unet(), dict(diffusers.DDIMScheduler().config))
-    calib = aq.collect_trajectories(fp.denoiser(), aq.make_solver("ddim", fp.scheduler_config, 4), 4,
-                                    cond=text_conditions(4), progress=False)
+    fp, calib = text_pipeline_and_calibration(4, 4)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=4, outliers="smooth,lowrank", rank=2, attn_bits=8, softmax_bits=8)
     kw = dict(calib=calib, steps=4, progress=False)
     per_step = aq.quantize(fp, cfg, "per-step", iters=4, act_iters=2, samples_per_step=2, **kw)
