@@ -18,14 +18,13 @@ layer's cost rounded up, so the budget is never exceeded).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 
 import torch
 
 from ..config import QuantConfig
 from ..progress import progress_bar
-from ..quant.layers import WRAPPABLE, QuantLayer
+from ..quant.layers import WRAPPABLE, QuantLayer, kept_fp
 from .multistep import multistep_loss
 
 #: the widths a layer can get, beside the config's lowest
@@ -36,9 +35,7 @@ UNITS = 4000
 
 def candidate_layers(model: torch.nn.Module, config: QuantConfig) -> dict[str, torch.nn.Module]:
     """The layers :func:`~accuquant.quant.layers.wrap_model` quantizes, by name."""
-    keep = config.keep_fp or ()
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, WRAPPABLE) and not any(fnmatch.fnmatchcase(n, p) for p in keep)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, WRAPPABLE) and not kept_fp(n, config)}
 
 
 @torch.no_grad()

@@ -223,6 +223,11 @@ class WrapReport:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+def kept_fp(name: str, cfg: QuantConfig) -> bool:
+    """Whether layer ``name`` stays in full precision by ``cfg.keep_fp``'s patterns."""
+    return any(fnmatch.fnmatchcase(name, p) for p in cfg.keep_fp or ())
+
+
 def layer_config(cfg: QuantConfig, name: str) -> QuantConfig:
     """The config of layer ``name``: ``cfg`` with its own bits where ``cfg.layer_bits`` gives them."""
     if not cfg.layer_bits or name not in cfg.layer_bits:
@@ -255,7 +260,6 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
         a :class:`WrapReport` naming what was quantized and what stayed in full precision.
     """
     splits = splits if cfg.split_shortcut and splits else {}
-    keep_fp = cfg.keep_fp or ()
     report = WrapReport()
     targets = []
     for name, mod in model.named_modules():
@@ -267,7 +271,7 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
             report.other_fp.append(name)
     quantize_weights_or_acts = cfg.weight_bits is not None or cfg.act_bits is not None
     for name, mod in targets:
-        if not quantize_weights_or_acts or any(fnmatch.fnmatchcase(name, p) for p in keep_fp):
+        if not quantize_weights_or_acts or kept_fp(name, cfg):
             report.kept_fp.append(name)
             continue
         split = splits.get(name)
