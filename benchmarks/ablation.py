@@ -39,7 +39,7 @@ from accuquant.methods import METHODS
 from accuquant.io.files import atomic_path
 from accuquant.config import parse_bits_label
 
-from common import ROOT, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
+from common import ROOT, cpu_name, parse_options, settings  # noqa: E402  (benchmarks/ is on the path when run)
 COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
 #: the mark on rows measured with an older version of the method, and what it means (also quoted by
 #: readme_results.py)
@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--num", type=int, default=300)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--paired-seeds", action="store_true", help="score each calibration seed's model on the paired "
+                   "samples of that seed, as `accuquant compare --seed N` does (default: sample seed 0 for all)")
     p.add_argument("--out", default=None, help="results path without extension (default: "
                    "benchmarks/results/ablation, with _MODEL for a model other than the default)")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json, run nothing")
@@ -120,20 +122,26 @@ def main() -> None:
                                 progress=False, **method_opts)
                 wall = time.perf_counter() - t0
                 log = q.quant.method_log
-                r = evaluate(q, base=fp, num=args.num, steps=args.steps, progress=False)
+                r = evaluate(q, base=fp, num=args.num, steps=args.steps, progress=False,
+                             seed=seed if args.paired_seeds else 0)
                 runs.append({"seed": seed, **{c: r[c] for c in COLS}, "wall_s": round(wall, 1),
                              "method_s": log.get("seconds", q.quant.timing_s["method"]),
                              "init_s": log.get("init", {}).get("seconds"),
                              "evals": denoiser_evals(q), "final_loss": (log.get("loss_curve") or [None])[-1]})
                 print(json.dumps({"bits": bits, "label": label, **runs[-1]}), flush=True)
-            summary = {c: {"mean": statistics.fmean(x[c] for x in runs), "min": min(x[c] for x in runs),
-                           "max": max(x[c] for x in runs)} for c in COLS}
-            rows[bits, label] = {"bits": bits, "label": label, "method": method, "options": opts, "num": args.num,
-                                 "method_version": METHODS[method].Config.VERSION,
-                                 "runs": runs, "summary": summary,
-                                 "method_s": statistics.median(x["method_s"] for x in runs),
-                                 "evals": statistics.median(x["evals"] for x in runs)}
+            rows[bits, label] = _summarised({"bits": bits, "label": label, "method": method, "options": opts,
+                                             "num": args.num, "method_version": METHODS[method].Config.VERSION,
+                                             "runs": runs})
             write(rows, args)
+
+
+def _summarised(row: dict) -> dict:
+    """``row`` with its summary over its runs (mean, min, max) and median time and compute."""
+    runs = row["runs"]
+    summary = {c: {"mean": statistics.fmean(x[c] for x in runs), "min": min(x[c] for x in runs),
+                   "max": max(x[c] for x in runs)} for c in COLS}
+    return {**row, "summary": summary, "method_s": statistics.median(x["method_s"] for x in runs),
+            "evals": statistics.median(x["evals"] for x in runs)}
 
 
 def write(rows: dict, args, drop: set = frozenset()) -> None:
@@ -152,11 +160,19 @@ def write(rows: dict, args, drop: set = frozenset()) -> None:
             raise SystemExit(2)
         for k in drop:
             del merged[k]
-        merged.update({k: to_json_safe(r) for k, r in rows.items()})
+        for k, r in rows.items():  # a rerun of a row with the same options adds its seeds (or replaces them)
+            r = to_json_safe(r)
+            old_row = merged.get(k)
+            if old_row and old_row["options"] == r["options"] and old_row.get("method_version") == r["method_version"]:
+                seeds = {x["seed"] for x in r["runs"]}
+                r = _summarised({**r, "runs": sorted([x for x in old_row["runs"] if x["seed"] not in seeds]
+                                                     + r["runs"], key=lambda x: x["seed"])})
+            merged[k] = r
         out = sorted(merged.values(), key=lambda r: (r["bits"], r["label"]))
         if rows or drop:
             with atomic_path(old) as tmp:
                 tmp.write_text(json.dumps({"rows": out, "settings": settings(args) if rows else doc["settings"],
+                                           "cpu": cpu_name() if rows else doc.get("cpu"),
                                            "torch": torch.__version__ if rows else doc["torch"]}, indent=2))
         _write_md(out, args)
 
@@ -197,7 +213,9 @@ def _write_md(out: list, args) -> None:
         "variant's own optimisation (AccuQuant rows exclude the shared per-step initialisation, which runs once "
         "per (bits, seed); the per-step row gives that initialisation's time); 'denoiser evals' counts forward "
         "and backward passes of one sample through the denoiser, both guidance branches counted. Times are "
-        "single-thread processes on a shared 2-core machine."
+        "single-thread processes on a shared 2-core machine"
+        + (f" ({json.loads(Path(args.out + '.json').read_text()).get('cpu') or 'CPU not recorded'})."
+           if Path(args.out + ".json").exists() else ".")
         + (" " + version_note(old) if old else "")
         + "\n\n" + "\n".join(lines) + "\n")
 

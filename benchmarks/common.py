@@ -8,6 +8,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def cpu_name() -> str:
+    """The CPU's model name (every results file names the machine its numbers come from)."""
+    import platform
+
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def settings(args) -> dict:
     """The command's options, with the output path relative to the repository."""
     return {**vars(args), "out": os.path.relpath(args.out, ROOT)}
@@ -118,7 +131,7 @@ def accuquant_step(pipe, den, solver, calib, m: int, fixed_codes: bool = False) 
     import torch
 
     from accuquant.calibrate.multistep import multistep_backward
-    from accuquant.quant.layers import all_quantizers, quant_layers
+    from accuquant.quant.layers import all_quantizers, outlier_parameters, quant_layers
 
     if fixed_codes:
         for layer in quant_layers(pipe.model).values():
@@ -127,6 +140,8 @@ def accuquant_step(pipe, den, solver, calib, m: int, fixed_codes: bool = False) 
     for q in all_quantizers(pipe.model).values():
         if q.enabled:
             q.scale.requires_grad_(True)
+    for t in outlier_parameters(quant_layers(pipe.model)).values():  # smoothing scales, branch factors learn too
+        t.requires_grad_(True)
     idx = torch.tensor([0])
     xs, outs = calib.xs[idx], calib.outs[idx]
     state = solver.state_at(0, xs, outs)

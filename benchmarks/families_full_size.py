@@ -65,6 +65,7 @@ from pathlib import Path
 from common import (
     ROOT,
     accuquant_step,
+    cpu_name,
     measure_env,
     reset_peak,
     rss_mb,
@@ -600,16 +601,6 @@ def _published_estimate(name: str, entry: dict) -> dict:
 # ---------------------------------------------------------------- the results
 
 
-def _cpu_model() -> str:
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _mb(x) -> str:
     return f"{x:,.0f}" if isinstance(x, (int, float)) else "-"
 
@@ -778,7 +769,7 @@ def main() -> None:
     out = Path(args.out)
     path = out.with_suffix(".json")
     old = json.loads(path.read_text()).get("families", {}) if path.exists() else {}
-    doc = {"cpu": _cpu_model(), "threads": args.threads, "torch": torch.__version__,
+    doc = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
            "diffusers": diffusers.__version__, "accuquant": aq.__version__, "python": platform.python_version(),
            "settings": settings(args), "wall_s": None, "families": {}}
     t0 = time.perf_counter()

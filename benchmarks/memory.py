@@ -1,13 +1,16 @@
 """Peak memory of one AccuQuant optimisation step against the group size M, per gradient mode.
 
-Each (mode, M) runs in a fresh process: the bundled model at W4A8 with naive ranges and a
-fixed batch of FP trajectories (both computed once and loaded from files), one call of ``multistep_backward`` from step 0 over M
+Each (mode, M) runs in a fresh process: a bundled model (``--model``, default mnist-ddpm) at
+W4A8 (or ``--config``: QuantConfig options as JSON) with naive ranges (and outlier handling's
+closed-form start, whose parameters then learn too) and a fixed batch of FP trajectories (both computed once and loaded from files), one call of ``multistep_backward`` from step 0 over M
 steps. Reported: the process's peak resident memory (``ru_maxrss``), the resident memory
 just before the step, and their difference (what the step itself needed); on CUDA also
 torch's peak allocated memory during the step.
 
     python benchmarks/memory.py --ms 1,2,4,8,20 --modes exact,checkpoint,approx --batch 8 --repeats 3
     # writes benchmarks/results/memory.json and memory.md
+    python benchmarks/memory.py --model mnist-flux --modes checkpoint --ms 1,4,8 --out benchmarks/results/memory_x \
+        --config '{"weight_bits": 4, "act_bits": 4, "outliers": ["smooth", "lowrank"], "rank": 32}'
 
 The medians over ``--repeats`` fresh processes are reported.
 """
@@ -25,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, settings
+from common import ROOT, cpu_name, settings
 
 
 def _rss_mb() -> float:
@@ -33,17 +36,24 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _wrapped(batch: int):
+def _config(text: str):
     import accuquant as aq
-    from accuquant import bundled
 
-    pipe = aq.load(bundled.DEFAULT_MODEL)
-    solver = aq.make_solver("ddim", pipe.scheduler_config, 20)
-    pipe.denoiser().wrap(aq.QuantConfig(weight_bits=4, act_bits=8))
+    opts = json.loads(text)
+    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
+    return aq.QuantConfig(**{"weight_bits": 4, "act_bits": 8, **opts})
+
+
+def _wrapped(model: str, config: str):
+    import accuquant as aq
+
+    pipe = aq.load(model)
+    solver = aq.make_solver(pipe.sampling_settings()[1], pipe.scheduler_config, 20)
+    pipe.denoiser().wrap(pipe.denoiser().resolve(_config(config)))
     return pipe, solver
 
 
-def setup(batch: int, folder: Path) -> None:
+def setup(model: str, config: str, batch: int, folder: Path) -> None:
     """Once: FP trajectories and naive W4A8 quantizers, saved for the measuring processes."""
     from accuquant.calibrate.block_data import quantization_disabled
     from accuquant.io.checkpoint import save_checkpoint
@@ -53,25 +63,24 @@ def setup(batch: int, folder: Path) -> None:
 
     import accuquant as aq
 
-    pipe, solver = _wrapped(batch)
+    pipe, solver = _wrapped(model, config)
     den = pipe.denoiser()
     with quantization_disabled(pipe.model):  # FP trajectories
         calib = aq.collect_trajectories(den, solver, batch, cond=pipe.conditions(batch), progress=False)
-    calibrate(Run(den, solver, calib, aq.QuantConfig(weight_bits=4, act_bits=8), progress=False), Naive(NaiveConfig()))
+    calibrate(Run(den, solver, calib, den.resolve(_config(config)), progress=False), Naive(NaiveConfig()))
     calib.save(folder / "calib.safetensors")
     save_checkpoint(folder / "quantizers.safetensors", pipe.model, "memory", 0)
 
 
-def child(mode: str, m: int, batch: int, device: str, folder: Path) -> dict:
+def child(model: str, config: str, mode: str, m: int, batch: int, device: str, folder: Path) -> dict:
     import torch
 
     import accuquant as aq
     from accuquant.io.checkpoint import load_quantizers, read_checkpoint
-    from accuquant.quant.layers import all_quantizers
+    from accuquant.quant.layers import all_quantizers, outlier_parameters, quant_layers
     from accuquant.calibrate.multistep import multistep_backward
 
-
-    pipe, solver = _wrapped(batch)
+    pipe, solver = _wrapped(model, config)
     load_quantizers(pipe.model, read_checkpoint(folder / "quantizers.safetensors", "memory")[1])
     calib = aq.Trajectories.load(folder / "calib.safetensors")
     den = pipe.denoiser()
@@ -80,6 +89,8 @@ def child(mode: str, m: int, batch: int, device: str, folder: Path) -> dict:
         p.requires_grad_(False)
     for q in all_quantizers(pipe.model).values():
         q.scale.requires_grad_(True)
+    for t in outlier_parameters(quant_layers(pipe.model)).values():  # smoothing scales, branch factors
+        t.requires_grad_(True)
     x = calib.xs[:, 0].to(device)
     target = calib.xs[:, m].to(device)
     cond = calib.cond.to(device)
@@ -103,6 +114,8 @@ def child(mode: str, m: int, batch: int, device: str, folder: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--model", default="mnist-ddpm", help="a bundled model")
+    p.add_argument("--config", default="{}", help="QuantConfig options as JSON (default: W4A8)")
     p.add_argument("--ms", default="1,2,4,8,20")
     p.add_argument("--modes", default="exact,checkpoint,approx")
     p.add_argument("--batch", type=int, default=8, help="trajectories per step (x2 rows with guidance)")
@@ -112,11 +125,12 @@ def main() -> None:
     p.add_argument("--child", nargs=3, metavar=("MODE", "M", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.batch, args.device, Path(args.child[2]))))
+        print(json.dumps(child(args.model, args.config, args.child[0], int(args.child[1]), args.batch, args.device,
+                               Path(args.child[2]))))
         return
     tmp = tempfile.TemporaryDirectory()
     folder = Path(tmp.name)
-    setup(args.batch, folder)
+    setup(args.model, args.config, args.batch, folder)
     # glibc raises its mmap threshold each time a large block is freed, so the graph of a
     # finished step stays in the heap and the next step's graph is added beside it: peak
     # RSS would count the allocator's retention. A fixed threshold returns freed tensors to
@@ -128,7 +142,7 @@ def main() -> None:
             reps = []
             for _ in range(args.repeats):
                 cmd = [sys.executable, __file__, "--child", mode, str(m), str(folder), "--batch", str(args.batch),
-                       "--device", args.device]
+                       "--device", args.device, "--model", args.model, "--config", args.config]
                 res = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if res.returncode != 0:
                     raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr}")
@@ -149,8 +163,8 @@ def main() -> None:
         lines.append(f"| {mode} | " + " | ".join(
             f"{cells[m]['step_mb']:.0f} MB ({cells[m]['step_vs_m1']}x), {cells[m]['seconds']:.1f} s" for m in ms) + " |")
     Path(args.out + ".md").write_text(
-        f"Memory of one AccuQuant optimisation step on the bundled model (W4A8, {args.batch} trajectories, "
-        f"guided: {2 * args.batch} rows; {args.device}): peak resident memory during the step minus the resident "
+        f"Memory of one AccuQuant optimisation step on {args.model} ({_config(args.config).to_json()}; "
+        f"{args.batch} trajectories, guided: {2 * args.batch} rows; {args.device}; CPU: {cpu_name()}): peak resident memory during the step minus the resident "
         f"memory before it, its ratio to M = 1, and the step's wall time; medians of {args.repeats} fresh "
         f"processes, run with MALLOC_MMAP_THRESHOLD_={env['MALLOC_MMAP_THRESHOLD_']} (glibc returns freed tensors "
         "to the system instead of keeping them in the heap). Written by benchmarks/memory.py.\n\n" + "\n".join(lines) + "\n")

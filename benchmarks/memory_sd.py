@@ -33,7 +33,7 @@ from pathlib import Path
 
 from accuquant.config import parse_size
 from accuquant.io.files import atomic_path
-from common import (ROOT, accuquant_step, measure_env, reset_peak, rss_mb, save_minmax_quantizers,
+from common import (ROOT, accuquant_step, cpu_name, measure_env, reset_peak, rss_mb, save_minmax_quantizers,
                     sd15_conditions, sd15_unet, wrapped_from)
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -115,9 +115,12 @@ def main() -> None:
     p.add_argument("--budgets", default="2GB,4MB", help="--max-memory budgets of the capture")
     p.add_argument("--ms", default="1,4,8")
     p.add_argument("--codes-ms", default="1", help="M of the step with fixed weight codes (AccuQuant's default)")
+    p.add_argument("--config", default="{}", help="QuantConfig options as JSON, over W4A8 with min-max ranges "
+                   "(e.g. outlier handling: its parameters learn in the step too)")
     p.add_argument("--out", default=str(RESULTS / "memory_sd"))
     p.add_argument("--child", nargs=3, metavar=("KIND", "VALUE", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    CONFIG.update(json.loads(args.config))
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.latent, Path(args.child[2]))))
         return
@@ -129,7 +132,8 @@ def main() -> None:
         jobs += [("step-codes", m) for m in args.codes_ms.split(",") if m]
         for kind, value in jobs:
             t0 = time.perf_counter()
-            res = subprocess.run([sys.executable, __file__, "--child", kind, value, tmp, "--latent", str(args.latent)],
+            res = subprocess.run([sys.executable, __file__, "--child", kind, value, tmp, "--latent", str(args.latent),
+                                  "--config", args.config],
                                  capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 raise SystemExit(f"memory_sd.py: {kind} {value} failed:\n{res.stderr[-2000:]}")
@@ -148,11 +152,12 @@ def main() -> None:
     steps = {r["value"]: r for r in rows if r["kind"] == "step"}
     for r in steps.values():
         r["vs_m1"] = round(r["peak_mb"] / steps["1"]["peak_mb"], 3) if "1" in steps else None
-    doc = {"latent": args.latent, "guidance": 7.5, "steps": 20, "rows": rows}
+    doc = {"latent": args.latent, "guidance": 7.5, "steps": 20, "config": CONFIG, "cpu": cpu_name(), "rows": rows}
     with atomic_path(Path(args.out).with_suffix(".json")) as t:
         t.write_text(json.dumps(doc, indent=2))
     lines = [f"Written by benchmarks/memory_sd.py: SD-1.5-configuration UNet (860 M parameters, random weights), "
-             f"{args.latent}x{args.latent} latents, guidance 7.5, 20 DDIM steps, on the CPU. Peak resident memory "
+             f"{args.latent}x{args.latent} latents, guidance 7.5, 20 DDIM steps, on the CPU ({cpu_name()}); "
+             f"quantization options {json.dumps(CONFIG)}. Peak resident memory "
              "of the work minus the resident memory before it, one fresh process each (the model itself, about "
              "3.3 GB in float32, is in the memory before).", "",
              "| work | setting | peak above before (MB) | other | seconds |", "| --- | --- | --- | --- | --- |"]

@@ -315,7 +315,7 @@ def test_command_line_defaults_are_the_shared_ones():
         config.DEFAULT_METHOD, config.DEFAULT_CALIB_SAMPLES, config.parse_size(config.DEFAULT_MAX_MEMORY))
     c = p.parse_args(["compare"])
     for f in dataclasses.fields(CompareSettings):
-        if f.default is not dataclasses.MISSING and f.name != "prompts":  # --prompt, --prompt-file
+        if f.default is not dataclasses.MISSING and f.name not in ("prompts", "quant"):  # --prompt(-file); flags
             assert getattr(c, f.name) == f.default, f.name
     assert c.prompt is None and c.prompt_file is None
     assert c.steps == config.DEFAULT_STEPS and c.calib_samples == config.DEFAULT_CALIB_SAMPLES

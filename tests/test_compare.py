@@ -101,6 +101,8 @@ def test_a_rerun_keeps_finished_pairs_and_other_settings_are_refused(comparison,
     (["--methods", "magic"], "unknown method"),
     (["--num", "0"], "num"),
     (["--backend", "magic"], "unknown backend"),
+    (["--weight-group", "1"], "weight_group: expected a group size"),
+    (["--outliers", "magic"], "outliers: 'magic' is not one of"),
 ])
 def test_bad_input_is_refused_in_one_line(tmp_path, capsys, args, message):
     assert main(["compare", "--out", str(tmp_path / "o"), *args]) == 2
@@ -233,3 +235,45 @@ def test_prompts_reach_the_quantize_process_and_the_command_line_settings(tmp_pa
     assert seen["settings"].prompts == ["the digit 7", "a handwritten nine"]
     assert main(["compare", "--out", str(tmp_path / "o")]) == 2
     assert seen["settings"].prompts is None
+
+
+def test_quantization_options_and_recipes_reach_every_pair(tmp_path, monkeypatch):
+    """Options given to compare go to every pair's quantize process (and into the key: other
+    options, other results); a recipe is a method name there, run as its method."""
+    import dataclasses
+    import subprocess
+
+    from accuquant.errors import AccuQuantError
+    from accuquant.eval import compare
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def popen(cmd, **kw):
+        seen["cmd"] = cmd
+        raise Started
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    s = compare.CompareSettings(model="m", methods=["svdquant", "accuquant"], bits=["w4a4"], scheduler="ddim",
+                                quant={"act-granularity": "token", "outliers": ["smooth", "lowrank"], "rank": 8})
+    s.check()
+    assert s.run_key()["quant"] == s.quant and "quant" not in dataclasses.replace(s, quant=None).run_key()
+    with pytest.raises(Started):
+        compare.quantize_process(s, "svdquant", "w4a4", tmp_path / "q", quiet=True)
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--method") + 1] == "svdquant"
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--outliers"] == ["smooth", "lowrank"]
+    assert cmd[cmd.index("--rank") + 1] == "8" and cmd[cmd.index("--act-granularity") + 1] == "token"
+    with pytest.raises(AccuQuantError, match="'weight-bits' is not a quantization option of compare"):
+        dataclasses.replace(s, quant={"weight-bits": 4}).check()
+
+    def run_compare(settings, out, quiet=False):
+        seen["settings"] = settings
+        raise AccuQuantError("stopped here")
+
+    monkeypatch.setattr(compare, "run_compare", run_compare)
+    assert main(["compare", "--out", str(tmp_path / "o"), "--methods", "svdquant,accuquant", "--bits", "w4a4",
+                 "--weight-group", "64", "--outliers", "smooth,rotate"]) == 2
+    assert seen["settings"].quant == {"weight-group": 64, "outliers": ["smooth,rotate"]}

@@ -68,3 +68,28 @@ def test_a_mixed_precision_model_calibrates_saves_and_loads_bit_identically(tmp_
     with torch.no_grad():
         assert torch.equal(q.denoiser()(x, 700, cond), back.denoiser()(x, 700, cond))
     del params
+
+
+def test_activation_widths_are_allocated_by_the_same_measure_and_saved(tmp_path):
+    fp, calib = text_pipeline_and_calibration(4, 4)
+    cfg = aq.QuantConfig(weight_bits=8, act_bits=4, act_granularity="token", act_mixed_precision=6.0,
+                         weight_init="minmax", act_init="minmax")
+    q = aq.quantize(fp, cfg, "naive", calib=calib, steps=4, progress=False)
+    info = q.quant.method_log["mixed_precision"]
+    assert "average_weight_bits" not in info and info["act_budget"] == 6.0
+    widths = {n: lyr.input_quant[0].bits for n, lyr in quant_layers(q.model).items()}
+    sens = info["act_sensitivity"]
+    assert set(widths.values()) > {4} and 4.0 < info["average_act_bits"] <= 6.0
+    assert {lyr.weight_quant[0].bits for lyr in quant_layers(q.model).values()} == {8}
+    assert q.quant.config.layer_bits == {n: [8, b] for n, b in widths.items() if b != 4}
+    assert sum(s["4"] for s in sens.values()) > sum(s["8"] for s in sens.values())
+    top = max(sens, key=lambda n: sens[n]["4"] - sens[n]["8"])
+    assert widths[top] > 4
+    q.save(tmp_path / "q")
+    back = aq.load(tmp_path / "q")
+    assert {n: lyr.input_quant[0].bits for n, lyr in quant_layers(back.model).items()} == widths
+    x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
+    with torch.no_grad():
+        assert torch.equal(q.denoiser()(x, 700, cond), back.denoiser()(x, 700, cond))
+    with pytest.raises(aq.AccuQuantError, match="between act_bits"):
+        aq.QuantConfig(act_bits=None, act_mixed_precision=6.0)

@@ -149,3 +149,19 @@ def test_a_stored_start_and_a_checkpoint_carry_the_transforms():
     x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
     with torch.no_grad():
         assert torch.equal(per_step.denoiser()(x, 500, cond), start.denoiser()(x, 500, cond))
+
+
+def test_the_svdquant_recipe_is_per_step_with_its_options_unless_given():
+    from accuquant.methods import resolve_recipe
+
+    method, cfg = resolve_recipe("svdquant", aq.QuantConfig(weight_bits=4, act_bits=4, rank=8))
+    assert method == "per-step"
+    assert (cfg.weight_group, cfg.act_granularity, cfg.outliers, cfg.rank) == (64, "token", ("smooth", "lowrank"), 8)
+    assert resolve_recipe("accuquant", aq.QuantConfig()) == ("accuquant", aq.QuantConfig())
+    fp, calib = text_pipeline_and_calibration(4, 4)
+    q = aq.quantize(fp, aq.QuantConfig(weight_bits=4, act_bits=4, rank=4), "svdquant", calib=calib, steps=4,
+                    progress=False, iters=2, act_iters=2)
+    assert q.quant.method == "per-step" and q.quant.method_log["recipe"] == "svdquant"
+    assert q.quant.config.outliers == ("smooth", "lowrank") and q.quant.config.rank == 4
+    linear = [lyr for lyr in quant_layers(q.model).values() if isinstance(lyr.module, nn.Linear)]
+    assert linear and all(lyr.outliers is not None and lyr.outliers.lora_a.shape[0] == 4 for lyr in linear)

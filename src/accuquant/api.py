@@ -28,7 +28,7 @@ from .config import (DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SAMPLES, DEFAULT_MAX_MEMO
                      MethodConfig, QuantConfig, parse_size)
 from .errors import AccuQuantError, check_device, check_finite
 from .io.load import DTYPES, as_pipeline
-from .methods import cached_or_calibrate, method_config
+from .methods import RECIPES, cached_or_calibrate, method_config, resolve_recipe
 from .pipeline import Pipeline, QuantRecord
 from .quant.layers import WrapReport, freeze_model
 from .quant.quantizers import UniformQuantizer
@@ -128,7 +128,7 @@ def prepare(source, config: QuantConfig, mconfig: MethodConfig, calib=None, *, s
     den.check_conditions(calib.cond, "calibration data")
     config = den.resolve(config)
     mixed = None
-    if config.mixed_precision is not None and config.layer_bits is None:
+    if (config.mixed_precision is not None or config.act_mixed_precision is not None) and config.layer_bits is None:
         from .calibrate.mixed import mixed_config
 
         splits = den.shortcut_splits() if config.split_shortcut else {}
@@ -196,7 +196,8 @@ def quantize(
         config: the quantization config (default: ``QuantConfig()``, W4A8).
         method: a method name (``"naive"``, ``"per-step"``, ``"accuquant"``, the default) with
             its options as keywords (``iters=``, ``lr=``...), or a method config
-            (``AccuQuantConfig(...)``).
+            (``AccuQuantConfig(...)``), or a recipe (``"svdquant"``: per-step with SVDQuant's
+            options set in ``config`` where it leaves them at their defaults).
         calib: FP trajectories (or a path to a saved set) to calibrate on; collected
             from ``calib_samples`` seeded noises when ``None``.
         steps, scheduler: the sampler used at inference; calibration follows it.
@@ -223,6 +224,8 @@ def quantize(
         says what was done).
     """
     config = config if config is not None else QuantConfig()
+    recipe = method if isinstance(method, str) and method in RECIPES else None
+    method, config = resolve_recipe(method, config)
     mconfig = method_config(method, method_options)
     prep = prepare(source, config, mconfig, calib, steps=steps, scheduler=scheduler, calib_samples=calib_samples,
                    seed=seed, guidance_scale=guidance_scale, labels=labels, prompts=prompts, batch_size=batch_size,
@@ -230,6 +233,8 @@ def quantize(
                    inplace=inplace, use_cache=use_cache, resume=resume)
     run, t1 = prep.run, time.perf_counter()
     run.log.update(cached_or_calibrate(run, mconfig, reuse=mconfig.is_default()))
+    if recipe:
+        run.log["recipe"] = recipe
     if is_main() and run.checkpoint is not None:
         run.checkpoint.unlink(missing_ok=True)
     record = QuantRecord(

@@ -117,6 +117,12 @@ class Options:
         """The fields that are options (made by :func:`option`)."""
         return [f for f in dataclasses.fields(cls) if f.metadata]
 
+    @classmethod
+    def flags(cls) -> dict[str, dataclasses.Field]:
+        """Command-line flag (the field's name with dashes, or its metadata ``flag``) -> field,
+        for the options marked for the command line."""
+        return {f.metadata.get("flag") or f.name.replace("_", "-"): f for f in cls.options() if f.metadata.get("cli")}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -266,6 +272,9 @@ class QuantConfig(Options):
                                            "each layer at 8, 6 or --weight-bits, chosen by the rise of the k-step "
                                            "sampling error when that layer alone is at that width; none: uniform",
                                            parse=_avg_bits)
+    act_mixed_precision: float | None = option(None, "average activation bits of a mixed-precision allocation "
+                                               "(e.g. 5): each layer input at 8, 6 or --act-bits, chosen the same "
+                                               "way; none: uniform", parse=_avg_bits)
     layer_bits: dict[str, list] | None = option(None, "per-layer [weight bits, act bits] overriding weight_bits and "
                                                 "act_bits (what a mixed-precision allocation writes)", cli=False,
                                                 parse=_layer_bits)
@@ -291,9 +300,12 @@ class QuantConfig(Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mixed_precision is not None and not (self.weight_bits or 8) <= self.mixed_precision <= 8:
+        if self.mixed_precision is not None and not (self.weight_bits or 9) <= self.mixed_precision <= 8:
             raise ConfigError(f"mixed_precision: the average {self.mixed_precision} must lie between weight_bits "
                               f"({self.weight_bits}, the lowest width) and 8")
+        if self.act_mixed_precision is not None and not (self.act_bits or 9) <= self.act_mixed_precision <= 8:
+            raise ConfigError(f"act_mixed_precision: the average {self.act_mixed_precision} must lie between "
+                              f"act_bits ({self.act_bits}, the lowest width) and 8")
         if self.weight_group is not None and self.weight_granularity != "channel":
             raise ConfigError("weight_group: groups divide each output channel's inputs; it needs "
                               f"weight_granularity 'channel', not {self.weight_granularity!r}")
@@ -322,7 +334,7 @@ class QuantConfig(Options):
 
 #: options of :class:`QuantConfig` added since its format 1, with their defaults
 LATER = {"weight_group": None, "outliers": [], "rank": 32, "smooth_alpha": 0.5, "mixed_precision": None,
-         "layer_bits": None}
+         "act_mixed_precision": None, "layer_bits": None}
 
 
 # ---------------------------------------------------------------------------- how to calibrate

@@ -1,16 +1,20 @@
-"""Mixed precision by accumulated error: which layers get 8, 6 or the low weight width.
+"""Mixed precision by accumulated error: which layers get 8, 6 or the low width, for weights
+(``mixed_precision``) and for layer inputs (``act_mixed_precision``).
 
 Sensitivity (the direct measure): for each layer the config quantizes, its weight alone is
 quantized at a candidate width (per channel or group, ranges searched as the config says;
-every other layer and every activation in full precision), and the model runs the FP
+every other layer and every activation in full precision), or its input alone (dynamically:
+each token's range with ``act_granularity="token"``, else each sample's min-max range; one
+range for both parts of a split shortcut), and the model runs the FP
 trajectories ``M`` steps at a time from their stored states (every group of ``M``
 consecutive steps, a fixed batch of trajectories); the sensitivity is the mean squared
 distance to the FP trajectory ``M`` steps later, AccuQuant's multistep loss. It measures
 what one layer's rounding does to the error that accumulates over sampling, where
 published metrics (MixDQ's output SQNR, TMPDiff's per-timestep error) score one step.
 
-Allocation: the widths that minimise the summed sensitivities with the parameters' average
-width at most the budget, exactly, by dynamic programming over the extra bits above the
+Allocation: the widths that minimise the summed sensitivities with the average width at
+most the budget (weights: averaged over parameters; inputs: over the elements of one
+sample's layer inputs), each of the two on its own, exactly, by dynamic programming over the extra bits above the
 lowest width in units of 1/``UNITS`` of the whole model's extra-bit budget span (each
 layer's cost rounded up, so the budget is never exceeded).
 """
@@ -25,6 +29,7 @@ import torch
 from ..config import QuantConfig
 from ..progress import progress_bar
 from ..quant.layers import WRAPPABLE, QuantLayer, kept_fp
+from ..quant.quantizers import int_range, token_quant
 from .multistep import multistep_loss
 
 #: the widths a layer can get, beside the config's lowest
@@ -48,12 +53,31 @@ def _quantized_weight(module, config: QuantConfig, bits: int, split: int | None)
     return layer.weight.detach().clone()
 
 
+def _quantized_input(bits: int, config: QuantConfig, conv: bool):
+    """A forward pre-hook quantizing a layer's input dynamically at ``bits`` (see the module docstring)."""
+    qmin, qmax = int_range(bits, config.act_symmetric)
+    one = torch.ones(())
+
+    def hook(module, args):
+        x = args[0]
+        if config.act_granularity == "token":
+            xq = token_quant(x, one, qmin, qmax, config.act_symmetric, 1 if conv else -1)
+        else:
+            xq = token_quant(x.reshape(x.shape[0], -1), one, qmin, qmax, config.act_symmetric, -1).reshape(x.shape)
+        return (xq, *args[1:])
+
+    return hook
+
+
 @torch.no_grad()
-def sensitivities(den, solver, calib, config: QuantConfig, splits: dict[str, int], *, group: int = 4,
-                  trajectories: int = 8, device="cpu", progress: bool = True) -> dict[str, dict[int, float]]:
-    """Each layer's multistep loss with its weight alone at each width (see the module docstring)."""
+def sensitivities(den, solver, calib, config: QuantConfig, splits: dict[str, int], *, kind: str = "weight",
+                  group: int = 4, trajectories: int = 8, device="cpu",
+                  progress: bool = True) -> dict[str, dict[int, float]]:
+    """Each layer's multistep loss with its weight (``kind="weight"``) or its input
+    (``kind="act"``) alone at each width (see the module docstring)."""
     layers = candidate_layers(den.model, config)
-    widths = sorted({config.weight_bits, *(w for w in WIDTHS if w > config.weight_bits)})
+    low = config.weight_bits if kind == "weight" else config.act_bits
+    widths = sorted({low, *(w for w in WIDTHS if w > low)})
     idx = torch.arange(min(trajectories, calib.num_samples))
     xs, outs, cond = calib.xs[idx].to(device), calib.outs[idx].to(device), calib.cond.index(idx).to(device)
     starts = list(range(0, calib.num_steps, group))
@@ -67,18 +91,40 @@ def sensitivities(den, solver, calib, config: QuantConfig, splits: dict[str, int
         return total / len(starts)
 
     out: dict[str, dict[int, float]] = {}
-    with progress_bar(len(layers) * len(widths), "mixed precision: sensitivities", disable=not progress) as bar:
+    with progress_bar(len(layers) * len(widths), f"mixed precision: {kind} sensitivities",
+                      disable=not progress) as bar:
         for name, module in layers.items():
-            fp = module.weight.data.clone()
             out[name] = {}
             for b in widths:
-                module.weight.data.copy_(_quantized_weight(module, config, b, splits.get(name)))
+                if kind == "weight":
+                    fp = module.weight.data.clone()
+                    module.weight.data.copy_(_quantized_weight(module, config, b, splits.get(name)))
+                    undo = lambda: module.weight.data.copy_(fp)  # noqa: E731
+                else:
+                    conv = isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d))
+                    undo = module.register_forward_pre_hook(_quantized_input(b, config, conv)).remove
                 try:
                     out[name][b] = loss()
                 finally:
-                    module.weight.data.copy_(fp)
+                    undo()
                 bar.update(1)
     return out
+
+
+@torch.no_grad()
+def input_sizes(den, solver, calib, layers: dict[str, torch.nn.Module], device="cpu") -> dict[str, int]:
+    """The elements of each layer's input in one denoiser call on one stored state (a guided
+    call's two branches in every layer alike): the weights of the activations' average width."""
+    sizes: dict[str, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: sizes.__setitem__(n, args[0].numel()))
+             for n, m in layers.items()]
+    try:
+        idx = torch.arange(1)
+        den(calib.xs[idx, 0].to(device), solver.timesteps[0], calib.cond.index(idx).to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: sizes.get(n, 0) for n in layers}
 
 
 def allocate(sens: dict[str, dict[int, float]], params: dict[str, int], average: float) -> dict[str, int]:
@@ -120,16 +166,26 @@ def allocate(sens: dict[str, dict[int, float]], params: dict[str, int], average:
 
 def mixed_config(den, solver, calib, config: QuantConfig, splits: dict[str, int], device="cpu",
                  progress: bool = True) -> tuple[QuantConfig, dict]:
-    """``config`` with the per-layer widths of its ``mixed_precision`` budget written in
-    ``layer_bits``, and what was measured (for the quantization record)."""
-    sens = sensitivities(den, solver, calib, config, splits, device=device, progress=progress)
+    """``config`` with the per-layer widths of its ``mixed_precision`` and ``act_mixed_precision``
+    budgets written in ``layer_bits``, and what was measured (for the quantization record)."""
     layers = candidate_layers(den.model, config)
-    params = {n: layers[n].weight.numel() for n in sens}
-    bits = allocate(sens, params, config.mixed_precision)
-    total = sum(params.values())
-    achieved = sum(params[n] * b for n, b in bits.items()) / total
-    layer_bits = {n: [b, config.act_bits] for n, b in bits.items() if b != config.weight_bits}
-    info = {"budget": config.mixed_precision, "average_weight_bits": round(achieved, 4),
-            "layers_by_width": {str(b): sum(1 for v in bits.values() if v == b) for b in sorted(set(bits.values()))},
-            "sensitivity": {n: {str(b): v for b, v in s.items()} for n, s in sens.items()}}
+    bits = {n: [config.weight_bits, config.act_bits] for n in layers}
+    info: dict = {}
+    for kind, budget, col in (("weight", config.mixed_precision, 0), ("act", config.act_mixed_precision, 1)):
+        if budget is None:
+            continue
+        sens = sensitivities(den, solver, calib, config, splits, kind=kind, device=device, progress=progress)
+        size = ({n: layers[n].weight.numel() for n in sens} if kind == "weight"
+                else input_sizes(den, solver, calib, layers, device))
+        chosen = allocate(sens, size, budget)
+        total = sum(size.values())
+        for n, b in chosen.items():
+            bits[n][col] = b
+        prefix = "" if kind == "weight" else "act_"
+        info.update({f"{prefix}budget": budget,
+                     f"average_{kind}_bits": round(sum(size[n] * b for n, b in chosen.items()) / total, 4),
+                     f"{prefix}layers_by_width": {str(b): sum(1 for v in chosen.values() if v == b)
+                                                  for b in sorted(set(chosen.values()))},
+                     f"{prefix}sensitivity": {n: {str(b): v for b, v in s.items()} for n, s in sens.items()}})
+    layer_bits = {n: wa for n, wa in bits.items() if wa != [config.weight_bits, config.act_bits]}
     return dataclasses.replace(config, layer_bits=layer_bits or None), info

@@ -39,6 +39,8 @@ def add_parser(sub) -> None:
     c.add_argument("--backend", default=d["backend"], help="what runs the quantized models' layers while they are "
                    f"scored (default {d['backend']}; int8: the CPU's integer kernels)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    quant = c.add_argument_group("quantization options of every pair (generated from QuantConfig; widths: --bits)")
+    o.add_quant_flags(quant, skip=("weight_bits", "act_bits"))
 
 
 def interrupt_hint(args) -> str:
@@ -67,7 +69,8 @@ def run(args) -> None:
         bits=bits,
         num=args.num, steps=args.steps, scheduler=args.scheduler, calib_samples=args.calib_samples, seed=args.seed,
         analyze_num=args.analyze_num, grid=args.grid, device=args.device, backend=args.backend,
-        prompts=o.prompts(args))
+        prompts=o.prompts(args), quant=o.given(args, [f for f in o.quant_flags() if f not in ("weight-bits",
+                                                                                            "act-bits")]) or None)
     results = run_compare(settings, args.out, quiet=args.quiet)  # checks everything before any work
     print(markdown_table(results))
     print(f"wrote {Path(args.out) / 'report.md'}, report.html and results.json ({results['wall_s']:.0f} s)")

@@ -89,7 +89,7 @@ def method_flags() -> dict[str, list[tuple[str, dataclasses.Field]]]:
 def quant_flags() -> dict[str, dataclasses.Field]:
     """Command-line flag -> :class:`~accuquant.config.QuantConfig` field, for every option marked
     for the command line."""
-    return {flag_name(f): f for f in QuantConfig.options() if f.metadata.get("cli")}
+    return QuantConfig.flags()
 
 
 def _is_tuple(cls, f: dataclasses.Field) -> bool:
@@ -149,10 +149,12 @@ def add_method_flags(group) -> None:
             add_option_flag(group, flag, [(config_class(m), m, f) for m, f in entries])
 
 
-def add_quant_flags(group, more: dict[str, str] | None = None) -> None:
+def add_quant_flags(group, more: dict[str, str] | None = None, skip=()) -> None:
     """The quantization options, generated from :class:`~accuquant.config.QuantConfig`
-    (``more``: field name -> help after the field's own)."""
+    (``more``: field name -> help after the field's own; ``skip``: fields left out)."""
     for flag, f in quant_flags().items():
+        if f.name in skip:
+            continue
         add_option_flag(group, flag, [(QuantConfig, "", f)], (more or {}).get(f.name, ""))
 
 

@@ -16,13 +16,15 @@ BUNDLED_SUMMARY = 300
 
 
 def add_parser(sub) -> None:
-    from ..methods import METHODS
+    from ..methods import METHODS, RECIPES
 
     q = sub.add_parser("quantize", help="quantize a diffusers model and save it")
     q.add_argument("--model", default=None, help="diffusers pipeline or model directory, hub id, or "
                    + o.bundled_help())
     q.add_argument("--method", default=DEFAULT_METHOD, help=f"calibration method: {', '.join(METHODS)} "
-                   f"(default {DEFAULT_METHOD})")
+                   f"(default {DEFAULT_METHOD}), or a recipe: "
+                   + "; ".join(f"{n} ({base} with {_options_text(opts)} unless given)"
+                               for n, (base, opts) in RECIPES.items()))
     quant = q.add_argument_group("quantization options (generated from QuantConfig)")
     o.add_quant_flags(quant, {"keep_fp": "; patterns given replace the family's, which are "
                               + o.family_keep_fp()})
@@ -49,6 +51,10 @@ def add_parser(sub) -> None:
     o.add_sampling_args(q)
 
 
+def _options_text(opts: dict) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, tuple) else v}" for k, v in opts.items())
+
+
 def interrupt_hint(args) -> str:
     if args.method != "naive":
         return " (rerun the same command with --resume to continue from the last checkpoint)"
@@ -58,15 +64,18 @@ def interrupt_hint(args) -> str:
 def method_options(args) -> dict:
     """The method options given on the command line, by config field; a flag the method
     does not take is refused naming the ones it does."""
+    from ..methods import base_method
+
     flags = o.method_flags()
-    takes = {flag: f.name for flag, entries in flags.items() for m, f in entries if m == args.method}
+    method = base_method(args.method)
+    takes = {flag: f.name for flag, entries in flags.items() for m, f in entries if m == method}
     given = o.given(args, [f for f in flags if f != "batch-size"])
     if args.batch_size_given is not None:
         given["batch-size"] = args.batch_size_given
     wrong = sorted(flag for flag in given if flag not in takes and flag != "batch-size")
     if wrong:
         listed = ", ".join("--" + f for f in takes)
-        raise AccuQuantError(f"{', '.join('--' + f for f in wrong)}: not an option of the {args.method} method"
+        raise AccuQuantError(f"{', '.join('--' + f for f in wrong)}: not an option of the {method} method"
                              + (f" (it takes {listed})" if takes else "; it learns nothing"))
     return {takes[flag]: v for flag, v in given.items() if flag in takes}
 
@@ -75,10 +84,10 @@ def run(args) -> None:
     from ..bundled import is_bundled
     from ..calibrate import distributed
     from ..io.files import check_not_inside, check_out_dir
-    from ..methods import method_config
+    from ..methods import method_config, resolve_recipe
 
     check_device(args.device)
-    cfg = o.quant_config(args)
+    cfg = resolve_recipe(args.method, o.quant_config(args))[1]
     mconfig = method_config(args.method, method_options(args))  # validated before any work
     o.check_scheduler(args.scheduler)
     args.prompts = o.prompts(args)  # a bad prompt file is refused before any work
@@ -119,7 +128,9 @@ def _quantize(args, model_path, cfg, mconfig, out: Path, bundled: bool, main: bo
     report = pipe.quant.report
     wfile = out / pipe.denoiser_name / "accuquant_weights.safetensors"
     mixed = pipe.quant.method_log.get("mixed_precision")
-    widths = f" (mixed: {mixed['average_weight_bits']:.2f} weight bits on average)" if mixed else ""
+    widths = ", ".join(f"{mixed[f'average_{k}_bits']:.2f} {k} bits" for k in ("weight", "act")
+                       if f"average_{k}_bits" in (mixed or {}))
+    widths = f" (mixed: {widths} on average)" if widths else ""
     print(f"quantized {pipe.denoiser_name} with {args.method} at W{cfg.weight_bits or 'fp'}A{cfg.act_bits or 'fp'}"
           f"{widths}: "
           f"{len(report.quantized)} layers ({len(report.split)} shortcut-split), "

@@ -43,7 +43,7 @@ def _key(d: dict) -> dict:
     methods, bits and device, and the defaults added since the first comparisons (the fake
     backend, no prompts) left out, so that earlier comparisons keep their key."""
     return {k: v for k, v in d.items() if k not in ("methods", "bits", "device")
-            and not (k == "backend" and v == "fake") and not (k == "prompts" and v is None)}
+            and not (k == "backend" and v == "fake") and not (k in ("prompts", "quant") and v is None)}
 
 
 @dataclasses.dataclass
@@ -64,6 +64,9 @@ class CompareSettings:
     backend: str = "fake"  # what runs the quantized layers while they are scored
     #: what a text-conditioned model is calibrated and scored on (None: its default prompts)
     prompts: list[str] | None = None
+    #: quantization options of every pair, by ``accuquant quantize`` flag (``{"weight-group": 64,
+    #: "outliers": ["smooth", "lowrank"]}``); a recipe's own apply where these leave them unset
+    quant: dict | None = None
 
     def check(self) -> None:
         from ..backends import get_backend
@@ -75,6 +78,7 @@ class CompareSettings:
             raise AccuQuantError("methods: give at least one method")
         for m in self.methods:
             method_class(m)
+        self.quant_flags()
         if not self.bits:
             raise AccuQuantError("bits: give at least one bit width")
         for b in self.bits:
@@ -88,6 +92,22 @@ class CompareSettings:
         if self.prompts is not None and (isinstance(self.prompts, str) or not self.prompts
                                          or not all(isinstance(p, str) and p.strip() for p in self.prompts)):
             raise AccuQuantError("prompts: expected a non-empty list of prompts")
+
+    def quant_flags(self) -> list[str]:
+        """``quant`` as ``accuquant quantize`` flags (a list value: the flag repeated), checked
+        by building the config they give."""
+        from ..config import QuantConfig
+
+        known = {f: field for f, field in QuantConfig.flags().items() if f not in ("weight-bits", "act-bits")}
+        out, kw = [], {}
+        for flag, v in (self.quant or {}).items():
+            if flag not in known:
+                raise AccuQuantError(f"quant: {flag!r} is not a quantization option of compare (bits: --bits)")
+            for item in (v if isinstance(v, list) else [v]):
+                out += ["--" + flag, str(item)]
+            kw[known[flag].name] = tuple(v) if isinstance(v, list) else v
+        QuantConfig(**kw)  # a bad value is refused here, naming its field
+        return out
 
     def run_key(self) -> dict:
         """What a pair's record depends on (method and bits aside)."""
@@ -152,7 +172,7 @@ def quantize_process(settings: CompareSettings, method: str, bits: str, out: Pat
         cmd.append("--quiet")
     for p in settings.prompts or ():
         cmd += ["--prompt", p]
-    cmd += list(extra)
+    cmd += settings.quant_flags() + list(extra)
     # The child's output goes to files, not pipes: pipes read only after the wait would
     # block a child that writes more than a pipe holds.
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
@@ -194,7 +214,7 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
     from ..io.load import load_pipeline
     from .report import write_report
 
-    from ..methods import METHODS
+    from ..methods import METHODS, base_method
     from ..cache import cache_dir
 
     settings.check()
@@ -223,7 +243,7 @@ def run_compare(settings: CompareSettings, out: str | Path, quiet: bool = False,
     for k, (method, bits) in enumerate(pairs, 1):
         name = f"{method}-{bits}"
         rec_path = out / "runs" / f"{name}.json"
-        version = METHODS[method].Config.VERSION
+        version = METHODS[base_method(method)].Config.VERSION
         rec = _read_json(rec_path)
         if _current(rec, key, version):
             log(f"[{k}/{len(pairs)}] {method} {bits}: done earlier, kept")

@@ -129,6 +129,8 @@ def settings_lines(results: dict) -> list[tuple[str, str]]:
         ("sampler", f"{s['scheduler']}, {s['steps']} steps"),
         ("paired samples", f"{s['num']} for the table, {s['analyze_num']} for the error curves (seed {s['seed']})"),
         ("calibration", f"{s['calib_samples']} FP trajectories, seed {s['seed']}, each method with its defaults"),
+        ("quantization options", " ".join(f"--{k} {','.join(map(str, x)) if isinstance(x, list) else x}"
+                                          for k, x in (s.get("quant") or {}).items()) or "the defaults"),
         ("device", s["device"]),
         ("versions", ", ".join(f"{k} {val}" for k, val in v.items())),
         ("wall time", f"{results['wall_s']:.0f} s for this invocation (pairs run now: "

@@ -1,4 +1,5 @@
-"""Calibration methods: ``naive``, ``per-step`` and ``accuquant``.
+"""Calibration methods: ``naive``, ``per-step`` and ``accuquant``, and recipes (``svdquant``:
+a method with a published method's quantization options).
 
 Each is a module with its config dataclass and a
 :class:`~accuquant.calibrate.protocol.Method` decorated with :func:`register_method`;
@@ -6,8 +7,8 @@ importing this package registers them all. The engine runs them all.
 """
 
 from . import accuquant, naive, per_step  # noqa: F401  (they register themselves)
-from .registry import METHODS, cached_or_calibrate, config_class, method_class, method_config, register_method, \
-    start_from
+from .registry import METHODS, RECIPES, base_method, cached_or_calibrate, config_class, method_class, method_config, \
+    register_method, resolve_recipe, start_from
 
-__all__ = ["METHODS", "cached_or_calibrate", "config_class", "method_class", "method_config", "register_method",
-           "start_from"]
+__all__ = ["METHODS", "RECIPES", "base_method", "cached_or_calibrate", "config_class", "method_class", "method_config",
+           "register_method", "resolve_recipe", "start_from"]

@@ -22,6 +22,34 @@ from ..errors import AccuQuantError
 #: name -> method class (with a ``Config`` attribute)
 METHODS: dict[str, type] = {}
 
+#: recipes: a method with the quantization options of a published method, so that tables
+#: read naturally. ``svdquant``: SVDQuant's outlier handling (smoothing, a floating-point
+#: branch of rank 32 from the SVD of the smoothed weight, the residual in groups of 64) with
+#: per-token activations, calibrated per step, no trajectory (docs: its faithfulness)
+RECIPES: dict[str, tuple[str, dict]] = {
+    "svdquant": ("per-step", {"weight_group": 64, "act_granularity": "token", "outliers": ("smooth", "lowrank"),
+                              "rank": 32}),
+}
+
+
+def base_method(name: str) -> str:
+    """The method a recipe runs (a method's name is its own)."""
+    return RECIPES[name][0] if name in RECIPES else name
+
+
+def resolve_recipe(method, config):
+    """``(method, config)``, a recipe's name replaced by its method and its options set in
+    ``config`` (a :class:`~accuquant.config.QuantConfig`) wherever ``config`` leaves them at
+    their defaults; anything else as it is."""
+    if not isinstance(method, str) or method not in RECIPES:
+        return method, config
+    from ..config import QuantConfig
+
+    base, opts = RECIPES[method]
+    default = QuantConfig()
+    return base, dataclasses.replace(config, **{k: v for k, v in opts.items()
+                                                if getattr(config, k) == getattr(default, k)})
+
 
 def register_method(cls):
     """Class decorator: register a method under its config's ``NAME``."""
@@ -30,8 +58,10 @@ def register_method(cls):
 
 
 def method_class(name: str):
+    """The class of method ``name`` (a recipe's: its method's)."""
+    name = base_method(name)
     if name not in METHODS:
-        raise AccuQuantError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+        raise AccuQuantError(f"unknown method {name!r}; choose one of: {', '.join(sorted([*METHODS, *RECIPES]))}")
     return METHODS[name]
 
 

@@ -233,7 +233,8 @@ def layer_config(cfg: QuantConfig, name: str) -> QuantConfig:
     if not cfg.layer_bits or name not in cfg.layer_bits:
         return cfg
     w, a = cfg.layer_bits[name]
-    return dataclasses.replace(cfg, weight_bits=w, act_bits=a, layer_bits=None, mixed_precision=None)
+    return dataclasses.replace(cfg, weight_bits=w, act_bits=a, layer_bits=None, mixed_precision=None,
+                               act_mixed_precision=None)
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
