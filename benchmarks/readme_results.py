@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ablation import version_note
+from w4a4_table import WIDTHS as W4A4_WIDTHS
 from common import ROOT  # noqa: E402  (benchmarks/ is on the path when run)
 
 from accuquant.eval.report import NOTES, markdown_table
@@ -267,19 +268,26 @@ OTHER_TABLES = [
      "results/memory_sd_plain_autograd`: `benchmarks/results/memory_sd_plain_autograd.{md,json}`), and "
      "3592 MB since the quantizer's backward recomputes it from the int16 codes it already holds (the row "
      "above; the same gradient bit for bit, tested)."),
-    ("w4a4_mnist-flux.md", "mnist-flux at W4A4: per-token activations, weight groups and outlier handling",
+    ("w4a4.md", "W4A4 with outlier handling on every bundled family",
+     "Runs of `python benchmarks/ablation.py --model MODEL --bits w4a4 --seeds 0,1,2 --num 500 --paired-seeds --out results/w4a4_<model> --variants "
+     "\"svdquant-like r=32:init=per-step,iters=0,$O,outliers=smooth|lowrank,rank=32;accuquant r=32:$O,"
+     "outliers=smooth|lowrank,rank=32\"` with `O=attn_bits=8,softmax_bits=8,act_granularity=token,weight_group=64` "
+     "(other rows: their options are in each w4a4_<model>.json), then `python benchmarks/w4a4_table.py` "
+     "(`benchmarks/results/w4a4.{md,json}`). The SVDQuant-like row is `--method svdquant` at these options: "
+     "per-step calibration with SVDQuant's smoothing, rank-32 branch and groups of 64, learned per block; the "
+     "AccuQuant row starts from it and learns the same parameters (step sizes, clipping factors, smoothing "
+     "scales, branch factors) under its multistep loss. Per-step W4A8 is the compare table's, on the same "
+     "paired samples. " + W4A4_WIDTHS),
+    ("w4a4_rotate_mnist-flux.md", "mnist-flux at W4A4 with rotation: the first runs, 300 samples",
      "`python benchmarks/ablation.py --model mnist-flux --bits w4a4 --num 300 --seeds 0 --out "
-     "results/w4a4_mnist-flux --variants ...` (`benchmarks/results/w4a4_mnist-flux.{md,json}`, the options of "
-     "each row in the json): first steps on the 4-bit-activation issue, one calibration seed, 300 paired samples. "
+     "results/w4a4_rotate_mnist-flux --variants ...` (`benchmarks/results/w4a4_rotate_mnist-flux.{md,json}`, the "
+     "options of each row in the json): one calibration seed, 300 paired samples on sample seed 0. "
      "Every row keeps the attention matmuls' inputs at 8 bits (`attn_bits=8,softmax_bits=8`); every other layer "
      "input is at 4 bits, every quantized weight at 4. Plain rows: per-tensor static activation ranges, one weight "
      "range per output channel. `token+groups+outliers` rows: activations per token (dynamic), weights per group "
      "of 64 inputs, and smoothing, Hadamard rotation and a low-rank FP branch (rank 8 where the label gives none, "
-     "else r=R; r=0: no branch). A `per-step` row with those options is the SVDQuant-like baseline (SVDQuant's "
-     "smoothing, low-rank branch, groups of 64 and 4-bit activations, with per-step's block reconstruction on top, "
-     "and activations per token rather than per group of 64); `M=4` rows are AccuQuant from it. For scale: "
-     "per-step at W4A8 scored FID to FP 0.317 and PSNR 36.35 dB on seed 0 (500 samples, the compare table "
-     "above)."),
+     "else r=R; r=0: no branch). A `per-step` row with those options is per-step with SVDQuant's options plus "
+     "rotation; `M=4` rows are AccuQuant from it."),
     ("families_full_size.md", "The families at their published size",
      "`python benchmarks/families_full_size.py --threads 1 --step-blocks sana=4,wan=6 --families "
      "pixart-sigma,flux,sd35-large,wan,sana`, then `--families sd35-medium --step-blocks sd35-medium=4 --skip speed` "

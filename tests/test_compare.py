@@ -199,25 +199,33 @@ def test_prompts_are_a_setting_that_leaves_earlier_keys_alone(tmp_path):
             dataclasses.replace(s, prompts=bad).check()
 
 
-def test_prompts_reach_the_quantize_process_and_the_command_line_settings(tmp_path, monkeypatch):
+class _Started(Exception):
+    pass
+
+
+def _stop_at_popen(monkeypatch) -> dict:
+    """Make the next subprocess start raise ``_Started``, its command kept as ``seen["cmd"]``."""
     import subprocess
-
-    from accuquant.errors import AccuQuantError
-    from accuquant.eval import compare
-
-    class Started(Exception):
-        pass
 
     seen = {}
 
     def popen(cmd, **kw):
         seen["cmd"] = cmd
-        raise Started
+        raise _Started
 
     monkeypatch.setattr(subprocess, "Popen", popen)
+    return seen
+
+
+def test_prompts_reach_the_quantize_process_and_the_command_line_settings(tmp_path, monkeypatch):
+
+    from accuquant.errors import AccuQuantError
+    from accuquant.eval import compare
+
+    seen = _stop_at_popen(monkeypatch)
     s = compare.CompareSettings(model="m", methods=["naive"], bits=["wfpa6"], scheduler="ddim",
                                 prompts=["the digit 7", "a handwritten nine"])
-    with pytest.raises(Started):
+    with pytest.raises(_Started):
         compare.quantize_process(s, "naive", "wfpa6", tmp_path / "q", quiet=True)
     cmd = seen["cmd"]
     assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--prompt"] == ["the digit 7", "a handwritten nine"]
@@ -241,26 +249,16 @@ def test_quantization_options_and_recipes_reach_every_pair(tmp_path, monkeypatch
     """Options given to compare go to every pair's quantize process (and into the key: other
     options, other results); a recipe is a method name there, run as its method."""
     import dataclasses
-    import subprocess
 
     from accuquant.errors import AccuQuantError
     from accuquant.eval import compare
 
-    class Started(Exception):
-        pass
-
-    seen = {}
-
-    def popen(cmd, **kw):
-        seen["cmd"] = cmd
-        raise Started
-
-    monkeypatch.setattr(subprocess, "Popen", popen)
+    seen = _stop_at_popen(monkeypatch)
     s = compare.CompareSettings(model="m", methods=["svdquant", "accuquant"], bits=["w4a4"], scheduler="ddim",
                                 quant={"act-granularity": "token", "outliers": ["smooth", "lowrank"], "rank": 8})
     s.check()
     assert s.run_key()["quant"] == s.quant and "quant" not in dataclasses.replace(s, quant=None).run_key()
-    with pytest.raises(Started):
+    with pytest.raises(_Started):
         compare.quantize_process(s, "svdquant", "w4a4", tmp_path / "q", quiet=True)
     cmd = seen["cmd"]
     assert cmd[cmd.index("--method") + 1] == "svdquant"

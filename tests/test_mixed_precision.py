@@ -61,13 +61,18 @@ def test_a_mixed_precision_model_calibrates_saves_and_loads_bit_identically(tmp_
     # the most sensitive layer (per parameter) got more than the lowest width
     top = max(sens, key=lambda n: (sens[n]["4"] - sens[n]["8"]))
     assert widths[top] > 4
+    _saved_and_loaded_alike(q, tmp_path, lambda lyr: lyr.weight_quant[0].bits, widths)
+    del params
+
+
+def _saved_and_loaded_alike(q, tmp_path, width, widths):
+    """``q`` saves and loads with the same per-layer ``width(layer)`` and the same output, bit for bit."""
     q.save(tmp_path / "q")
     back = aq.load(tmp_path / "q")
-    assert {n: lyr.weight_quant[0].bits for n, lyr in quant_layers(back.model).items()} == widths
+    assert {n: width(lyr) for n, lyr in quant_layers(back.model).items()} == widths
     x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
     with torch.no_grad():
         assert torch.equal(q.denoiser()(x, 700, cond), back.denoiser()(x, 700, cond))
-    del params
 
 
 def test_activation_widths_are_allocated_by_the_same_measure_and_saved(tmp_path):
@@ -85,11 +90,6 @@ def test_activation_widths_are_allocated_by_the_same_measure_and_saved(tmp_path)
     assert sum(s["4"] for s in sens.values()) > sum(s["8"] for s in sens.values())
     top = max(sens, key=lambda n: sens[n]["4"] - sens[n]["8"])
     assert widths[top] > 4
-    q.save(tmp_path / "q")
-    back = aq.load(tmp_path / "q")
-    assert {n: lyr.input_quant[0].bits for n, lyr in quant_layers(back.model).items()} == widths
-    x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
-    with torch.no_grad():
-        assert torch.equal(q.denoiser()(x, 700, cond), back.denoiser()(x, 700, cond))
+    _saved_and_loaded_alike(q, tmp_path, lambda lyr: lyr.input_quant[0].bits, widths)
     with pytest.raises(aq.AccuQuantError, match="between act_bits"):
         aq.QuantConfig(act_bits=None, act_mixed_precision=6.0)

@@ -1,0 +1,124 @@
+"""The W4A4 tables across the bundled families, from the results files of the runs.
+
+Reads ``benchmarks/results/w4a4_<model>.json`` (written by ``benchmarks/ablation.py --num 500
+--paired-seeds --out benchmarks/results/w4a4_<model>``: each calibration seed's model scored on
+that seed's paired samples, as ``accuquant compare --seed N`` scores them) and, as the
+reference, per-step at W4A8 from ``compare_<model>_seed<N>.json`` (the same paired samples;
+for mnist-ddpm, whose compare files hold 300 samples, a ``per-step`` row at w4a8 in its own
+``w4a4_mnist-ddpm.json``), and writes ``benchmarks/results/w4a4.{md,json}``:
+
+* per family and seed, AccuQuant W4A4 with outlier handling against the SVDQuant-like
+  baseline at the same options (per-step calibration, no trajectory) and per-step W4A8;
+* the other rows of each file (other widths, ranks, mixed precision), mean over their seeds.
+
+    python benchmarks/w4a4_table.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from common import ROOT
+
+from accuquant import bundled
+
+RESULTS = ROOT / "benchmarks" / "results"
+AQ, SVDQ = "accuquant r=32", "svdquant-like r=32"
+WIDTHS = ("Widths: every quantized weight at 4 bits, one range per group of 64 inputs of each output channel "
+          "(a layer whose inputs per channel, times its kernel, are not a multiple of 64: one per channel); every "
+          "quantized layer input at 4 bits, per token and dynamic (a conv input's pixel is a token), times a "
+          "learned clipping factor; the attention matmul inputs (Q, K, V) and the softmax output at 8 bits, one "
+          "static range each; the low-rank branch (rank 32 unless the row says) in float32 on the smoothed, "
+          "unquantized input; the layers each family keeps in full precision (`accuquant quantize --help`) in "
+          "float32. Outlier handling: smoothing (SmoothQuant's start, alpha 0.5) and the low-rank branch, no "
+          "rotation. Rows named w4a6 or w3a4 change only the two widths of the first two sentences.")
+
+
+def _reference(model: str, seed: int, rows: dict) -> dict | None:
+    """Per-step W4A8 on ``seed``'s paired samples: FID to FP, PSNR, SSIM, and where it comes from."""
+    if ("w4a8", "per-step") in rows:
+        run = next((r for r in rows["w4a8", "per-step"]["runs"] if r["seed"] == seed), None)
+        if run:
+            return {"fid2fp": run["fid2fp"], "psnr": run["psnr"], "ssim": run["ssim"], "from": f"w4a4_{model}.json"}
+    path = RESULTS / f"compare_{model}_seed{seed}.json"
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text())
+    if doc["settings"]["num"] != 500:
+        return None
+    run = next((r for r in doc["runs"] if r["method"] == "per-step" and r["bits"] == "w4a8"), None)
+    return run and {**{k: run["metrics"][k] for k in ("fid2fp", "psnr", "ssim")}, "from": path.name}
+
+
+def main() -> None:
+    out_rows, other_rows, cpus = [], [], set()
+    for model in bundled.MODELS:
+        path = RESULTS / f"w4a4_{model}.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        cpus.add(doc.get("cpu") or "not recorded")
+        rows = {(r["bits"], r["label"]): r for r in doc["rows"]}
+        aq, sv = rows.get(("w4a4", AQ)), rows.get(("w4a4", SVDQ))
+        if aq and sv:
+            by_seed = {r["seed"]: r for r in sv["runs"]}
+            for a in aq["runs"]:
+                s = by_seed.get(a["seed"])
+                if s is None:
+                    continue
+                ref = _reference(model, a["seed"], rows)
+                row = {"model": model, "seed": a["seed"], "accuquant": a, "svdquant_like": s, "per_step_w4a8": ref,
+                       "ratio_to_svdquant_like": a["fid2fp"] / s["fid2fp"]}
+                row["targets"] = {
+                    "fid_at_most_per_step_w4a8": ref is not None and a["fid2fp"] <= ref["fid2fp"],
+                    "psnr_within_1db_of_per_step_w4a8": ref is not None and a["psnr"] >= ref["psnr"] - 1,
+                    "half_of_svdquant_like_with_higher_psnr_ssim": (row["ratio_to_svdquant_like"] <= 0.5
+                                                                    and a["psnr"] > s["psnr"]
+                                                                    and a["ssim"] > s["ssim"])}
+                out_rows.append(row)
+        for (bits, label), r in rows.items():
+            if (bits, label) in (("w4a4", AQ), ("w4a4", SVDQ), ("w4a8", "per-step")):
+                continue
+            other_rows.append({"model": model, "bits": bits, "label": label, "options": r["options"],
+                               "seeds": [x["seed"] for x in r["runs"]],
+                               **{c: statistics.fmean(x[c] for x in r["runs"]) for c in ("fid2fp", "psnr", "ssim")},
+                               "method_s": r["method_s"]})
+    out_rows.sort(key=lambda r: (bundled.MODELS.index(r["model"]), r["seed"]))
+    (RESULTS / "w4a4.json").write_text(json.dumps({"cpu": sorted(cpus), "main": out_rows, "other": other_rows},
+                                                  indent=2))
+    f = lambda x: f"{x:.3f}"  # noqa: E731
+    lines = [f"W4A4 on the bundled families: 500 paired samples per run, 20 steps of each model's default sampler, "
+             f"64 calibration trajectories; each calibration seed scored on its own paired samples. CPU: "
+             f"{'; '.join(sorted(cpus))}. Written by benchmarks/w4a4_table.py from w4a4_<model>.json "
+             "(benchmarks/ablation.py) and, for per-step W4A8, compare_<model>_seed<N>.json.", "", WIDTHS, "",
+             "| family | seed | per-step W4A8: FID / PSNR | SVDQuant-like W4A4: FID / PSNR / SSIM | "
+             "AccuQuant W4A4: FID / PSNR / SSIM | AccuQuant / SVDQuant-like | FID <= per-step W4A8 | "
+             "PSNR within 1 dB | <= 0.5x, PSNR and SSIM higher |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
+    for r in out_rows:
+        a, s, ref, t = r["accuquant"], r["svdquant_like"], r["per_step_w4a8"], r["targets"]
+        lines.append(f"| {r['model']} | {r['seed']} | "
+                     + (f"{f(ref['fid2fp'])} / {ref['psnr']:.2f}" if ref else "not measured") + " | "
+                     f"{f(s['fid2fp'])} / {s['psnr']:.2f} / {s['ssim']:.4f} | "
+                     f"{f(a['fid2fp'])} / {a['psnr']:.2f} / {a['ssim']:.4f} | {r['ratio_to_svdquant_like']:.2f}x | "
+                     f"{yes(t['fid_at_most_per_step_w4a8'])} | {yes(t['psnr_within_1db_of_per_step_w4a8'])} | "
+                     f"{yes(t['half_of_svdquant_like_with_higher_psnr_ssim'])} |")
+    if other_rows:
+        lines += ["", "Other rows (mean over the seeds given; 'svdquant-like' rows are per-step with the same options "
+                  "and no trajectory, 'accuquant' rows start from them; r=R: rank of the branch, r=0: smoothing "
+                  "alone; 'mixed 4.25': weights at 8, 6 or 4 bits by accumulated error, 4.25 bits on average over "
+                  "the quantized parameters, before the per-step start):", "",
+                  "| family | bits | variant | seeds | FID to FP | PSNR | SSIM | method s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(other_rows, key=lambda r: (bundled.MODELS.index(r["model"]), r["bits"], r["label"])):
+            lines.append(f"| {r['model']} | {r['bits']} | {r['label']} | {','.join(map(str, r['seeds']))} | "
+                         f"{f(r['fid2fp'])} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['method_s']:.0f} |")
+    (RESULTS / "w4a4.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
