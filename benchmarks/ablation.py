@@ -43,13 +43,16 @@ from common import ROOT, cpu_name, parse_options, settings  # noqa: E402  (bench
 COLS = ("fid2fp", "psnr", "ssim", "class_accuracy")
 #: the mark on rows measured with an older version of the method, and what it means (also quoted by
 #: readme_results.py)
-VERSION_MARKS = {1: "‡", 2: "†"}
+VERSION_MARKS = {1: "‡", 2: "†", 3: "§"}
 VERSION_NOTES = {
     1: "‡: measured with version 1 of the method, whose result for these options is the same as version 2's "
        "(version 2 keeps a learned rounding as fixed integer codes while the step sizes move; these rows start "
        "from naive ranges, learn the rounding, or make no optimisation step).",
     2: "†: measured with version 2 of the method; version 3 runs the same optimisation in the shared engine "
        "(its Adam, one random stream per run): the same objective and parameters, other random draws.",
+    3: "§: measured with version 3 of the method, which learned the outlier transforms (smoothing scales and "
+       "low-rank factors) beside the step sizes; version 4 keeps them as the initialisation left them unless "
+       "told (learn_outliers). Without outlier transforms both versions give the same result.",
 }
 
 

@@ -82,10 +82,22 @@ def reset_peak() -> float:
     return rss_mb()
 
 
+#: glibc settings of a measured child process (each may be overridden from the environment)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4096", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def measure_env() -> dict:
-    """The environment of a measured child process: freed tensors go back to the system (see
-    memory.py), so a peak is what the work holds."""
-    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+    """The environment of a measured child process. glibc raises its mmap threshold each time a
+    large block is freed and keeps small blocks in its heap, so the graph of a finished step stays
+    there and the next one is added beside it, fragmented: peak RSS would count the allocator's
+    retention (up to a third of a small model's step). A low fixed mmap threshold and no trim
+    threshold return freed tensors to the system, so a peak is what the work holds."""
+    return {**os.environ, **{k: os.environ.get(k, v) for k, v in MALLOC_ENV.items()}}
+
+
+def malloc_settings(env: dict) -> str:
+    """The glibc settings of ``env`` as a results file quotes them."""
+    return " ".join(f"{k}={env[k]}" for k in MALLOC_ENV)
 
 
 def save_minmax_quantizers(pipe, solver, calib, config: dict, path: Path, key: str, batch_size: int = 4) -> None:

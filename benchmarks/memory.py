@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, cpu_name, settings
+from common import ROOT, cpu_name, malloc_settings, measure_env, settings
 
 
 def _rss_mb() -> float:
@@ -48,7 +47,7 @@ def _wrapped(model: str, config: str):
     import accuquant as aq
 
     pipe = aq.load(model)
-    solver = aq.make_solver(pipe.sampling_settings()[1], pipe.scheduler_config, 20)
+    solver = pipe.solver(20)
     pipe.denoiser().wrap(pipe.denoiser().resolve(_config(config)))
     return pipe, solver
 
@@ -131,11 +130,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     folder = Path(tmp.name)
     setup(args.model, args.config, args.batch, folder)
-    # glibc raises its mmap threshold each time a large block is freed, so the graph of a
-    # finished step stays in the heap and the next step's graph is added beside it: peak
-    # RSS would count the allocator's retention. A fixed threshold returns freed tensors to
-    # the system, so the peak is what the step holds.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+    env = measure_env()
     rows = []
     for mode in args.modes.split(","):
         for m in (int(v) for v in args.ms.split(",")):
@@ -155,7 +150,8 @@ def main() -> None:
     for r in rows:
         r["step_vs_m1"] = round(r["step_mb"] / base[r["mode"]], 2) if base.get(r["mode"]) else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"rows": rows, "settings": settings(args)}, indent=2))
+    Path(args.out + ".json").write_text(json.dumps({"rows": rows, "settings": settings(args), "cpu": cpu_name(),
+                                                   "malloc": malloc_settings(env)}, indent=2))
     ms = sorted({r["m"] for r in rows})
     lines = ["| mode | " + " | ".join(f"M={m}" for m in ms) + " |", "|" + " --- |" * (len(ms) + 1)]
     for mode in args.modes.split(","):
@@ -166,8 +162,8 @@ def main() -> None:
         f"Memory of one AccuQuant optimisation step on {args.model} ({_config(args.config).to_json()}; "
         f"{args.batch} trajectories, guided: {2 * args.batch} rows; {args.device}; CPU: {cpu_name()}): peak resident memory during the step minus the resident "
         f"memory before it, its ratio to M = 1, and the step's wall time; medians of {args.repeats} fresh "
-        f"processes, run with MALLOC_MMAP_THRESHOLD_={env['MALLOC_MMAP_THRESHOLD_']} (glibc returns freed tensors "
-        "to the system instead of keeping them in the heap). Written by benchmarks/memory.py.\n\n" + "\n".join(lines) + "\n")
+        f"processes, run with {malloc_settings(env)} (glibc returns freed tensors "
+        "to the system instead of keeping them in its heap). Written by benchmarks/memory.py.\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -275,9 +275,10 @@ OTHER_TABLES = [
      "(other rows: their options are in each w4a4_<model>.json), then `python benchmarks/w4a4_table.py` "
      "(`benchmarks/results/w4a4.{md,json}`). The SVDQuant-like row is `--method svdquant` at these options: "
      "per-step calibration with SVDQuant's smoothing, rank-32 branch and groups of 64, learned per block; the "
-     "AccuQuant row starts from it and learns the same parameters (step sizes, clipping factors, smoothing "
-     "scales, branch factors) under its multistep loss. Per-step W4A8 is the compare table's, on the same "
-     "paired samples. " + W4A4_WIDTHS),
+     "AccuQuant row starts from it and learns the step sizes and clipping factors under its multistep loss, "
+     "keeping the smoothing scales and branch factors as per-step left them (its default; 'learn branch' and "
+     "§ rows learn them too). Per-step W4A8 is the compare table's, on the same paired samples, and for "
+     "mnist-ddpm a per-step W4A8 row of its own file at 500 samples. " + W4A4_WIDTHS),
     ("w4a4_rotate_mnist-flux.md", "mnist-flux at W4A4 with rotation: the first runs, 300 samples",
      "`python benchmarks/ablation.py --model mnist-flux --bits w4a4 --num 300 --seeds 0 --out "
      "results/w4a4_rotate_mnist-flux --variants ...` (`benchmarks/results/w4a4_rotate_mnist-flux.{md,json}`, the "

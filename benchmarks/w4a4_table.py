@@ -9,7 +9,10 @@ for mnist-ddpm, whose compare files hold 300 samples, a ``per-step`` row at w4a8
 
 * per family and seed, AccuQuant W4A4 with outlier handling against the SVDQuant-like
   baseline at the same options (per-step calibration, no trajectory) and per-step W4A8;
-* the other rows of each file (other widths, ranks, mixed precision), mean over their seeds.
+* the other rows of each file (other widths, ranks, mixed precision), mean over their seeds;
+* the memory of one AccuQuant step at M = 1, 4, 8 with the W4A4 options against W4A8, from
+  ``memory_w4a4_<model>.json`` / ``memory_w4a8_<model>.json`` (``benchmarks/memory.py``) and at
+  SD-1.5 size from ``memory_sd_w4a4_r32.json`` (``benchmarks/memory_sd.py``).
 
     python benchmarks/w4a4_table.py
 """
@@ -18,11 +21,12 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 
+from ablation import VERSION_MARKS, version_note
 from common import ROOT
 
 from accuquant import bundled
+from accuquant.methods import METHODS
 
 RESULTS = ROOT / "benchmarks" / "results"
 AQ, SVDQ = "accuquant r=32", "svdquant-like r=32"
@@ -82,12 +86,14 @@ def main() -> None:
             if (bits, label) in (("w4a4", AQ), ("w4a4", SVDQ), ("w4a8", "per-step")):
                 continue
             other_rows.append({"model": model, "bits": bits, "label": label, "options": r["options"],
+                               "method": r["method"], "method_version": r.get("method_version", 1),
                                "seeds": [x["seed"] for x in r["runs"]],
                                **{c: statistics.fmean(x[c] for x in r["runs"]) for c in ("fid2fp", "psnr", "ssim")},
                                "method_s": r["method_s"]})
     out_rows.sort(key=lambda r: (bundled.MODELS.index(r["model"]), r["seed"]))
-    (RESULTS / "w4a4.json").write_text(json.dumps({"cpu": sorted(cpus), "main": out_rows, "other": other_rows},
-                                                  indent=2))
+    memory = _memory()
+    (RESULTS / "w4a4.json").write_text(json.dumps({"cpu": sorted(cpus), "main": out_rows, "other": other_rows,
+                                                   "memory": memory}, indent=2))
     f = lambda x: f"{x:.3f}"  # noqa: E731
     lines = [f"W4A4 on the bundled families: 500 paired samples per run, 20 steps of each model's default sampler, "
              f"64 calibration trajectories; each calibration seed scored on its own paired samples. CPU: "
@@ -113,11 +119,50 @@ def main() -> None:
                   "the quantized parameters, before the per-step start):", "",
                   "| family | bits | variant | seeds | FID to FP | PSNR | SSIM | method s |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        old = []
         for r in sorted(other_rows, key=lambda r: (bundled.MODELS.index(r["model"]), r["bits"], r["label"])):
-            lines.append(f"| {r['model']} | {r['bits']} | {r['label']} | {','.join(map(str, r['seeds']))} | "
+            label = r["label"]
+            if r["method_version"] < METHODS[r["method"]].Config.VERSION:
+                label += " " + VERSION_MARKS[r["method_version"]]
+                old.append(r["method_version"])
+            lines.append(f"| {r['model']} | {r['bits']} | {label} | {','.join(map(str, r['seeds']))} | "
                          f"{f(r['fid2fp'])} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['method_s']:.0f} |")
+        if old:
+            lines += ["", version_note(old)]
+    if memory:
+        lines += ["", "Memory of one AccuQuant optimisation step (checkpoint gradient) over M simulated steps: peak "
+                  "resident memory during the step minus before it, and its ratio to M = 1; bundled models: 8 "
+                  "trajectories (16 rows with guidance), medians of 3 fresh processes (benchmarks/memory.py); "
+                  "SD-1.5 size: the 860 M-parameter UNet configuration with random weights, one trajectory, fixed "
+                  "weight codes as AccuQuant's default keeps them (benchmarks/memory_sd.py). W4A8 is per tensor "
+                  "with no outlier handling, W4A4 the options above with rank-32 branches.", "",
+                  "| model | options | M=1 | M=4 | M=8 | M=8 / M=4 |", "| --- | --- | --- | --- | --- | --- |"]
+        for m in memory:
+            cells = [f"{m['mb'][k]:.0f} MB ({m['mb'][k] / m['mb']['1']:.2f}x)" if k in m["mb"] else "n/a"
+                     for k in ("1", "4", "8")]
+            tail = f"{m['mb']['8'] / m['mb']['4']:.2f}x" if {"4", "8"} <= set(m["mb"]) else "n/a"
+            lines.append(f"| {m['model']} | {m['options']} | " + " | ".join(cells) + f" | {tail} |")
     (RESULTS / "w4a4.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _memory() -> list[dict]:
+    """Step memory (MB above the start, by M) per model and options, from the memory results files."""
+    out = []
+    for model in bundled.MODELS:
+        for options in ("w4a8", "w4a4"):
+            path = RESULTS / f"memory_{options}_{model}.json"
+            if path.exists():
+                rows = json.loads(path.read_text())["rows"]
+                out.append({"model": model, "options": options.upper(), "source": path.name,
+                            "mb": {str(r["m"]): r["step_mb"] for r in rows if r["mode"] == "checkpoint"}})
+    path = RESULTS / "memory_sd_w4a4_r32.json"
+    if path.exists():
+        rows = [r for r in json.loads(path.read_text())["rows"] if r["kind"] == "step-codes"]
+        if rows:
+            out.append({"model": "SD-1.5 size", "options": "W4A4", "source": path.name,
+                        "mb": {r["value"]: r["peak_mb"] for r in rows}})
+    return out
 
 
 if __name__ == "__main__":

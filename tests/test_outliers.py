@@ -122,19 +122,27 @@ def test_a_model_with_every_transform_calibrates_freezes_saves_and_loads_bit_ide
 
 
 def test_accuquant_learns_the_transforms_under_its_multistep_loss():
+    """By default the transforms keep their start and the step sizes alone learn; ``branch``
+    learns the low-rank factors, ``all`` the smoothing scales too (with the codes kept, a new
+    scale rescales the inputs alone)."""
     fp, calib = text_pipeline_and_calibration(4, 4)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=4, outliers="smooth,lowrank", rank=2, attn_bits=8, softmax_bits=8)
     kw = dict(calib=calib, steps=4, progress=False, init="naive", group_size=2, batch_size=2)
-    start = aq.quantize(fp, cfg, "accuquant", iters=0, **kw)
-    learned = aq.quantize(fp, cfg, "accuquant", iters=6, outlier_lr=1e-2, **kw)
-    a, b = (quant_layers(q.model) for q in (start, learned))
-    with_outliers = [n for n in a if a[n].outliers is not None]
-    moved = [n for n in with_outliers if any(not torch.equal(p, b[n].outliers.parameters_to_learn()[k])
-                                             for k, p in a[n].outliers.parameters_to_learn().items())]
-    assert with_outliers and moved == with_outliers  # every layer's transforms learned
-    with torch.no_grad():
-        out = learned.denoiser()(torch.randn(2, 4, 8, 8), 500, text_conditions(2, seed=3))
-    assert torch.isfinite(out).all()
+    start = quant_layers(aq.quantize(fp, cfg, "accuquant", iters=0, **kw).model)
+    with_outliers = [n for n in start if start[n].outliers is not None]
+    assert with_outliers
+    for learn, moving in (("branch", {"lora_a", "lora_b"}), ("all", {"log_smooth", "lora_a", "lora_b"}),
+                          (None, set())):
+        chosen = {} if learn is None else {"learn_outliers": learn}
+        learned = aq.quantize(fp, cfg, "accuquant", iters=6, outlier_lr=1e-2, **chosen, **kw)
+        b = quant_layers(learned.model)
+        for n in with_outliers:
+            moved = {k for k, p in start[n].outliers.parameters_to_learn().items()
+                     if not torch.equal(p, b[n].outliers.parameters_to_learn()[k])}
+            assert moved == moving & set(start[n].outliers.parameters_to_learn()), (learn, n)
+        with torch.no_grad():
+            out = learned.denoiser()(torch.randn(2, 4, 8, 8), 500, text_conditions(2, seed=3))
+        assert torch.isfinite(out).all()
 
 
 def test_a_stored_start_and_a_checkpoint_carry_the_transforms():

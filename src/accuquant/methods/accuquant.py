@@ -40,7 +40,9 @@ from .registry import register_method, start_from
 @dataclass
 class AccuQuantConfig(MethodConfig):
     NAME = "accuquant"
-    VERSION = 3  # 2: learned rounding kept as fixed codes; 3: the engine's Adam and one random stream per run
+    #: 2: learned rounding kept as fixed codes; 3: the engine's Adam and one random stream per run; 4: with
+    #: outlier transforms, these stay as the initialisation left them unless learn_outliers says otherwise
+    VERSION = 4
     #: options that measured no gain and were removed (their defaults gave this version's results)
     RETIRED = ("lr_decay", "average", "select_every", "holdout")
     group_size: int = option(4, "denoising steps simulated per group, M", minimum=1)
@@ -59,6 +61,11 @@ class AccuQuantConfig(MethodConfig):
     save_every: int = option(25, "checkpoint period in iterations", cli=False, minimum=1)
     outlier_lr: float = option(1e-4, "learning rate of the outlier transforms (smoothing scales' logs, low-rank "
                                "factors), with outliers", positive=True, rate=True)
+    learn_outliers: str = option("none", "which outlier parameters learn, with outliers: none (the step sizes "
+                                 "alone, as without), branch (also the low-rank factors, a floating-point "
+                                 "correction beside the quantized weight), all (also the smoothing scales; with the "
+                                 "codes kept these rescale the inputs alone, no longer an exact rewrite)",
+                                 choices=("none", "branch", "all"))
     round_lr: float = option(5e-2, "learning rate of the rounding variables (rounding=learn)", cli=False,
                              positive=True, rate=True)
     round_reg: float = option(1e-4, "weight of the rounding regulariser, relative to the loss", cli=False, minimum=0)
@@ -92,7 +99,8 @@ class AccuQuant(Method):
         def params(resumed: bool) -> list[Group]:
             scales = Group({f"{n}.scale": q.scale for n, q in all_quantizers(run.model).items() if q.enabled}, c.lr,
                            relative=True)
-            extra = outlier_parameters(layers)
+            extra = {k: v for k, v in outlier_parameters(layers).items()
+                     if c.learn_outliers == "all" or (c.learn_outliers == "branch" and ".lora_" in k)}
             outliers = [Group(extra, c.outlier_lr)] if extra else []
             if not learn:
                 fix_learned_codes(layers)
