@@ -1,6 +1,8 @@
 """Outlier handling: smoothing, rotation and the low-rank branch are exact rewrites of the
 layer, their closed-form start helps 4-bit activations, and they freeze, save and load."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +10,7 @@ from torch import nn
 import accuquant as aq
 from accuquant.calibrate.block_data import quantization_disabled
 from accuquant.quant.layers import QuantLayer, quant_layers
-from accuquant.quant.outliers import hadamard, rotation_block
+from accuquant.quant.outliers import hadamard, rotate, rotation_block
 from conftest import text_pipeline_and_calibration, text_conditions
 
 
@@ -37,6 +39,40 @@ def test_the_transforms_leave_the_fp_output_unchanged(kind):
         o.initialise(module.weight, None)  # the branch from the smoothed, rotated weight
         with quantization_disabled(layer):
             assert torch.allclose(layer(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
+def test_a_rotation_folded_into_v_leaves_the_fp_output_unchanged(family, request):
+    """Each attention output projection takes its input rotated from V (folded into V's weight
+    and bias); the other rotated layers rotate online; the FP output does not move."""
+    pipe = aq.load(request.getfixturevalue(f"{family}_pipeline_dir"))
+    den, x, t = pipe.denoiser(), torch.randn(2, 4, 8, 8), torch.tensor(500.0)
+    cond = pipe.conditions(2)
+    with torch.no_grad():
+        ref = den(x, t, cond)
+    report = den.wrap(aq.QuantConfig(weight_bits=4, act_bits=4, outliers="smooth,rotate,lowrank", rank=2,
+                                     attn_bits=8, softmax_bits=8))
+    layers = quant_layers(pipe.model)
+    outputs = [n for n in layers if n.endswith(("to_out.0", "to_add_out"))]
+    assert outputs and set(report.rotation_folded) == set(outputs)
+    assert any(lyr.outliers is not None and lyr.outliers.block and not lyr.outliers.folded for lyr in layers.values())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for consumer, producers in report.rotation_folded.items():
+            block = layers[consumer].outliers.block
+            assert layers[consumer].outliers.folded and producers[0].endswith("to_v")
+            for name in producers:  # V comes out rotated within each head
+                v, inp = layers[name], torch.randn(3, layers[name].in_features)
+                with quantization_disabled(v):
+                    torch.testing.assert_close(v(inp), rotate(v.module(inp), -1, block), atol=1e-5, rtol=1e-5)
+                assert v.out_block == block
+        for lyr in layers.values():
+            if lyr.outliers is not None:
+                if lyr.outliers.log_smooth is not None:
+                    lyr.outliers.log_smooth.normal_()
+                lyr.outliers.initialise(lyr.base_weight(), None)
+        with quantization_disabled(pipe.model):
+            torch.testing.assert_close(den(x, t, cond), ref, atol=1e-5, rtol=1e-4)
 
 
 def test_a_full_rank_branch_leaves_nothing_to_quantize():
@@ -114,11 +150,19 @@ def test_a_model_with_every_transform_calibrates_freezes_saves_and_loads_bit_ide
         assert torch.equal(out, back.denoiser()(x, 700, cond))
         assert (out - fp_out).pow(2).mean() < fp_out.pow(2).mean()
     assert back.quant.config.outliers == ("smooth", "rotate", "lowrank")
+    folded = q.quant.report.rotation_folded
+    assert folded and back.quant.report.rotation_folded == folded
     int8 = aq.load(tmp_path / "q", backend="int8")
     kernels = [lyr.kernel for lyr in quant_layers(int8.model).values()]
     assert all(k.runs_on == "fake" and k.why for k in kernels)  # no integer kernel takes them: each says why
     with torch.no_grad():
         assert torch.allclose(out, int8.denoiser()(x, 700, cond), rtol=1e-4, atol=1e-5)  # int8 attention
+    # a model saved before rotations were folded recorded none: it loads with every rotation online
+    meta = json.loads((tmp_path / "q" / "accuquant.json").read_text())
+    del meta["report"]["rotation_folded"]
+    (tmp_path / "q" / "accuquant.json").write_text(json.dumps(meta))
+    older = quant_layers(aq.load(tmp_path / "q").model)
+    assert not any(lyr.out_block or (lyr.outliers is not None and lyr.outliers.folded) for lyr in older.values())
 
 
 def test_accuquant_learns_the_transforms_under_its_multistep_loss():

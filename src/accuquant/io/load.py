@@ -201,7 +201,8 @@ def _load_quantized(root: Path, device: str, backend: str) -> Pipeline:
     model = getattr(diffusers, cls_name).from_config(_read_json(root / name / "config.json"))
     # what was quantized comes from the record (layers by keep_fp, attention modules by
     # name), not from today's adapter of the family
-    wrap_model(model, record.config, record.splits, attention=record.report.attention)
+    wrap_model(model, record.config, record.splits, attention=record.report.attention,
+               folded=record.report.rotation_folded)
     try:
         with safe_open(str(wfile), "pt") as f:
             md = f.metadata() or {}

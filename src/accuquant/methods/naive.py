@@ -69,7 +69,7 @@ def init_outliers(run: Run, max_pairs: int | None = None) -> None:
             for h in hooks:
                 h.remove()
     for name, lyr in layers.items():
-        lyr.outliers.initialise(lyr.module.weight, absmax.get(name), run.config.smooth_alpha)
+        lyr.outliers.initialise(lyr.base_weight(), absmax.get(name), run.config.smooth_alpha)
 
 
 def _act_quantizers(model) -> dict:

@@ -30,7 +30,7 @@ from .processors import QUANT_PROCESSORS
 from ..backends import Grid, LayerSpec, get_backend
 from ..config import QuantConfig
 from ..errors import AccuQuantError
-from .outliers import Outliers
+from .outliers import Outliers, fold_rotations, rotate
 from .quantizers import TokenQuantizer, UniformQuantizer
 
 WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -91,6 +91,9 @@ class QuantLayer(nn.Module):
         if cfg.outliers and split is None and getattr(module, "groups", 1) == 1:
             o = Outliers(cfg.outliers, w.shape[1], w.shape[0], cfg.rank, -1 if isinstance(module, nn.Linear) else 1)
             self.outliers = o if o.active else None
+        #: a Hadamard rotation of the outputs, in blocks of ``out_block`` (a consumer's input
+        #: rotation folded here: :func:`fold_rotations`); part of the weight, so quantized with it
+        self.out_block: int | None = None
         self.register_buffer("weight_codes", None)
         self.register_module("kernel", None)  # the backend module, once frozen
         self.codes_in_kernel = False  # the codes were dropped: the kernel holds the only copy
@@ -118,11 +121,23 @@ class QuantLayer(nn.Module):
             return [t]
         return [t.narrow(dim, 0, self.split), t.narrow(dim, self.split, t.shape[dim] - self.split)]
 
+    def base_weight(self) -> torch.Tensor:
+        """The float weight, its outputs rotated where a consumer's rotation is folded here."""
+        w = self.module.weight
+        return w if self.out_block is None else rotate(w, 0, self.out_block)
+
+    def bias(self) -> torch.Tensor | None:
+        b = self.module.bias
+        return b if b is None or self.out_block is None else rotate(b, 0, self.out_block)
+
+    def _float_weight(self) -> torch.Tensor:
+        w = self.base_weight()
+        return w if self.outliers is None else self.outliers.residual(w)
+
     def weight_parts(self) -> list[tuple[UniformQuantizer, torch.Tensor]]:
         """Each weight quantizer with the slice of the float weight it quantizes (both halves
         of a split layer; with outlier handling, the residual ``R``; the layer must not be frozen)."""
-        w = self.module.weight if self.outliers is None else self.outliers.residual(self.module.weight)
-        return list(zip(self.weight_quant, self._parts(w, 1)))
+        return list(zip(self.weight_quant, self._parts(self._float_weight(), 1)))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -134,7 +149,7 @@ class QuantLayer(nn.Module):
                 [q.from_int(c.to(torch.int16) + q.qmin) for q, c in zip(self.weight_quant, parts)], dim=1
             )
         if not self.weight_quant:
-            return self.module.weight if self.outliers is None else self.outliers.residual(self.module.weight)
+            return self._float_weight()
         return torch.cat([q(p) for q, p in self.weight_parts()], dim=1)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,9 +167,9 @@ class QuantLayer(nn.Module):
             x = self.outliers.input(x)
         xq, w = self.quantize_input(x), self.weight
         if isinstance(self.module, nn.Linear):
-            y = F.linear(xq, w, self.module.bias)
+            y = F.linear(xq, w, self.bias())
         else:
-            y = self.module._conv_forward(xq, w, self.module.bias)
+            y = self.module._conv_forward(xq, w, self.bias())
         b = self.outliers.branch(x) if self.outliers is not None else None
         return y if b is None else y + b
 
@@ -193,15 +208,16 @@ class QuantLayer(nn.Module):
         kind = "linear" if isinstance(m, nn.Linear) else "conv1d" if isinstance(m, nn.Conv1d) else "conv2d"
         conv = {} if kind == "linear" else dict(stride=m.stride, padding=m.padding, dilation=m.dilation,
                                                  groups=m.groups, padding_mode=m.padding_mode)
-        bias = m.bias.detach() if m.bias is not None else None
+        bias = self.bias().detach() if m.bias is not None else None
         weight = None
         if codes is None:
-            weight = (m.weight if self.outliers is None else self.outliers.residual(m.weight)).detach()
+            weight = self._float_weight().detach()
         return LayerSpec(kind, codes, grids(self.weight_quant) if codes is not None else [], grids(self.input_quant),
                          bias, weight=weight, split=self.split, outliers=self.outliers, **conv)
 
     def extra_repr(self) -> str:
-        return f"split={self.split}, frozen={self.frozen}"
+        return f"split={self.split}, frozen={self.frozen}" + (
+            f", outputs rotated (blocks of {self.out_block})" if self.out_block else "")
 
 
 @dataclass
@@ -214,6 +230,8 @@ class WrapReport:
     attention: list[str] = field(default_factory=list)
     attention_fp: list[str] = field(default_factory=list)
     other_fp: list[str] = field(default_factory=list)
+    #: layers whose input rotation is folded into the layers producing it (the rest rotate online)
+    rotation_folded: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,7 +262,8 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None = None,
-               processors: tuple[str, ...] = (), attention: list[str] | None = None) -> WrapReport:
+               processors: tuple[str, ...] = (), attention: list[str] | None = None,
+               folded: dict[str, list[str]] | None = None) -> WrapReport:
     """Wrap every Conv/Linear of ``model`` in place and install quantized attention processors.
 
     Args:
@@ -256,6 +275,8 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
             twin (others carry their own logic and keep it, their matmul inputs in FP).
         attention: instead of ``processors``, the names of the attention modules whose
             processor is replaced (what a saved model recorded).
+        folded: instead of folding every rotation that :func:`fold_rotations` can, fold
+            those of these layers (what a saved model recorded; older ones recorded none).
 
     Returns:
         a :class:`WrapReport` naming what was quantized and what stayed in full precision.
@@ -295,6 +316,8 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, splits: dict[str, int] | None
                 raise AccuQuantError(f"{name}: no quantized twin of its attention processor {kind}")
             else:
                 report.attention_fp.append(name)
+    if cfg.outliers and "rotate" in cfg.outliers:
+        report.rotation_folded = fold_rotations(model, None if folded is None else set(folded))
     return report
 
 
