@@ -288,7 +288,9 @@ OTHER_TABLES = [
      "range per output channel. `token+groups+outliers` rows: activations per token (dynamic), weights per group "
      "of 64 inputs, and smoothing, Hadamard rotation and a low-rank FP branch (rank 8 where the label gives none, "
      "else r=R; r=0: no branch). A `per-step` row with those options is per-step with SVDQuant's options plus "
-     "rotation; `M=4` rows are AccuQuant from it."),
+     "rotation; `M=4` rows are AccuQuant from it. Measured before rotations were folded into V (every rotation "
+     "online, in blocks of up to 256) and with AccuQuant version 3, which learned the smoothing scales and branch "
+     "factors beside the step sizes."),
     ("families_full_size.md", "The families at their published size",
      "`python benchmarks/families_full_size.py --threads 1 --step-blocks sana=4,wan=6 --families "
      "pixart-sigma,flux,sd35-large,wan,sana`, then `--families sd35-medium --step-blocks sd35-medium=4 --skip speed` "

@@ -87,13 +87,13 @@ def main() -> None:
                 continue
             other_rows.append({"model": model, "bits": bits, "label": label, "options": r["options"],
                                "method": r["method"], "method_version": r.get("method_version", 1),
-                               "seeds": [x["seed"] for x in r["runs"]],
+                               "seeds": [x["seed"] for x in r["runs"]], "runs": r["runs"],
                                **{c: statistics.fmean(x[c] for x in r["runs"]) for c in ("fid2fp", "psnr", "ssim")},
                                "method_s": r["method_s"]})
     out_rows.sort(key=lambda r: (bundled.MODELS.index(r["model"]), r["seed"]))
-    memory = _memory()
+    memory, mixed = _memory(), _mixed_against_uniform(out_rows, other_rows)
     (RESULTS / "w4a4.json").write_text(json.dumps({"cpu": sorted(cpus), "main": out_rows, "other": other_rows,
-                                                   "memory": memory}, indent=2))
+                                                   "mixed_against_uniform": mixed, "memory": memory}, indent=2))
     f = lambda x: f"{x:.3f}"  # noqa: E731
     lines = [f"W4A4 on the bundled families: 500 paired samples per run, 20 steps of each model's default sampler, "
              f"64 calibration trajectories; each calibration seed scored on its own paired samples. CPU: "
@@ -129,6 +129,16 @@ def main() -> None:
                          f"{f(r['fid2fp'])} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['method_s']:.0f} |")
         if old:
             lines += ["", version_note(old)]
+    if mixed:
+        lines += ["", "Mixed precision (weights at 8, 6 or 4 bits by accumulated error, 4.25 bits on average; "
+                  "activations at 4) against uniform W4A4, AccuQuant r=32 both, on the same calibration seed:", "",
+                  "| family | seed | uniform W4A4: FID / PSNR | mixed 4.25: FID / PSNR | mixed / uniform | better |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for m in mixed:
+            u, x = m["uniform"], m["mixed"]
+            lines.append(f"| {m['model']} | {m['seed']} | {f(u['fid2fp'])} / {u['psnr']:.2f} | "
+                         f"{f(x['fid2fp'])} / {x['psnr']:.2f} | {x['fid2fp'] / u['fid2fp']:.2f}x | "
+                         f"{yes(x['fid2fp'] < u['fid2fp'])} |")
     if memory:
         lines += ["", "Memory of one AccuQuant optimisation step (checkpoint gradient) over M simulated steps: peak "
                   "resident memory during the step minus before it, and its ratio to M = 1; bundled models: 8 "
@@ -144,6 +154,21 @@ def main() -> None:
             lines.append(f"| {m['model']} | {m['options']} | " + " | ".join(cells) + f" | {tail} |")
     (RESULTS / "w4a4.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _mixed_against_uniform(main: list[dict], other: list[dict]) -> list[dict]:
+    """Each seed of each current-version 'accuquant r=32 mixed 4.25' row beside uniform AccuQuant on it."""
+    uniform = {(r["model"], r["seed"]): r["accuquant"] for r in main}
+    out = []
+    for r in other:
+        current = r["method_version"] >= METHODS[r["method"]].Config.VERSION
+        if r["bits"] != "w4a4" or r["label"] != AQ + " mixed 4.25" or not current:
+            continue
+        for run in r["runs"]:
+            if (r["model"], run["seed"]) in uniform:
+                out.append({"model": r["model"], "seed": run["seed"], "mixed": run,
+                            "uniform": uniform[r["model"], run["seed"]]})
+    return out
 
 
 def _memory() -> list[dict]:

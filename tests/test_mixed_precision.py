@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.calibrate.mixed import allocate
+from accuquant.calibrate.mixed import _quantized_input, allocate
 from accuquant.quant.layers import quant_layers
 from conftest import text_pipeline_and_calibration, text_conditions
 
@@ -93,3 +93,17 @@ def test_activation_widths_are_allocated_by_the_same_measure_and_saved(tmp_path)
     _saved_and_loaded_alike(q, tmp_path, lambda lyr: lyr.input_quant[0].bits, widths)
     with pytest.raises(aq.AccuQuantError, match="between act_bits"):
         aq.QuantConfig(act_bits=None, act_mixed_precision=6.0)
+
+
+def test_a_split_layer_s_input_is_measured_with_a_grid_per_part():
+    """The activation sensitivity quantizes a shortcut-split conv's two input parts on their
+    own grids, as the quantized layer does: a small-range part is not crushed by a large one."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(2, 4, 3, 3) * 0.01, torch.randn(2, 4, 3, 3) * 100], dim=1)
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=4, act_granularity="token")
+    split = _quantized_input(4, cfg, conv=True, split=4)(None, (x,))[0]
+    joint = _quantized_input(4, cfg, conv=True)(None, (x,))[0]
+    small = lambda y: (y[:, :4] - x[:, :4]).abs().max().item()  # noqa: E731
+    assert small(split) < 0.01 * 0.2 and small(joint) > 10 * small(split)
+    torch.testing.assert_close(split[:, 4:], _quantized_input(4, cfg, conv=True)(None, (x[:, 4:],))[0])
+

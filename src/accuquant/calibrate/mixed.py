@@ -53,18 +53,21 @@ def _quantized_weight(module, config: QuantConfig, bits: int, split: int | None)
     return layer.weight.detach().clone()
 
 
-def _quantized_input(bits: int, config: QuantConfig, conv: bool):
-    """A forward pre-hook quantizing a layer's input dynamically at ``bits`` (see the module docstring)."""
+def _quantized_input(bits: int, config: QuantConfig, conv: bool, split: int | None = None):
+    """A forward pre-hook quantizing a layer's input dynamically at ``bits`` (see the module
+    docstring); a split layer's two parts each on their own grid, as the quantized layer has them."""
     qmin, qmax = int_range(bits, config.act_symmetric)
-    one = torch.ones(())
+    one, dim = torch.ones(()), 1 if conv else -1
+
+    def quant(x):
+        if config.act_granularity == "token":
+            return token_quant(x, one, qmin, qmax, config.act_symmetric, dim)
+        return token_quant(x.reshape(x.shape[0], -1), one, qmin, qmax, config.act_symmetric, -1).reshape(x.shape)
 
     def hook(module, args):
         x = args[0]
-        if config.act_granularity == "token":
-            xq = token_quant(x, one, qmin, qmax, config.act_symmetric, 1 if conv else -1)
-        else:
-            xq = token_quant(x.reshape(x.shape[0], -1), one, qmin, qmax, config.act_symmetric, -1).reshape(x.shape)
-        return (xq, *args[1:])
+        parts = [x] if split is None else [x.narrow(dim, 0, split), x.narrow(dim, split, x.shape[dim] - split)]
+        return (torch.cat([quant(p) for p in parts], dim=dim), *args[1:])
 
     return hook
 
@@ -102,7 +105,7 @@ def sensitivities(den, solver, calib, config: QuantConfig, splits: dict[str, int
                     undo = lambda: module.weight.data.copy_(fp)  # noqa: E731
                 else:
                     conv = isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d))
-                    undo = module.register_forward_pre_hook(_quantized_input(b, config, conv)).remove
+                    undo = module.register_forward_pre_hook(_quantized_input(b, config, conv, splits.get(name))).remove
                 try:
                     out[name][b] = loss()
                 finally:
