@@ -82,7 +82,9 @@ def render(path, top_n: int) -> None:
              "its own grid, as the quantized model has them.", "",
              "| kind | layers | share of the summed rise |", "| --- | --- | --- |"]
     lines += [f"| {k} | {out['count_by_kind'][k]} | {by_kind.get(k, 0.0):.1%} |" for k in ("conv", "linear")]
-    lines += ["", "| block | share |", "| --- | --- |"]
+    lines += ["", f"Summed rise over the {len(rise)} layers: {total:.3g} (multistep loss at 8 bits, mean over the "
+              f"layers: {sum(out['loss_fp8'].values()) / len(rise):.3g}).", "",
+              "| block | share |", "| --- | --- |"]
     lines += [f"| {b} | {v:.1%} |" for b, v in sorted(out["share_by_block"].items(), key=lambda x: -x[1])]
     lines += ["", "| layer | kind | rise | share |", "| --- | --- | --- | --- |"]
     lines += [f"| {n} | {kind[n]}{', split' if n in split else ''} | {rise[n]:.3g} | {rise[n] / total:.1%} |"

@@ -279,6 +279,10 @@ OTHER_TABLES = [
      "keeping the smoothing scales and branch factors as per-step left them (its default; 'learn branch' and "
      "§ rows learn them too). Per-step W4A8 is the compare table's, on the same paired samples, and for "
      "mnist-ddpm a per-step W4A8 row of its own file at 500 samples. " + W4A4_WIDTHS),
+    ("act_sensitivity_mnist-sd.md", "Which layer inputs 4-bit activations hurt: mnist-sd",
+     "`python benchmarks/act_sensitivity.py --model mnist-sd` (`benchmarks/results/act_sensitivity_<model>.{md,json}`;"
+     " `--model mnist-sd3` writes the MMDiT's, to compare its summed rise): the measure `--act-mixed-precision` "
+     "allocates by, each layer's input alone at 4 bits."),
     ("w4a4_rotate_mnist-flux.md", "mnist-flux at W4A4 with rotation: the first runs, 300 samples",
      "`python benchmarks/ablation.py --model mnist-flux --bits w4a4 --num 300 --seeds 0 --out "
      "results/w4a4_rotate_mnist-flux --variants ...` (`benchmarks/results/w4a4_rotate_mnist-flux.{md,json}`, the "
