@@ -119,7 +119,8 @@ def main() -> None:
                   "and no trajectory, 'accuquant' rows start from them; r=R: rank of the branch, r=0: smoothing "
                   "alone; 'mixed 4.25': weights at 8, 6 or 4 bits by accumulated error, 4.25 bits on average over "
                   "the quantized parameters, before the per-step start):", "",
-                  "| family | bits | variant | seeds | FID to FP | PSNR | SSIM | method s (svdquant-like: the per-step start's) |",
+                  "| family | bits | variant | seeds | FID to FP | PSNR | SSIM | "
+                  "method s (svdquant-like: the per-step start's) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         old = []
         for r in sorted(other_rows, key=lambda r: (bundled.MODELS.index(r["model"]), r["bits"], r["label"])):
