@@ -23,17 +23,25 @@ def test_the_hadamard_blocks_are_orthonormal():
         hadamard(12)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_the_transforms_leave_the_fp_output_unchanged(kind):
+@pytest.mark.parametrize("kind", ["linear", "conv", "1x1 conv", "split 1x1 conv"])
+@pytest.mark.parametrize("conv_outliers", [False, True])
+def test_the_transforms_leave_the_fp_output_unchanged(kind, conv_outliers):
     torch.manual_seed(0)
-    module = nn.Linear(96, 24) if kind == "linear" else nn.Conv2d(32, 8, 3, padding=1)
+    module = nn.Linear(96, 24) if kind == "linear" else nn.Conv2d(32, 8, 3 if kind == "conv" else 1, padding="same")
     x = torch.randn(3, 7, 96) if kind == "linear" else torch.randn(2, 32, 5, 5)
     with torch.no_grad():
         ref = module(x)
-    layer = QuantLayer(module, aq.QuantConfig(weight_bits=4, act_bits=4, outliers="smooth,rotate,lowrank", rank=4))
+    split = 24 if kind.startswith("split") else None
+    layer = QuantLayer(module, aq.QuantConfig(weight_bits=4, act_bits=4, outliers="smooth,rotate,lowrank", rank=4,
+                                              conv_outliers=conv_outliers), split=split)
     o = layer.outliers
-    assert o.block == 32 and o.log_smooth.shape == (x.shape[1 if kind == "conv" else -1],)
-    assert (o.lora_a is not None) == (kind == "linear")  # the branch is for linear layers
+    if split is not None and not conv_outliers:
+        assert o is None  # a split layer: nothing by default
+        return
+    assert o.block == (None if split else 32)  # rotation would mix a split layer's parts
+    assert o.log_smooth.shape == (x.shape[1 if "conv" in kind else -1],)
+    # the branch: linear layers, and with conv_outliers, 1x1 convolutions
+    assert (o.lora_a is not None) == (kind == "linear" or (conv_outliers and "1x1" in kind))
     with torch.no_grad():
         o.log_smooth.normal_()
         o.initialise(module.weight, None)  # the branch from the smoothed, rotated weight
@@ -75,11 +83,13 @@ def test_a_rotation_folded_into_v_leaves_the_fp_output_unchanged(family, request
             torch.testing.assert_close(den(x, t, cond), ref, atol=1e-5, rtol=1e-4)
 
 
-def test_a_full_rank_branch_leaves_nothing_to_quantize():
+@pytest.mark.parametrize("kind", ["linear", "1x1 conv"])
+def test_a_full_rank_branch_leaves_nothing_to_quantize(kind):
     torch.manual_seed(0)
-    module = nn.Linear(16, 12)
-    x = torch.randn(5, 16)
-    layer = QuantLayer(module, aq.QuantConfig(weight_bits=2, act_bits=2, outliers="lowrank", rank=64))
+    module = nn.Linear(16, 12) if kind == "linear" else nn.Conv2d(16, 12, 1)
+    x = torch.randn(5, 16) if kind == "linear" else torch.randn(2, 16, 3, 3)
+    layer = QuantLayer(module, aq.QuantConfig(weight_bits=2, act_bits=2, outliers="lowrank", rank=64,
+                                              conv_outliers=True))
     assert layer.outliers.lora_a.shape == (12, 16)  # capped by the weight's shape
     with torch.no_grad():
         layer.outliers.initialise(module.weight, None)
@@ -88,7 +98,8 @@ def test_a_full_rank_branch_leaves_nothing_to_quantize():
             q.init_range(part, "minmax")
         layer.input_quant[0].init_range(x, "minmax")
         assert torch.allclose(layer(x), module(x), atol=1e-5)  # 2-bit everything, and still the layer
-        low = QuantLayer(nn.Linear(16, 12), aq.QuantConfig(weight_bits=2, act_bits=2))
+        low = QuantLayer(type(module)(16, 12, *([] if kind == "linear" else [1])),
+                         aq.QuantConfig(weight_bits=2, act_bits=2))
         low.module.load_state_dict(module.state_dict())
         low.weight_quant[0].init_range(module.weight, "minmax")
         low.input_quant[0].init_range(x, "minmax")
@@ -163,6 +174,26 @@ def test_a_model_with_every_transform_calibrates_freezes_saves_and_loads_bit_ide
     (tmp_path / "q" / "accuquant.json").write_text(json.dumps(meta))
     older = quant_layers(aq.load(tmp_path / "q").model)
     assert not any(lyr.out_block or (lyr.outliers is not None and lyr.outliers.folded) for lyr in older.values())
+
+
+def test_conv_outliers_give_1x1_and_split_convolutions_a_branch_that_saves_and_loads(tmp_path):
+    fp, calib = text_pipeline_and_calibration(3, 2)
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=4, act_granularity="token", outliers="smooth,lowrank", rank=4,
+                         conv_outliers=True)
+    q = aq.quantize(fp, cfg, "per-step", calib=calib, steps=3, progress=False, iters=2, act_iters=1,
+                    samples_per_step=2)
+    layers = quant_layers(q.model)
+    convs = {n: lyr for n, lyr in layers.items() if isinstance(lyr.module, nn.Conv2d)}
+    pointwise = {n for n, lyr in convs.items() if lyr.module.kernel_size == (1, 1)}
+    assert pointwise and any(convs[n].split for n in pointwise)
+    for n, lyr in convs.items():  # 1x1 ones take the branch, split ones included; 3x3 ones smooth only
+        assert (lyr.outliers.lora_a is not None) == (n in pointwise), n
+    x, cond = torch.randn(2, 4, 8, 8), text_conditions(2, seed=9)
+    q.save(tmp_path / "q")
+    back = aq.load(tmp_path / "q")
+    assert back.quant.config.conv_outliers
+    with torch.no_grad():
+        assert torch.equal(q.denoiser()(x, 700, cond), back.denoiser()(x, 700, cond))
 
 
 def test_accuquant_learns_the_transforms_under_its_multistep_loss():

@@ -266,6 +266,10 @@ class QuantConfig(Options):
                                        "(SmoothQuant scales), rotate (Hadamard), lowrank (a floating-point branch "
                                        "of rank --rank from the SVD), or none", parse=_outliers)
     rank: int = option(32, "rank of the low-rank branch (outliers lowrank)", minimum=1)
+    conv_outliers: bool = option(False, "with outliers, also give 1x1 convolutions (a linear map over channels) "
+                                 "the low-rank branch, and shortcut-split ones smoothing and the branch (no "
+                                 "rotation); default: convolutions smooth and rotate only, split ones nothing",
+                                 parse=_bool)
     smooth_alpha: float = option(0.5, "SmoothQuant's migration strength of the smoothing scales' start",
                                  minimum=0.0, maximum=1.0)
     mixed_precision: float | None = option(None, "average weight bits of a mixed-precision allocation (e.g. 4.25): "
@@ -333,8 +337,8 @@ class QuantConfig(Options):
 
 
 #: options of :class:`QuantConfig` added since its format 1, with their defaults
-LATER = {"weight_group": None, "outliers": [], "rank": 32, "smooth_alpha": 0.5, "mixed_precision": None,
-         "act_mixed_precision": None, "layer_bits": None}
+LATER = {"weight_group": None, "outliers": [], "rank": 32, "conv_outliers": False, "smooth_alpha": 0.5,
+         "mixed_precision": None, "act_mixed_precision": None, "layer_bits": None}
 
 
 # ---------------------------------------------------------------------------- how to calibrate

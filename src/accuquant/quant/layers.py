@@ -86,10 +86,16 @@ class QuantLayer(nn.Module):
         self.input_quant = nn.ModuleList(
             [_input_quantizer(module, cfg) for _ in range(n_in)] if cfg.act_bits is not None else []
         )
-        #: smoothing, rotation, low-rank branch (``cfg.outliers``): not for a split or grouped conv
+        #: smoothing, rotation, low-rank branch (``cfg.outliers``): not for a grouped conv, nor
+        #: for a split one unless ``cfg.conv_outliers`` (then without rotation, which would mix the parts)
         self.outliers = None
-        if cfg.outliers and split is None and getattr(module, "groups", 1) == 1:
-            o = Outliers(cfg.outliers, w.shape[1], w.shape[0], cfg.rank, -1 if isinstance(module, nn.Linear) else 1)
+        linear = isinstance(module, nn.Linear)
+        pointwise = not linear and all(k == 1 for k in module.kernel_size + module.stride) and (
+            isinstance(module.padding, str) or not any(module.padding))  # 1x1 with "same": no padding
+        kinds = tuple(k for k in cfg.outliers if split is None or k != "rotate")
+        if kinds and (split is None or cfg.conv_outliers) and getattr(module, "groups", 1) == 1:
+            o = Outliers(kinds, w.shape[1], w.shape[0], cfg.rank, -1 if linear else 1,
+                         branch=linear or (cfg.conv_outliers and pointwise))
             self.outliers = o if o.active else None
         #: a Hadamard rotation of the outputs, in blocks of ``out_block`` (a consumer's input
         #: rotation folded here: :func:`fold_rotations`); part of the weight, so quantized with it

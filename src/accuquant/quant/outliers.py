@@ -65,11 +65,14 @@ class Outliers(nn.Module):
     outputs (``kinds``: a subset of ``smooth``, ``rotate``, ``lowrank``).
 
     Args:
-        rank: the low-rank branch's rank (linear layers only; capped by the weight's shape).
+        rank: the low-rank branch's rank (capped by the weight's shape).
         channel_dim: where the input's channels are: -1 (linear) or 1 (conv).
+        branch: whether the layer can take the branch: a linear layer, or a 1x1 convolution
+            with stride 1 and no padding (a linear map over channels, pixel by pixel).
     """
 
-    def __init__(self, kinds: tuple[str, ...], in_features: int, out_features: int, rank: int, channel_dim: int):
+    def __init__(self, kinds: tuple[str, ...], in_features: int, out_features: int, rank: int, channel_dim: int,
+                 branch: bool | None = None):
         super().__init__()
         self.kinds = tuple(kinds)
         self.channel_dim = channel_dim
@@ -78,7 +81,8 @@ class Outliers(nn.Module):
         #: the input arrives rotated (the rotation is folded into the layer producing it): it is
         #: rotated, then smoothed, and the weight likewise
         self.folded = False
-        r = min(rank, in_features, out_features) if "lowrank" in kinds and channel_dim == -1 else 0
+        branch = channel_dim == -1 if branch is None else branch
+        r = min(rank, in_features, out_features) if "lowrank" in kinds and branch else 0
         self.lora_a = nn.Parameter(torch.zeros(r, in_features)) if r else None
         self.lora_b = nn.Parameter(torch.zeros(out_features, r)) if r else None
 
@@ -128,13 +132,15 @@ class Outliers(nn.Module):
     def residual(self, w: torch.Tensor) -> torch.Tensor:
         """``R = W' - B A``: what is quantized."""
         w = self.weight(w)
-        return w if self.lora_a is None else w - self.lora_b @ self.lora_a
+        return w if self.lora_a is None else w - (self.lora_b @ self.lora_a).reshape(w.shape)
 
     def branch(self, x_prime: torch.Tensor) -> torch.Tensor | None:
         """``x' A^T B^T``, or ``None`` without a branch."""
         if self.lora_a is None:
             return None
-        return (x_prime @ self.lora_a.t().to(x_prime.dtype)) @ self.lora_b.t().to(x_prime.dtype)
+        x = x_prime if self.channel_dim == -1 else x_prime.movedim(1, -1)
+        y = (x @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype)
+        return y if self.channel_dim == -1 else y.movedim(-1, 1)
 
     # ------------------------------------------------------------------ closed-form start
     @torch.no_grad()
@@ -146,7 +152,7 @@ class Outliers(nn.Module):
             a_max = act_absmax.to(w.device).float().clamp(min=1e-5)
             self.log_smooth.copy_(alpha * a_max.log() - (1 - alpha) * w_max.log())
         if self.lora_a is not None:
-            u, sv, vh = torch.linalg.svd(self.weight(w).double(), full_matrices=False)
+            u, sv, vh = torch.linalg.svd(self.weight(w).reshape(w.shape[0], -1).double(), full_matrices=False)
             r = self.lora_a.shape[0]
             root = sv[:r].sqrt()
             self.lora_b.copy_((u[:, :r] * root).float())
