@@ -148,7 +148,8 @@ class Outliers(nn.Module):
         """SmoothQuant's scales from the inputs' per-channel ``act_absmax`` (and the weight's),
         then the branch from the SVD of the smoothed, rotated weight."""
         if self.log_smooth is not None and act_absmax is not None:
-            w_max = (self._rotate(w, 1) if self.folded else w).abs().transpose(0, 1).reshape(w.shape[1], -1).amax(1).clamp(min=1e-5)
+            w_in = (self._rotate(w, 1) if self.folded else w).abs().transpose(0, 1)
+            w_max = w_in.reshape(w.shape[1], -1).amax(1).clamp(min=1e-5)
             a_max = act_absmax.to(w.device).float().clamp(min=1e-5)
             self.log_smooth.copy_(alpha * a_max.log() - (1 - alpha) * w_max.log())
         if self.lora_a is not None:
