@@ -27,10 +27,14 @@ def settings(args) -> dict:
 
 
 def parse_options(text: str) -> dict:
-    """``"key=value,key=value"`` as method options: integers, floats (``3e-4``) or strings."""
+    """``"key=value,key=value"`` as method options: booleans (``true``, ``false``), integers,
+    floats (``3e-4``) or strings."""
     opts = {}
     for kv in filter(None, text.split(",")):
         k, v = kv.split("=")
+        if v in ("true", "false"):
+            opts[k] = v == "true"
+            continue
         try:
             opts[k] = int(v)
         except ValueError:
