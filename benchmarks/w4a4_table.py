@@ -118,7 +118,11 @@ def main() -> None:
         lines += ["", "Other rows (mean over the seeds given; 'svdquant-like' rows are per-step with the same options "
                   "and no trajectory, 'accuquant' rows start from them; r=R: rank of the branch, r=0: smoothing "
                   "alone; 'mixed 4.25': weights at 8, 6 or 4 bits by accumulated error, 4.25 bits on average over "
-                  "the quantized parameters, before the per-step start):", "",
+                  "the quantized parameters, before the per-step start; 'act mixed 4.5': layer inputs at 8, 6 or 4 "
+                  "bits the same way, 4.5 bits on average over the elements of one denoiser call's inputs, weights "
+                  "at 4; 'conv': `--conv-outliers`, the branch also on 1x1 convolutions and smoothing and the "
+                  "branch on shortcut-split ones, which have neither by default; 'learn branch', 'outlier_lr': "
+                  "AccuQuant also learns the branch factors, or every outlier transform at that rate):", "",
                   "| family | bits | variant | seeds | FID to FP | PSNR | SSIM | "
                   "method s (svdquant-like: the per-step start's) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -176,6 +176,20 @@ def test_a_model_with_every_transform_calibrates_freezes_saves_and_loads_bit_ide
     assert not any(lyr.out_block or (lyr.outliers is not None and lyr.outliers.folded) for lyr in older.values())
 
 
+def test_only_pointwise_convolutions_take_the_branch():
+    cfg = aq.QuantConfig(weight_bits=4, act_bits=4, outliers="lowrank", rank=4, conv_outliers=True)
+    assert QuantLayer(nn.Conv1d(16, 12, 1), cfg).outliers.lora_a.shape == (4, 16)
+    for module in (nn.Conv2d(16, 12, 1, stride=2), nn.Conv2d(16, 12, 1, padding=1), nn.Conv2d(16, 12, (1, 3))):
+        assert QuantLayer(module, cfg).outliers is None  # no branch applies, nothing else asked for
+    torch.manual_seed(0)
+    module, x = nn.Conv1d(16, 12, 1), torch.randn(2, 16, 5)
+    layer = QuantLayer(module, cfg)
+    with torch.no_grad():
+        layer.outliers.initialise(module.weight, None)
+        with quantization_disabled(layer):
+            torch.testing.assert_close(layer(x), module(x), atol=1e-5, rtol=1e-5)
+
+
 def test_conv_outliers_give_1x1_and_split_convolutions_a_branch_that_saves_and_loads(tmp_path):
     fp, calib = text_pipeline_and_calibration(3, 2)
     cfg = aq.QuantConfig(weight_bits=4, act_bits=4, act_granularity="token", outliers="smooth,lowrank", rank=4,

@@ -267,8 +267,8 @@ class QuantConfig(Options):
                                        "of rank --rank from the SVD), or none", parse=_outliers)
     rank: int = option(32, "rank of the low-rank branch (outliers lowrank)", minimum=1)
     conv_outliers: bool = option(False, "with outliers, also give 1x1 convolutions (a linear map over channels) "
-                                 "the low-rank branch, and shortcut-split ones smoothing and the branch (no "
-                                 "rotation); default: convolutions smooth and rotate only, split ones nothing",
+                                 "the low-rank branch, and shortcut-split ones smoothing and (1x1 ones) the "
+                                 "branch, no rotation; default: convolutions smooth and rotate, split ones nothing",
                                  parse=_bool)
     smooth_alpha: float = option(0.5, "SmoothQuant's migration strength of the smoothing scales' start",
                                  minimum=0.0, maximum=1.0)

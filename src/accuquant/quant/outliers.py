@@ -15,7 +15,9 @@ rest. Three exact rewrites of ``y = x W^T`` move that range where quantization h
 
 So ``y = Q(x') Q(R)^T + x' A^T B^T + bias``. Convolutions get smoothing and rotation over
 their input channels (exact: the conv sums over them at every pixel, and zero padding
-stays zero); the low-rank branch is for linear layers. The smoothing scales (as logs) and
+stays zero); the low-rank branch is for linear layers, and with ``conv_outliers`` for 1x1
+convolutions of stride 1 without padding (a linear map over channels at every pixel), shortcut-split
+ones included (smoothing and the branch, no rotation). The smoothing scales (as logs) and
 the branch factors are parameters: methods learn them with the step sizes.
 """
 
