@@ -127,7 +127,8 @@ def main() -> None:
                 log = q.quant.method_log
                 r = evaluate(q, base=fp, num=args.num, steps=args.steps, progress=False,
                              seed=seed if args.paired_seeds else 0)
-                runs.append({"seed": seed, **{c: r[c] for c in COLS}, "wall_s": round(wall, 1),
+                runs.append({"seed": seed, **{c: r[c] for c in COLS}, "fid2fp_interval": r.get("fid2fp_interval"),
+                             "wall_s": round(wall, 1),
                              "method_s": log.get("seconds", q.quant.timing_s["method"]),
                              "init_s": log.get("init", {}).get("seconds"),
                              "evals": denoiser_evals(q), "final_loss": (log.get("loss_curve") or [None])[-1]})

@@ -32,6 +32,8 @@ def test_degraded_model_scores_worse_and_fp_samples_are_cached(digit_pipeline_di
     w8, w2 = results["w8a8"], results["w2a4"]
     assert w8["weight_bits"] == 8 and w2["act_bits"] == 4 and w8["method"] == "naive"
     assert w8["fid2fp"] < w2["fid2fp"]
+    for r in (w8, w2):  # the bootstrap interval holds the distance
+        assert r["fid2fp_interval"][0] <= r["fid2fp"] < r["fid2fp_interval"][1]
     assert w8["psnr"] > w2["psnr"] and w8["ssim"] > w2["ssim"]
     assert w8["psnr"] > 18  # an untrained model, guided: the W8A8 samples still follow the FP ones
     # the FP samples of the base model came from the cache the second time

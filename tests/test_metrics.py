@@ -1,8 +1,10 @@
 import math
 
+import pytest
 import torch
 
-from accuquant.eval.metrics import fid_from_features, frechet_distance, inception_score, mean_psnr, psnr, ssim
+from accuquant.eval.metrics import (fid_bootstrap, fid_from_features, frechet_distance, inception_score, mean_psnr,
+                                    psnr, ssim)
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_shift():
@@ -57,3 +59,20 @@ def test_nan_features_give_nan_not_zero():
     assert math.isnan(fid_from_features(a, b))
     safe = to_json_safe({"fid2fp": math.nan, "psnr": 20.0})
     assert safe["fid2fp"] is None and safe["psnr"] == 20.0
+
+
+def test_the_bootstrap_interval_holds_the_fid_and_narrows_with_the_sample():
+    torch.manual_seed(0)
+    widths = {}
+    for n in (250, 1000):
+        a = torch.randn(n, 16)
+        b = a + 0.3 * torch.randn(n, 16) + 0.1
+        fid = fid_from_features(a, b)
+        lo, hi = fid_bootstrap(a, b, resamples=100)
+        assert 0 < lo < fid < hi and fid_bootstrap(a, b, resamples=100) == (lo, hi)  # seeded
+        widths[n] = hi - lo
+    assert 0.35 < widths[1000] / widths[250] < 0.7  # about 1 / sqrt(4)
+    with pytest.raises(ValueError):
+        fid_bootstrap(torch.randn(5, 4), torch.randn(6, 4))
+    nan = torch.full((8, 4), float("nan"))
+    assert all(math.isnan(v) for v in fid_bootstrap(nan, nan))

@@ -2,7 +2,8 @@
 
 Both models sample from the same seeded noises and labels (paired samples). Reported:
 
-* ``fid2fp``: Frechet distance between features of quantized and FP samples;
+* ``fid2fp``: Frechet distance between features of quantized and FP samples, and
+  ``fid2fp_interval``, its 95% bootstrap interval (features up to :data:`BOOTSTRAP_MAX_DIM` wide);
 * ``fid`` / ``sfid``: against real data (the held-out digits for the bundled domain), on
   pooled and spatial features; ``is``: Inception Score of the quantized samples;
 * ``psnr`` / ``ssim``: paired, quantized sample against the FP sample from the same noise;
@@ -25,7 +26,7 @@ from .. import bundled
 from ..cache import samples_path, settings_key
 from ..errors import AccuQuantError
 from ..io.load import load_pipeline
-from .metrics import fid_from_features, inception_score, mean_psnr, ssim
+from .metrics import fid_bootstrap, fid_from_features, inception_score, mean_psnr, ssim
 from ..pipeline import Pipeline
 from ..io.files import atomic_path
 
@@ -167,6 +168,11 @@ def fp_samples(base: Pipeline, num: int, seed: int, steps: int, scheduler: str, 
     return x
 
 
+#: the widest features whose FID gets a bootstrap interval (200 eigendecompositions of a
+#: 128-wide covariance take seconds; of Inception's 2048-wide, many minutes on a CPU)
+BOOTSTRAP_MAX_DIM = 512
+
+
 def evaluate(
     model: Pipeline,
     base: str | Path | Pipeline | None = None,
@@ -214,6 +220,9 @@ def evaluate(
         "ssim": ssim(img_q, img_fp).mean().item(),
         "class_accuracy": None,
     }
+    if f_q["pool"].shape[1] <= BOOTSTRAP_MAX_DIM and model is not fp:
+        lo, hi = fid_bootstrap(f_q["pool"], f_fp["pool"])
+        result["fid2fp_interval"] = None if math.isnan(lo) else [lo, hi]
     if lpips:
         result["lpips"] = lpips_distance(img_q, img_fp)
     if extractor.name == "digits":
@@ -293,6 +302,9 @@ def format_table(r: dict) -> str:
         rows.append(("prompts", "; ".join(r["prompts"])))
     rows += [(k, fmt(r[k])) for k in ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "lpips", "class_accuracy")
              if k in r]
+    if r.get("fid2fp_interval"):
+        lo, hi = r["fid2fp_interval"]
+        rows[rows.index(("fid2fp", fmt(r["fid2fp"])))] = ("fid2fp", f"{fmt(r['fid2fp'])} (95%: {lo:.4f}..{hi:.4f})")
     rows.append(("time", f"{r['seconds']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
