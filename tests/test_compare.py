@@ -56,7 +56,8 @@ def test_compare_scores_every_pair_and_writes_the_report(comparison):
         assert (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
     assert "| naive | w2a4 |" in md and "![samples at w8a8](grid-w8a8.png)" in md
-    assert f"{w2['fid2fp']:.3f}" in md
+    lo, hi = w2["fid2fp_interval"]
+    assert f"{w2['fid2fp']:.3f} ({lo:.3f}..{hi:.3f})" in md  # with its bootstrap interval
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and 'id="results-table"' in html
     assert "src=\"grid" not in html  # self-contained: no file references

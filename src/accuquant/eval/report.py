@@ -61,6 +61,8 @@ def table_rows(results: dict) -> list[dict]:
                 best[col] = {m for v, m in vals if v == target}
         for r in group:
             cells = {col: _fmt(_value(r, col), dec) for col, (_, _, dec) in COLUMNS.items()}
+            if r["metrics"].get("fid2fp_interval"):  # its 95% bootstrap interval
+                cells["fid2fp"] += " ({:.3f}..{:.3f})".format(*r["metrics"]["fid2fp_interval"])
             note = "†" if r["cost"].get("init_cached") else ""
             rows.append({"method": r["method"], "bits": bits, "cells": cells, "note": note,
                          "best": {c for c, ms in best.items() if r["method"] in ms}})
