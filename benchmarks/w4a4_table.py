@@ -45,7 +45,8 @@ def _reference(model: str, seed: int, rows: dict) -> dict | None:
     if ("w4a8", "per-step") in rows:
         run = next((r for r in rows["w4a8", "per-step"]["runs"] if r["seed"] == seed), None)
         if run:
-            return {"fid2fp": run["fid2fp"], "psnr": run["psnr"], "ssim": run["ssim"], "from": f"w4a4_{model}.json"}
+            return {"fid2fp": run["fid2fp"], "psnr": run["psnr"], "ssim": run["ssim"],
+                    "fid2fp_interval": run.get("fid2fp_interval"), "from": f"w4a4_{model}.json"}
     path = RESULTS / f"compare_{model}_seed{seed}.json"
     if not path.exists():
         return None
@@ -53,7 +54,8 @@ def _reference(model: str, seed: int, rows: dict) -> dict | None:
     if doc["settings"]["num"] != 500:
         return None
     run = next((r for r in doc["runs"] if r["method"] == "per-step" and r["bits"] == "w4a8"), None)
-    return run and {**{k: run["metrics"][k] for k in ("fid2fp", "psnr", "ssim")}, "from": path.name}
+    return run and {**{k: run["metrics"].get(k) for k in ("fid2fp", "psnr", "ssim", "fid2fp_interval")},
+                    "from": path.name}
 
 
 def main() -> None:
@@ -97,6 +99,11 @@ def main() -> None:
     (RESULTS / "w4a4.json").write_text(json.dumps({"cpu": sorted(cpus), "main": out_rows, "other": other_rows,
                                                    "mixed_against_uniform": mixed, "memory": memory}, indent=2))
     f = lambda x: f"{x:.3f}"  # noqa: E731
+
+    def fid(run: dict) -> str:  # with its 95% bootstrap interval where the run recorded one
+        ci = run.get("fid2fp_interval")
+        return f(run["fid2fp"]) + (f" ({ci[0]:.2f}..{ci[1]:.2f})" if ci else "")
+
     lines = [f"W4A4 on the bundled families: 500 paired samples per run, 20 steps of each model's default sampler, "
              f"64 calibration trajectories; each calibration seed scored on its own paired samples. CPU: "
              f"{'; '.join(sorted(cpus))}. Written by benchmarks/w4a4_table.py from w4a4_<model>.json "
@@ -109,9 +116,9 @@ def main() -> None:
     for r in out_rows:
         a, s, ref, t = r["accuquant"], r["svdquant_like"], r["per_step_w4a8"], r["targets"]
         lines.append(f"| {r['model']} | {r['seed']} | "
-                     + (f"{f(ref['fid2fp'])} / {ref['psnr']:.2f}" if ref else "not measured") + " | "
-                     f"{f(s['fid2fp'])} / {s['psnr']:.2f} / {s['ssim']:.4f} | "
-                     f"{f(a['fid2fp'])} / {a['psnr']:.2f} / {a['ssim']:.4f} | {r['ratio_to_svdquant_like']:.2f}x | "
+                     + (f"{fid(ref)} / {ref['psnr']:.2f}" if ref else "not measured") + " | "
+                     f"{fid(s)} / {s['psnr']:.2f} / {s['ssim']:.4f} | "
+                     f"{fid(a)} / {a['psnr']:.2f} / {a['ssim']:.4f} | {r['ratio_to_svdquant_like']:.2f}x | "
                      f"{yes(t['fid_at_most_per_step_w4a8'])} | {yes(t['psnr_within_1db_of_per_step_w4a8'])} | "
                      f"{yes(t['half_of_svdquant_like_with_higher_psnr_ssim'])} |")
     if other_rows:
@@ -132,8 +139,9 @@ def main() -> None:
             if r["method_version"] < METHODS[r["method"]].Config.VERSION:
                 label += " " + VERSION_MARKS[r["method_version"]]
                 old.append(r["method_version"])
+            one = r["runs"][0] if len(r.get("runs", [])) == 1 else r
             lines.append(f"| {r['model']} | {r['bits']} | {label} | {','.join(map(str, r['seeds']))} | "
-                         f"{f(r['fid2fp'])} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['method_s']:.0f} |")
+                         f"{fid(one) if one is not r else f(r['fid2fp'])} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['method_s']:.0f} |")
         if old:
             lines += ["", version_note(old)]
     if mixed:
@@ -143,8 +151,8 @@ def main() -> None:
                   "| --- | --- | --- | --- | --- | --- |"]
         for m in mixed:
             u, x = m["uniform"], m["mixed"]
-            lines.append(f"| {m['model']} | {m['seed']} | {f(u['fid2fp'])} / {u['psnr']:.2f} | "
-                         f"{f(x['fid2fp'])} / {x['psnr']:.2f} | {x['fid2fp'] / u['fid2fp']:.2f}x | "
+            lines.append(f"| {m['model']} | {m['seed']} | {fid(u)} / {u['psnr']:.2f} | "
+                         f"{fid(x)} / {x['psnr']:.2f} | {x['fid2fp'] / u['fid2fp']:.2f}x | "
                          f"{yes(x['fid2fp'] < u['fid2fp'])} |")
     if memory:
         lines += ["", "Memory of one AccuQuant optimisation step (checkpoint gradient) over M simulated steps: peak "
