@@ -139,9 +139,9 @@ def main() -> None:
             if r["method_version"] < METHODS[r["method"]].Config.VERSION:
                 label += " " + VERSION_MARKS[r["method_version"]]
                 old.append(r["method_version"])
-            one = r["runs"][0] if len(r.get("runs", [])) == 1 else r
-            lines.append(f"| {r['model']} | {r['bits']} | {label} | {','.join(map(str, r['seeds']))} | "
-                         f"{fid(one) if one is not r else f(r['fid2fp'])} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['method_s']:.0f} |")
+            cell = fid(r["runs"][0]) if len(r["runs"]) == 1 else f(r["fid2fp"])  # a mean: no interval
+            lines.append(f"| {r['model']} | {r['bits']} | {label} | {','.join(map(str, r['seeds']))} | {cell} | "
+                         f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['method_s']:.0f} |")
         if old:
             lines += ["", version_note(old)]
     if mixed:
