@@ -137,11 +137,12 @@ def wrapped_from(pipe, config: dict, path: Path, key: str):
     return den
 
 
-def accuquant_step(pipe, den, solver, calib, m: int, fixed_codes: bool = False) -> dict:
+def accuquant_step(pipe, den, solver, calib, m: int, fixed_codes: bool = False, device: str = "cpu") -> dict:
     """One AccuQuant optimisation step (checkpoint gradient) from the first trajectory of
     ``calib`` over ``m`` steps, step sizes learned (``fixed_codes``: the start's integer weight
-    codes fixed, AccuQuant's default): its ``seconds``, the resident memory before it and its
-    peak above that (MB)."""
+    codes fixed, AccuQuant's default): its ``seconds``, the memory before it and its peak
+    above that (MB): resident memory on the CPU, allocated CUDA memory on a GPU (the model
+    on ``device``)."""
     import time
 
     import torch
@@ -159,10 +160,21 @@ def accuquant_step(pipe, den, solver, calib, m: int, fixed_codes: bool = False) 
     for t in outlier_parameters(quant_layers(pipe.model)).values():  # smoothing scales, branch factors learn too
         t.requires_grad_(True)
     idx = torch.tensor([0])
-    xs, outs = calib.xs[idx], calib.outs[idx]
+    xs, outs = calib.xs[idx].to(device), calib.outs[idx].to(device)
     state = solver.state_at(0, xs, outs)
-    before = reset_peak()
+    cond = calib.cond.index(idx).to(device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = reset_peak()
     t0 = time.perf_counter()
     with torch.enable_grad():
-        multistep_backward(den, solver, xs[:, 0], state, 0, m, calib.cond.index(idx), xs[:, m], "checkpoint")
+        multistep_backward(den, solver, xs[:, 0], state, 0, m, cond, xs[:, m], "checkpoint")
+    if cuda:
+        torch.cuda.synchronize()
+        return {"seconds": time.perf_counter() - t0, "cuda_before_mb": before,
+                "peak_mb": torch.cuda.max_memory_allocated() / 2**20 - before}
     return {"seconds": time.perf_counter() - t0, "rss_before_mb": before, "peak_mb": rss_mb("VmHWM") - before}
