@@ -277,8 +277,10 @@ OTHER_TABLES = [
      "per-step calibration with SVDQuant's smoothing, rank-32 branch and groups of 64, learned per block; the "
      "AccuQuant row starts from it and learns the step sizes and clipping factors under its multistep loss, "
      "keeping the smoothing scales and branch factors as per-step left them (its default; 'learn branch' and "
-     "§ rows learn them too). Per-step W4A8 is the compare table's, on the same paired samples, and for "
-     "mnist-ddpm a per-step W4A8 row of its own file at 500 samples. " + W4A4_WIDTHS),
+     "§ rows learn them too). On the U-Nets the same two rows also ran with `conv_outliers=true` (labels and "
+     "families named 'conv'). Per-step W4A8 is the compare table's, on the same paired samples, and for "
+     "mnist-ddpm a per-step W4A8 row of its own file at 500 samples. FID to FP is followed by its 95% bootstrap "
+     "interval where the run recorded one (runs since the interval was added). " + W4A4_WIDTHS),
     ("act_sensitivity_mnist-sd.md", "Which layer inputs 4-bit activations hurt: mnist-sd",
      "`python benchmarks/act_sensitivity.py --model mnist-sd` (`benchmarks/results/act_sensitivity_<model>.{md,json}`;"
      " `--model mnist-sd3` writes the MMDiT's, to compare its summed rise): the measure `--act-mixed-precision` "

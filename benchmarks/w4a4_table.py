@@ -37,7 +37,10 @@ WIDTHS = ("Widths: every quantized weight at 4 bits, one range per group of 64 i
           "static range each; the low-rank branch (rank 32 unless the row says) in float32 on the smoothed, "
           "unquantized input; the layers each family keeps in full precision (`accuquant quantize --help`) in "
           "float32. Outlier handling: smoothing (SmoothQuant's start, alpha 0.5) and the low-rank branch, no "
-          "rotation. Rows named w4a6 or w3a4 change only the two widths of the first two sentences.")
+          "rotation. Rows named w4a6 or w3a4 change only the two widths of the first two sentences; a family "
+          "named '... conv' (and rows named 'conv') ran with `--conv-outliers`: 1x1 convolutions take the branch "
+          "too, and the shortcut-split convolutions of the U-Nets smoothing and the branch, which they lack by "
+          "default.")
 
 
 def _reference(model: str, seed: int, rows: dict) -> dict | None:
@@ -67,16 +70,18 @@ def main() -> None:
         doc = json.loads(path.read_text())
         cpus.add(doc.get("cpu") or "not recorded")
         rows = {(r["bits"], r["label"]): r for r in doc["rows"]}
-        aq, sv = rows.get(("w4a4", AQ)), rows.get(("w4a4", SVDQ))
-        if aq and sv:
+        for conv in ("", " conv"):  # as the row's options are: by default, and with --conv-outliers
+            aq, sv = rows.get(("w4a4", AQ + conv)), rows.get(("w4a4", SVDQ + conv))
+            if not (aq and sv):
+                continue
             by_seed = {r["seed"]: r for r in sv["runs"]}
             for a in aq["runs"]:
                 s = by_seed.get(a["seed"])
                 if s is None:
                     continue
                 ref = _reference(model, a["seed"], rows)
-                row = {"model": model, "seed": a["seed"], "accuquant": a, "svdquant_like": s, "per_step_w4a8": ref,
-                       "ratio_to_svdquant_like": a["fid2fp"] / s["fid2fp"]}
+                row = {"model": model, "conv_outliers": bool(conv), "seed": a["seed"], "accuquant": a,
+                       "svdquant_like": s, "per_step_w4a8": ref, "ratio_to_svdquant_like": a["fid2fp"] / s["fid2fp"]}
                 row["targets"] = {
                     "fid_at_most_per_step_w4a8": ref is not None and a["fid2fp"] <= ref["fid2fp"],
                     "psnr_within_1db_of_per_step_w4a8": ref is not None and a["psnr"] >= ref["psnr"] - 1,
@@ -85,7 +90,8 @@ def main() -> None:
                                                                     and a["ssim"] > s["ssim"])}
                 out_rows.append(row)
         for (bits, label), r in rows.items():
-            if (bits, label) in (("w4a4", AQ), ("w4a4", SVDQ), ("w4a8", "per-step")):
+            if (bits, label) in (("w4a4", AQ), ("w4a4", SVDQ), ("w4a4", AQ + " conv"), ("w4a4", SVDQ + " conv"),
+                                 ("w4a8", "per-step")):
                 continue
             other_rows.append({"model": model, "bits": bits, "label": label, "options": r["options"],
                                "method": r["method"], "method_version": r.get("method_version", 1),
@@ -94,7 +100,7 @@ def main() -> None:
                                # the initialisation alone (iters=0): its own time, as ablation.py gives it
                                "method_s": statistics.median(x["init_s"] for x in r["runs"])
                                if r["options"].get("iters") == 0 else r["method_s"]})
-    out_rows.sort(key=lambda r: (bundled.MODELS.index(r["model"]), r["seed"]))
+    out_rows.sort(key=lambda r: (bundled.MODELS.index(r["model"]), r["conv_outliers"], r["seed"]))
     memory, mixed = _memory(), _mixed_against_uniform(out_rows, other_rows)
     (RESULTS / "w4a4.json").write_text(json.dumps({"cpu": sorted(cpus), "main": out_rows, "other": other_rows,
                                                    "mixed_against_uniform": mixed, "memory": memory}, indent=2))
@@ -115,7 +121,7 @@ def main() -> None:
     yes = lambda b: "yes" if b else "no"  # noqa: E731
     for r in out_rows:
         a, s, ref, t = r["accuquant"], r["svdquant_like"], r["per_step_w4a8"], r["targets"]
-        lines.append(f"| {r['model']} | {r['seed']} | "
+        lines.append(f"| {r['model']}{' conv' if r['conv_outliers'] else ''} | {r['seed']} | "
                      + (f"{fid(ref)} / {ref['psnr']:.2f}" if ref else "not measured") + " | "
                      f"{fid(s)} / {s['psnr']:.2f} / {s['ssim']:.4f} | "
                      f"{fid(a)} / {a['psnr']:.2f} / {a['ssim']:.4f} | {r['ratio_to_svdquant_like']:.2f}x | "
@@ -125,11 +131,10 @@ def main() -> None:
         lines += ["", "Other rows (mean over the seeds given; 'svdquant-like' rows are per-step with the same options "
                   "and no trajectory, 'accuquant' rows start from them; r=R: rank of the branch, r=0: smoothing "
                   "alone; 'mixed 4.25': weights at 8, 6 or 4 bits by accumulated error, 4.25 bits on average over "
-                  "the quantized parameters, before the per-step start; 'act mixed 4.5': layer inputs at 8, 6 or 4 "
-                  "bits the same way, 4.5 bits on average over the elements of one denoiser call's inputs, weights "
-                  "at 4; 'conv': `--conv-outliers`, the branch also on 1x1 convolutions and smoothing and the "
-                  "branch on shortcut-split ones, which have neither by default; 'learn branch', 'outlier_lr': "
-                  "AccuQuant also learns the branch factors, or every outlier transform at that rate):", "",
+                  "the quantized parameters, before the per-step start; 'conv': `--conv-outliers`, the branch "
+                  "also on 1x1 convolutions and smoothing and the branch on shortcut-split ones, which have neither "
+                  "by default; 'learn branch', 'learn all', 'outlier_lr': AccuQuant also learns the branch factors, "
+                  "or every outlier transform (smoothing scales too), or every one at that rate):", "",
                   "| family | bits | variant | seeds | FID to FP | PSNR | SSIM | "
                   "method s (svdquant-like: the per-step start's) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -173,7 +178,7 @@ def main() -> None:
 
 def _mixed_against_uniform(main: list[dict], other: list[dict]) -> list[dict]:
     """Each seed of each current-version 'accuquant r=32 mixed 4.25' row beside uniform AccuQuant on it."""
-    uniform = {(r["model"], r["seed"]): r["accuquant"] for r in main}
+    uniform = {(r["model"], r["seed"]): r["accuquant"] for r in main if not r["conv_outliers"]}
     out = []
     for r in other:
         current = r["method_version"] >= METHODS[r["method"]].Config.VERSION
