@@ -152,13 +152,14 @@ def main() -> None:
     if mixed:
         lines += ["", "Mixed precision (weights at 8, 6 or 4 bits by accumulated error, 4.25 bits on average; "
                   "activations at 4) against uniform W4A4, AccuQuant r=32 both, on the same calibration seed:", "",
-                  "| family | seed | uniform W4A4: FID / PSNR | mixed 4.25: FID / PSNR | mixed / uniform | better |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| family | seed | uniform W4A4: FID / PSNR | mixed 4.25: FID / PSNR | mixed / uniform FID | "
+                  "FID lower | PSNR higher |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for m in mixed:
             u, x = m["uniform"], m["mixed"]
-            lines.append(f"| {m['model']} | {m['seed']} | {fid(u)} / {u['psnr']:.2f} | "
+            family = m["model"] + (" conv" if m["conv_outliers"] else "")
+            lines.append(f"| {family} | {m['seed']} | {fid(u)} / {u['psnr']:.2f} | "
                          f"{fid(x)} / {x['psnr']:.2f} | {x['fid2fp'] / u['fid2fp']:.2f}x | "
-                         f"{yes(x['fid2fp'] < u['fid2fp'])} |")
+                         f"{yes(x['fid2fp'] < u['fid2fp'])} | {yes(x['psnr'] > u['psnr'])} |")
     if memory:
         lines += ["", "Memory of one AccuQuant optimisation step (checkpoint gradient) over M simulated steps: peak "
                   "resident memory during the step minus before it, and its ratio to M = 1; bundled models: 8 "
@@ -177,18 +178,20 @@ def main() -> None:
 
 
 def _mixed_against_uniform(main: list[dict], other: list[dict]) -> list[dict]:
-    """Each seed of each current-version 'accuquant r=32 mixed 4.25' row beside uniform AccuQuant on it."""
-    uniform = {(r["model"], r["seed"]): r["accuquant"] for r in main if not r["conv_outliers"]}
+    """Each seed of each current-version 'accuquant r=32 mixed 4.25' row (and '... conv mixed
+    4.25' row) beside uniform AccuQuant with the same options on it."""
+    uniform = {(r["model"], r["conv_outliers"], r["seed"]): r["accuquant"] for r in main}
     out = []
     for r in other:
         current = r["method_version"] >= METHODS[r["method"]].Config.VERSION
-        if r["bits"] != "w4a4" or r["label"] != AQ + " mixed 4.25" or not current:
+        conv = r["label"] == AQ + " conv mixed 4.25"
+        if r["bits"] != "w4a4" or r["label"] not in (AQ + " mixed 4.25", AQ + " conv mixed 4.25") or not current:
             continue
         for run in r["runs"]:
-            if (r["model"], run["seed"]) in uniform:
-                out.append({"model": r["model"], "seed": run["seed"], "mixed": run,
-                            "uniform": uniform[r["model"], run["seed"]]})
-    return out
+            if (r["model"], conv, run["seed"]) in uniform:
+                out.append({"model": r["model"], "conv_outliers": conv, "seed": run["seed"], "mixed": run,
+                            "uniform": uniform[r["model"], conv, run["seed"]]})
+    return sorted(out, key=lambda m: (bundled.MODELS.index(m["model"]), m["conv_outliers"], m["seed"]))
 
 
 def _memory() -> list[dict]:
