@@ -300,11 +300,9 @@ def format_table(r: dict) -> str:
                                                              f"guidance {r['guidance_scale']})")]
     if r.get("prompts"):
         rows.append(("prompts", "; ".join(r["prompts"])))
-    rows += [(k, fmt(r[k])) for k in ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "lpips", "class_accuracy")
-             if k in r]
-    if r.get("fid2fp_interval"):
-        lo, hi = r["fid2fp_interval"]
-        rows[rows.index(("fid2fp", fmt(r["fid2fp"])))] = ("fid2fp", f"{fmt(r['fid2fp'])} (95%: {lo:.4f}..{hi:.4f})")
+    ci = r.get("fid2fp_interval")
+    rows += [(k, fmt(r[k]) + (f" (95%: {ci[0]:.4f}..{ci[1]:.4f})" if k == "fid2fp" and ci else ""))
+             for k in ("fid2fp", "fid", "sfid", "is", "psnr", "ssim", "lpips", "class_accuracy") if k in r]
     rows.append(("time", f"{r['seconds']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -25,6 +25,17 @@ def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, c.mT @ c / max(1, f.shape[-2] - 1)
 
 
+def _frechet(mu1, s1, mu2, s2) -> torch.Tensor:
+    """The distance of :func:`frechet_distance` in float64, for one pair of statistics or for
+    each of a batch (leading dimensions), unclamped."""
+    w, v = torch.linalg.eigh(s1)
+    root1 = (v * w.clamp(min=0).sqrt().unsqueeze(-2)) @ v.mT
+    m = root1 @ s2 @ root1
+    tr_sqrt = torch.linalg.eigvalsh((m + m.mT) / 2).clamp(min=0).sqrt().sum(-1)
+    trace = lambda s: s.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    return (mu1 - mu2).pow(2).sum(-1) + trace(s1) + trace(s2) - 2 * tr_sqrt
+
+
 def frechet_distance(mu1, s1, mu2, s2) -> float:
     """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` (Heusel et al., 2017).
 
@@ -34,11 +45,7 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
     if not all(torch.isfinite(t).all() for t in (mu1, s1, mu2, s2)):
         return math.nan  # NaN or inf features: a diverged model
-    w, v = torch.linalg.eigh(s1)
-    root1 = (v * w.clamp(min=0).sqrt()) @ v.T
-    m = root1 @ s2 @ root1
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    d = ((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt).item()
+    d = _frechet(mu1, s1, mu2, s2).item()
     return max(0.0, d) if math.isfinite(d) else math.nan  # NaN features (a diverged model) give NaN
 
 
@@ -63,14 +70,8 @@ def fid_bootstrap(a: torch.Tensor, b: torch.Tensor, resamples: int = 200, level:
     g = torch.Generator().manual_seed(seed)
     fids = []
     for draws in torch.randint(len(a), (resamples, len(a)), generator=g).split(25):
-        (mu1, s1), (mu2, s2) = (feature_stats(f.double()[draws]) for f in (a, b))  # 25 draws at a time
-        w, v = torch.linalg.eigh(s1)
-        root1 = (v * w.clamp(min=0).sqrt().unsqueeze(-2)) @ v.mT
-        m = root1 @ s2 @ root1
-        tr_sqrt = torch.linalg.eigvalsh((m + m.mT) / 2).clamp(min=0).sqrt().sum(-1)
-        d = (mu1 - mu2).pow(2).sum(-1) + s1.diagonal(dim1=-2, dim2=-1).sum(-1) \
-            + s2.diagonal(dim1=-2, dim2=-1).sum(-1) - 2 * tr_sqrt
-        fids += d.clamp(min=0).tolist()
+        stats = [feature_stats(f.double()[draws]) for f in (a, b)]  # 25 draws at a time
+        fids += _frechet(*stats[0], *stats[1]).clamp(min=0).tolist()
     half = statistics.NormalDist().inv_cdf((1 + level) / 2) * statistics.stdev(fids)
     return max(0.0, fid - half), fid + half
 
