@@ -74,7 +74,7 @@ class Outliers(nn.Module):
     """
 
     def __init__(self, kinds: tuple[str, ...], in_features: int, out_features: int, rank: int, channel_dim: int,
-                 branch: bool | None = None):
+                 branch: bool):
         super().__init__()
         self.kinds = tuple(kinds)
         self.channel_dim = channel_dim
@@ -83,7 +83,6 @@ class Outliers(nn.Module):
         #: the input arrives rotated (the rotation is folded into the layer producing it): it is
         #: rotated, then smoothed, and the weight likewise
         self.folded = False
-        branch = channel_dim == -1 if branch is None else branch
         r = min(rank, in_features, out_features) if "lowrank" in kinds and branch else 0
         self.lora_a = nn.Parameter(torch.zeros(r, in_features)) if r else None
         self.lora_b = nn.Parameter(torch.zeros(out_features, r)) if r else None
