@@ -569,7 +569,7 @@ def run_family(name: str, blocks: int | None, args, step_blocks: int | None = No
         v = entry["speed"]["variants"]
         q = next(k for k in v if k.endswith("-int8"))
         entry["int8"] = {"vs_fp32": v[q]["call_speedup"],
-                         "vs_bf16": round(v[q]["call_speedup"] / v["bf16"]["call_speedup"], 3)}
+                         "vs_bf16": round(v[q]["call_speedup"] / v["bf16"]["call_speedup"], 3) if "bf16" in v else None}
     if blocks and fam.get("stacks") and "build" in entry:
         entry["published"] = _published_estimate(name, entry)
     entry["errors"] = errors

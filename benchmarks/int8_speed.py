@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, sd15_conditions, sd15_unet
+from common import ROOT, cpu_name, sd15_conditions, sd15_unet
 
 from accuquant.io.files import atomic_path
 
@@ -60,7 +60,7 @@ def build(name: str):
 
 
 def run_one(name: str, bits: str, threads: list[int], repeats: int, backend: str = "int8",
-            device: str = "cpu") -> list[dict]:
+            device: str = "cpu", extra: tuple[str, ...] = (), openvino: bool = False) -> list[dict]:
     import accuquant as aq
     from accuquant.quant.layers import freeze_model
     from accuquant.eval.speed import measure_pipelines
@@ -81,20 +81,87 @@ def run_one(name: str, bits: str, threads: list[int], repeats: int, backend: str
     q = aq.quantize(fp, aq.QuantConfig(weight_bits=w, act_bits=a, weight_symmetric=w == 8, **init), "naive",
                     calib=calib, progress=False, **kw)
     quantize_s = time.perf_counter() - t0
-    fast = copy.deepcopy(q)
-    freeze_model(fast.model, backend)
+    quant = {"fake": q}
+    for b in [backend, *extra]:
+        quant[b] = copy.deepcopy(q)
+        freeze_model(quant[b].model, b)
     params = sum(p.numel() for p in fp.model.parameters())
-    fp, q, fast = fp.to(device), q.to(device), fast.to(device)
+    fp = fp.to(device)
+    quant = {b: p.to(device) for b, p in quant.items()}
     if call_cond is not None:
         call_cond = call_cond.to(device)
+    ov = openvino_model(fp, call_cond) if openvino else None
     rows = []
     for n in threads:
         torch.set_num_threads(n)
-        r = measure_pipelines({"fake": q, backend: fast}, fp, batch=1, steps=kw["steps"] if small else 20,
+        r = measure_pipelines(quant, fp, batch=1, steps=kw["steps"] if small else 20,
                               repeats=repeats, whole_sample=not small, cond=call_cond)
+        if ov is not None:
+            r["variants"]["openvino"] = time_openvino(ov, n, repeats, r["variants"]["fp32"]["call"]["median_ms"])
         rows.append({"model": name, "bits": bits, "params_m": round(params / 1e6, 1),
                      "quantize_s": round(quantize_s, 1), **r})
     return rows
+
+
+def openvino_model(fp, cond):
+    """``(OpenVINO model, inputs, precision, seconds to convert)``: the FP denoiser's one guided
+    call converted by OpenVINO (``openvino.convert_model`` on a traced call), to be compiled for
+    the CPU in bf16 where the CPU computes in bf16, else in float32."""
+    import openvino as ov
+
+    from accuquant.eval.speed import bf16_hardware
+
+    den = fp.denoiser()
+    inputs = {}
+
+    class Call(torch.nn.Module):  # the model's own call on the guided batch, as the denoiser makes it
+        def __init__(self):
+            super().__init__()
+            self.model = fp.model
+
+        def forward(self, *args):
+            return self.model(*args, return_dict=False)[0]
+
+    def grab(module, args, kwargs):
+        inputs["args"] = [a for a in args] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        raise StopIteration
+
+    h = fp.model.register_forward_pre_hook(grab, with_kwargs=True)
+    x = torch.randn(1, *den.sample_shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            den(x, torch.tensor(500), cond if cond is not None else fp.conditions(1))
+    except StopIteration:
+        pass
+    finally:
+        h.remove()
+    args = tuple(inputs["args"])
+    precision = "bf16" if bf16_hardware() else "f32"
+    t0 = time.perf_counter()
+    model = ov.convert_model(Call().eval(), example_input=args)
+    return model, [a.numpy() for a in args], precision, time.perf_counter() - t0
+
+
+def time_openvino(ov_model, threads: int, repeats: int, fp32_ms: float) -> dict:
+    """Median (min, max) of ``repeats`` calls of the compiled model on ``threads`` threads."""
+    import statistics
+
+    import openvino as ov
+
+    model, args, precision, convert_s = ov_model
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                      "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    request.infer(args)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        request.infer(args)
+        times.append(time.perf_counter() - t0)
+    med = 1e3 * statistics.median(times)
+    return {"call": {"median_ms": round(med, 3), "min_ms": round(1e3 * min(times), 3),
+                     "max_ms": round(1e3 * max(times), 3)},
+            "call_speedup": round(fp32_ms / med, 3), "precision": precision, "convert_s": round(convert_s, 1)}
 
 
 def main() -> None:
@@ -105,13 +172,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backend", default="int8", help="the integer backend to time (int8, or cuda-int8 on a GPU)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--also", default="packed", help="other backends timed beside fake and --backend (comma-separated; "
+                   "empty: none)")
+    p.add_argument("--openvino", action="store_true", help="also the FP model converted by OpenVINO (bf16 where the "
+                   "CPU computes in bf16, else float32; pip install openvino)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model,bits: run in this process
     p.add_argument("--out", default=str(RESULTS / "int8_speed"))
     args = p.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     if args.one:
         name, bits = args.one.split(",")
-        print(json.dumps(run_one(name, bits, threads, args.repeats, args.backend, args.device)))
+        extra = tuple(b for b in args.also.split(",") if b)
+        print(json.dumps(run_one(name, bits, threads, args.repeats, args.backend, args.device, extra, args.openvino)))
         return
     rows = []
     for spec in args.models.split(","):  # model or model:bits,bits
@@ -119,7 +191,8 @@ def main() -> None:
         for bits in (only.split("+") if only else args.bits.split(",")):
             # one process per model and bit width (its thread counts in turn): a fresh allocator
             out = subprocess.run([sys.executable, __file__, "--one", f"{name},{bits}", "--threads", args.threads,
-                                  "--repeats", str(args.repeats), "--backend", args.backend, "--device", args.device],
+                                  "--repeats", str(args.repeats), "--backend", args.backend, "--device", args.device,
+                                  "--also", args.also] + (["--openvino"] if args.openvino else []),
                                  check=True, capture_output=True, text=True).stdout
             for r in json.loads(out.strip().splitlines()[-1]):
                 rows.append(r)
@@ -131,24 +204,33 @@ def main() -> None:
     b8 = args.backend
     where = (f"this {rows[0]['cpu_capability']} CPU" if args.device == "cpu" else rows[0].get("gpu", args.device)) \
         if rows else args.device
-    floats = ("bf16", "fp16") if rows and "fp16" in rows[0]["variants"] else ("bf16",)
-    lines = [f"Written by benchmarks/int8_speed.py on {where}: median latency of one denoiser call (one "
+    first = rows[0]["variants"] if rows else {}
+    floats = [f for f in ("bf16", "fp16") if f in first]
+    others = [b for b in args.also.split(",") if b]
+    ov = ["openvino"] if "openvino" in first else []
+    skipped = "; ".join(f"{k} not timed: {why}" for k, why in (rows[0].get("skipped", {}) if rows else {}).items())
+    lines = [f"Written by benchmarks/int8_speed.py on {where} ({cpu_name()}): median latency of one denoiser call (one "
              "guided sample: 2 rows), in one process per model and bit width, variants timed in turn; "
              "speed-up is float32's median over the variant's; weights: bytes of the tensors the denoiser holds, "
              "as a ratio of float32's. SD-1.5 UNet and DiT-XL/2 are random-initialised from their published "
-             "configurations (speed only). 8-bit weights are symmetric.", "",
-             f"| model | bits | threads | fp32 (ms) | {' | '.join(floats)} | fake | {b8} | {b8} layers | "
-             f"weights {b8} / fp32 |",
-             "| --- " * (8 + len(floats)) + "|"]
+             "configurations (speed only). 8-bit weights are symmetric."
+             + (f" OpenVINO: the FP model converted and compiled for the CPU in {first['openvino']['precision']}, "
+                "timed after the others in the same process." if ov else "") + (f" {skipped}." if skipped else ""), "",
+             f"| model | bits | threads | fp32 (ms) | {' | '.join(floats + ['fake', b8] + others + ov)} | "
+             f"{b8} layers | "
+             f"weights {b8} / fp32 |" + "".join(f" weights {b} / fp32 |" for b in others),
+             "| --- " * (8 + len(floats) + 2 * len(others) + len(ov)) + "|"]
     for r in rows:
         v = r["variants"]
         b = r["bits"]
         on = r["placement"][b8].get(b8, 0)
         total = sum(r["placement"][b8].values())
         cell = lambda k: f"{v[k]['call']['median_ms']:.0f} ms ({v[k]['call_speedup']:.2f}x)"  # noqa: E731
-        lines.append(f"| {r['model']} ({r['params_m']} M) | {b} | {r['threads']} | {v['fp32']['call']['median_ms']:.0f} | "
-                     + " | ".join(cell(f) for f in floats) + f" | {cell(b + '-fake')} | {cell(b + '-' + b8)} | "
-                     f"{on}/{total} | {v[b + '-' + b8]['weights_vs_fp32']:.3f} |")
+        cells = [cell(f) for f in floats] + [cell(f"{b}-{k}") for k in ["fake", b8] + others] + [cell(k) for k in ov]
+        lines.append(f"| {r['model']} ({r['params_m']} M) | {b} | {r['threads']} | "
+                     f"{v['fp32']['call']['median_ms']:.0f} | " + " | ".join(cells) + f" | {on}/{total} | "
+                     f"{v[b + '-' + b8]['weights_vs_fp32']:.3f} |"
+                     + "".join(f" {v[f'{b}-{k}']['weights_vs_fp32']:.3f} |" for k in others))
     with atomic_path(Path(args.out).with_suffix(".md")) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

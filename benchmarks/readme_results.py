@@ -326,6 +326,27 @@ OTHER_TABLES = [
      "scores to be the same codes, and each layer's input rounded to its codes; bf16 autocast does all of its "
      "arithmetic, attention included, in bf16. On the bundled 1.1 M-parameter model int8 is slower than float32: "
      "its layers are too small for the kernels to pay for quantizing their inputs."),
+    ("int8_speed_avx2.md", "Speed on a CPU without VNNI or bf16 (AVX2)",
+     "`python benchmarks/int8_speed.py --models sd15-unet,dit-xl-2 --threads 1,2 --repeats 3 --openvino --out "
+     "benchmarks/results/int8_speed_avx2` on an AMD EPYC exposing AVX2 only, nothing else running: the denoiser "
+     "call on `fake`, `int8` and `packed` against float32, and OpenVINO (2026.4, the benchmark extra) on the FP "
+     "model. bf16 autocast is not timed: without AVX512-BF16 or AMX its convolutions run emulated, about 100x "
+     "slower than float32 here (a 640-channel 3x3 conv at 32x32: 40.9 s against 0.40 s), and OpenVINO compiles "
+     "in float32 (the CPU reports no bf16). Without VNNI the int8 kernels saturate on 8-bit weight codes, so "
+     "W8A8 runs on `fake` here (the layers column says so) and only W4A8 reaches the integer kernels. The target "
+     "(1.3x bf16 autocast) needs a CPU with bf16 arithmetic to be measured against; on this one the reference "
+     "that users have is float32 PyTorch and OpenVINO."),
+    ("deploy_memory.md", "Memory of a deployed model",
+     "`python benchmarks/deploy_memory.py` (`benchmarks/results/deploy_memory.{md,json}`). The target (W4A8 "
+     "weights at most 0.15x float32's in memory, SD-1.5 size) is met by the `packed` backend; `fake` holds its "
+     "float32 weights once (no more than the FP model); `int8` holds oneDNN's prepacked int8 weights, one byte "
+     "per weight, since its kernels take no 4-bit weights and prepacking a layer on every call costs more than "
+     "the call on the large convolutions (a 1280-channel 3x3 conv at 8x8: 52 ms to prepack, 31 ms to run)."),
+    ("lora_quality.md", "A style LoRA on the quantized mnist-sd",
+     "`python training/train_lora_thick.py --data mnist10k.npz --out runs/lora-thick`, then "
+     "`python benchmarks/lora_quality.py --lora runs/lora-thick` (`benchmarks/results/lora_quality.{md,json}`). "
+     "The target: the quantized model with the LoRA at most 1.5x as far (FID) from FP + LoRA as the quantized "
+     "model without it is from FP."),
     ("torchao_export.md", "The torchao export",
      "`python benchmarks/torchao_export.py --num 100` (`benchmarks/results/torchao_export.{md,json}`)."),
     ("reliability.md", "Reliability",

@@ -1,6 +1,7 @@
 """Frozen layers run on a backend built from their description, bit-identically to the
 computation they replace (which dequantized the weight codes on every forward)."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -37,18 +38,26 @@ def _wrapped_unet(cfg: aq.QuantConfig, seed: int = 0):
     return model
 
 
-def _legacy_forward(model, *args, **kwargs):
-    """The frozen forward as it was: every layer dequantizes its codes on each call."""
-    layers = quant_layers(model).values()
-    kernels = [layer.kernel for layer in layers]
+@contextlib.contextmanager
+def _without_kernels(layers):
+    """The frozen layers' forward as it was: every layer dequantizes its codes on each
+    call (the codes back in the layer, where the fake kernel held the only copy)."""
+    kernels = [(layer.kernel, layer.codes_in_kernel) for layer in layers]
     for layer in layers:
+        layer.weight_codes, layer.codes_in_kernel = layer.packed_codes(), False
         layer.kernel = None
     try:
-        with torch.no_grad():
-            return model(*args, **kwargs).sample
+        yield
     finally:
-        for layer, k in zip(layers, kernels):
+        for layer, (k, held) in zip(layers, kernels):
             layer.kernel = k
+            if held:
+                layer.weight_codes, layer.codes_in_kernel = None, True
+
+
+def _legacy_forward(model, *args, **kwargs):
+    with _without_kernels(list(quant_layers(model).values())), torch.no_grad():
+        return model(*args, **kwargs).sample
 
 
 def _no_dequantization(monkeypatch):
@@ -108,12 +117,10 @@ def test_split_layer_keeps_the_input_layout_of_the_old_computation(layout):
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "sliced":
         x = torch.randn(8, layer.module.in_channels, 8, 12)[..., 2:10]
-    kernel = layer.kernel
     with torch.no_grad():
         outs = [layer(x), layer(x)]
-        layer.kernel = None
-        ref = layer(x)
-    layer.kernel = kernel
+        with _without_kernels([layer]):
+            ref = layer(x)
     for out in outs:
         assert out.stride() == ref.stride() and torch.equal(_bits(out), _bits(ref))
 
@@ -137,7 +144,7 @@ def test_spec_describes_a_split_layer():
     assert spec.kind == "conv2d" and spec.split == 64 and spec.weight_bits == 4
     assert [g.bits for g in spec.input_grids] == [8, 8]
     assert len(spec.weight_grids) == 2 and len(spec.input_grids) == 2 and spec.bias is not None
-    assert spec.weight_codes.dtype == torch.int16 and spec.weight_codes.shape == layer.weight_codes.shape
+    assert spec.weight_codes.dtype == torch.int16 and spec.weight_codes.shape == layer.codes_shape
     for g, c in zip(spec.weight_grids, spec.parts(spec.weight_codes, 1)):
         assert g.qmin <= int(c.min()) and int(c.max()) <= g.qmax and (g.qmin, g.qmax) == (0, 15)
     assert torch.equal(spec.dequantized_weight(), layer.weight)

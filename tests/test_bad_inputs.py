@@ -278,6 +278,30 @@ def unknown_backend(c):
     return sample(c.quantized(), c.grid, "--backend", "int9")
 
 
+def gpu_backend_on_the_cpu(c):
+    return sample(c.quantized(), c.grid, "--backend", "cuda-int8")
+
+
+def _lora_file(c, name: str, tensors: dict) -> Path:
+    from safetensors.torch import save_file
+
+    path = c.tmp / name
+    save_file(tensors, str(path))
+    return path
+
+
+def lora_for_another_model(c):
+    f = _lora_file(c, "sdxl-lora.safetensors", {"unet.add_embedding.linear_1.lora_A.weight": torch.zeros(4, 2816),
+                                                "unet.add_embedding.linear_1.lora_B.weight": torch.zeros(1280, 4)})
+    return sample(c.fixture("tiny_pipeline_dir"), c.grid, "--lora", f)
+
+
+def lora_rank_not_fitting(c):
+    f = _lora_file(c, "lora.safetensors", {"unet.down_blocks.1.attentions.0.to_q.lora_A.weight": torch.zeros(4, 32),
+                                           "unet.down_blocks.1.attentions.0.to_q.lora_B.weight": torch.zeros(32, 8)})
+    return sample(c.quantized(), c.grid, "--lora", f)
+
+
 def weight_bits_out_of_range(c):
     return quantize(c.fixture("tiny_pipeline_dir"), c.out, "--weight-bits", "9")
 
@@ -454,6 +478,11 @@ CASES = [
     (grid_not_png, "a `sample --out` that is not a .png", "use a .png name"),
     (cuda_without_gpu, "`--device cuda` without a GPU", "no CUDA device is available"),
     (unknown_backend, "an unknown `--backend`", "unknown backend 'int9'"),
+    (lora_for_another_model, "a LoRA for another architecture",
+     "LoRA for another model: add_embedding.linear_1 is not a layer of this UNet2DModel"),
+    (lora_rank_not_fitting, "a LoRA whose rank does not fit",
+     "LoRA rank does not fit: down_blocks.1.attentions.0.to_q"),
+    (gpu_backend_on_the_cpu, "a GPU-only `--backend` on the CPU", "backend cuda-int8 runs on cuda (--device cuda)"),
     (weight_bits_out_of_range, "a bit width out of range", "weight_bits: 9 bits is out of range"),
     (unknown_method, "an unknown `--method`", "unknown method 'magic'"),
     (unknown_scheduler, "an unknown `--scheduler`", "unknown scheduler 'euler'"),

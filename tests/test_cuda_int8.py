@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.quant.layers import placement, quant_layers, resident_bytes
+from accuquant.backends.placement import placement, resident_bytes
+from accuquant.quant.layers import quant_layers
 from conftest import class_pipeline
 from test_int8 import layers_on
 

@@ -26,8 +26,7 @@ METHODS = {
 
 def _state(q) -> dict[str, torch.Tensor]:
     out = {f"{n}.scale": t.scale.detach().clone() for n, t in all_quantizers(q.model).items() if t.scale is not None}
-    out.update({f"{n}.codes": l.weight_codes.clone() for n, l in quant_layers(q.model).items()
-                if l.weight_codes is not None})
+    out.update({f"{n}.codes": l.int_codes().clone() for n, l in quant_layers(q.model).items() if l.frozen})
     return out
 
 

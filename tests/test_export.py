@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import accuquant as aq
-from accuquant.io.save import FORMAT, QUANT_FILE, WEIGHTS_FILE, pack_codes, unpack_codes
+from accuquant.io.save import FORMAT, QUANT_FILE, WEIGHTS_FILE
+from accuquant.quant.packing import pack_codes, unpack_codes
 from conftest import text_pipeline_and_calibration, class_pipeline, text_conditions, tiny_unet
 
 

@@ -5,8 +5,9 @@ import torch
 
 import accuquant as aq
 from accuquant.backends.base import build_layer
-from accuquant.quant.layers import placement
+from accuquant.backends.placement import placement
 from accuquant.backends.int8 import available, vnni
+from accuquant.eval.speed import bf16_hardware
 from accuquant.quant.layers import quant_layers
 from conftest import class_pipeline
 
@@ -111,14 +112,19 @@ def test_speed_times_every_variant_in_one_run(digit_pipeline_dir, tmp_path, caps
     assert main(["speed", "--model", str(tmp_path / "q"), "--repeats", "2", "--steps", "2", "--threads", "1",
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert set(r["variants"]) == {"fp32", "bf16", "w4a8-fake", "w4a8-int8"} and r["guided"] and r["threads"] == 1
+    # no --backend: every backend this machine runs on the CPU (not cuda-int8)
+    # (bf16 autocast only where the CPU computes in bf16; elsewhere the results say why not)
+    floats = {"fp32", "bf16"} if bf16_hardware() else {"fp32"}
+    assert set(r["variants"]) == floats | {"w4a8-fake", "w4a8-packed", "w4a8-int8"}
+    assert ("bf16" in r.get("skipped", {})) != bf16_hardware()
+    assert r["guided"] and r["threads"] == 1
     for v in r["variants"].values():
         assert 0 < v["call"]["min_ms"] <= v["call"]["median_ms"] <= v["call"]["max_ms"]
         assert v["sample"]["median_ms"] > v["call"]["median_ms"]  # two steps cost more than one call
     n = r["placement"]["fake"]["fake"]
     assert r["variants"]["fp32"]["call_speedup"] == 1.0 and r["placement"]["int8"] == {"int8": n}
     w = {k: v["weights_vs_fp32"] for k, v in r["variants"].items()}
-    assert w["fp32"] == w["bf16"] == 1.0 and w["w4a8-int8"] < 0.5 < w["w4a8-fake"], w
+    assert w["fp32"] == w.get("bf16", 1.0) == 1.0 and w["w4a8-packed"] < w["w4a8-int8"] < 0.5 < w["w4a8-fake"] <= 1.02
 
 
 def test_int8_model_holds_its_quantized_weights_in_a_quarter_of_fp32(tmp_path):
@@ -127,7 +133,7 @@ def test_int8_model_holds_its_quantized_weights_in_a_quarter_of_fp32(tmp_path):
     at most 0.3x the bytes of their float32 weights; saving or moving such a model is refused
     with a clear error, since it keeps no other copy."""
     from accuquant.errors import AccuQuantError
-    from accuquant.quant.layers import resident_bytes
+    from accuquant.backends.placement import resident_bytes
 
     base = class_pipeline()
     fp = {n: resident_bytes(m) for n, m in base.model.named_modules()}

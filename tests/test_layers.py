@@ -45,7 +45,9 @@ def test_wrapping_keeps_one_copy_of_the_weights():
     assert isinstance(layer, QuantLayer) and layer.module.weight is w
     layer.freeze()
     assert "weight" not in dict(layer.module.named_parameters())
-    assert layer.weight_codes.dtype == torch.uint8 and layer.weight.shape == w.shape
+    # the fake kernel's dequantized weight is the only copy; the codes come back from it exactly
+    assert layer.weight_codes is None and layer.codes_in_kernel and layer.weight.shape == w.shape
+    assert layer.state_dict()["weight_codes"].dtype == torch.uint8
     # the backend module holds the dequantized weight, outside the state dict
     assert layer.kernel.weight.shape == w.shape and "kernel.weight" not in layer.state_dict()
 

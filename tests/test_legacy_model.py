@@ -272,6 +272,8 @@ def test_legacy_model_loads_its_files_exactly(stored):
     for key, saved in tensors.items():
         if key.endswith(".zero_point"):  # saved as uint8
             assert state[key].dtype == torch.float32 and torch.equal(state[key], saved.to(torch.float32)), key
+        elif key.endswith(".weight_codes"):  # held packed, as saved
+            assert torch.equal(_unpack(state[key], c["weight_bits"], list(saved.shape)), saved), key
         else:
             assert _identical(state[key], saved), key
 

@@ -120,7 +120,7 @@ def test_accuquant_lowers_its_loss_and_the_trajectory_error():
 def _codes(q):
     from accuquant.quant.layers import quant_layers
 
-    return {n: l.weight_codes.clone() for n, l in quant_layers(q.model).items() if l.weight_codes is not None}
+    return {n: l.int_codes().clone() for n, l in quant_layers(q.model).items() if l.frozen}
 
 
 def _interrupted_then_resumed(monkeypatch, **opts):

@@ -165,7 +165,7 @@ def _quantize(**kw):
 
 
 def _codes(q):
-    return {n: m.weight_codes.clone() for n, m in q.model.named_modules() if isinstance(m, QuantLayer)}
+    return {n: m.int_codes().clone() for n, m in q.model.named_modules() if isinstance(m, QuantLayer)}
 
 
 @pytest.mark.slow  # a whole calibration run, twice

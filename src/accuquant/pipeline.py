@@ -24,6 +24,7 @@ from .config import DEFAULT_STEPS, QuantConfig
 from .errors import AccuQuantError
 from .quant.layers import WrapReport
 from .io.save import save_quantized
+from .quant.lora import add_diffusers_methods, fuse_lora, load_lora, set_lora_strength, unfuse_lora, unload_lora
 from .progress import progress_bar
 from .sampling import Solver, default_solver, make_solver, run_trajectory
 
@@ -301,7 +302,27 @@ class Pipeline:
             elif param.default is inspect.Parameter.empty and param.kind is param.POSITIONAL_OR_KEYWORD \
                     and pname != "self":
                 kwargs[pname] = None  # an optional component this pipeline does not have
-        return cls(**kwargs)
+        out = cls(**kwargs)
+        add_diffusers_methods(out, self.model, self.denoiser_name)  # LoRA on the quantized layers
+        return out
+
+    # ------------------------------------------------------------ LoRA (see accuquant.quant.lora)
+    def load_lora_weights(self, source, adapter_name: str = "default", strength: float = 1.0) -> list[str]:
+        """Attach a diffusers/PEFT-format LoRA (a file, a directory or a state dict) to the
+        denoiser, in floating point beside its (quantized) layers; the layers it targets."""
+        return load_lora(self.model, source, adapter_name, strength, prefix=self.denoiser_name)
+
+    def set_lora_strength(self, strength: float, adapter_name: str | None = None) -> None:
+        set_lora_strength(self.model, strength, adapter_name)
+
+    def fuse_lora(self, adapter_name: str | None = None) -> dict[str, list[str]]:
+        return fuse_lora(self.model, adapter_name)
+
+    def unfuse_lora(self, adapter_name: str | None = None) -> None:
+        unfuse_lora(self.model, adapter_name)
+
+    def unload_lora_weights(self, adapter_name: str | None = None) -> None:
+        unload_lora(self.model, adapter_name)
 
     def save(self, out, overwrite: bool = False) -> None:
         """Save a quantized pipeline as a directory (see :mod:`accuquant.export`)."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AccuQuantError
+from ..quant.packing import pack_codes, unpack_codes
 from ..quant.quantizers import grouped, int_range, round_ste, token_quant
 
 KINDS = ("linear", "conv1d", "conv2d")
@@ -101,19 +102,41 @@ class LayerSpec:
         """The float weight: ``(q - z) * s`` per part, as calibration computes it."""
         if self.weight_codes is None:
             return self.weight
-        return torch.cat([((grouped(c, g.group).to(g.scale.dtype) - g.zero_point) * g.scale).reshape(c.shape)
-                          for g, c in zip(self.weight_grids, self.parts(self.weight_codes, 1))], dim=1)
+        return dequantize(self.weight_codes, self.weight_grids, self.split)
+
+
+def dequantize(codes: torch.Tensor, grids: list[Grid], split: int | None) -> torch.Tensor:
+    """``(q - z) * s`` of integer ``codes`` per part (cut at input channel ``split``)."""
+    parts = [codes] if split is None else [codes[:, :split], codes[:, split:]]
+    return torch.cat([((grouped(c, g.group).to(g.scale.dtype) - g.zero_point) * g.scale).reshape(c.shape)
+                      for g, c in zip(grids, parts)], dim=1)
+
+
+def recovered_codes(weight: torch.Tensor, grids: list[Grid], split: int | None) -> torch.Tensor:
+    """The integer codes (int16) that :func:`dequantize` turned into ``weight``:
+    ``round(w / s + z)``, exact while ``|q - z| * 2^-23`` stays far below one half."""
+    parts = [weight] if split is None else [weight[:, :split], weight[:, split:]]
+    return torch.cat([(grouped(w, g.group) / g.scale + g.zero_point).round_().reshape(w.shape).to(torch.int16)
+                      for g, w in zip(grids, parts)], dim=1)
 
 
 Builder = Callable[[LayerSpec], nn.Module]
 BACKENDS: dict[str, Builder] = {}
 
 
-def register_backend(name: str, builder: Builder | None = None):
+#: per backend: the device type its kernels are for (``None``: any) and a function giving
+#: why this machine cannot run them (``None``: it can)
+NEEDS: dict[str, tuple[str | None, Callable[[], str | None]]] = {}
+
+
+def register_backend(name: str, builder: Builder | None = None, device: str | None = None,
+                     unavailable: Callable[[], str | None] = lambda: None):
     """Register ``builder`` (a :class:`LayerSpec` -> ``nn.Module`` function) as backend
-    ``name``; usable as a decorator."""
+    ``name``, for ``device`` (a device type, ``None``: any), runnable where
+    ``unavailable()`` gives no reason; usable as a decorator."""
     def add(b: Builder) -> Builder:
         BACKENDS[name] = b
+        NEEDS[name] = (device, unavailable)
         return b
 
     return add(builder) if builder is not None else add
@@ -123,6 +146,31 @@ def get_backend(name: str) -> Builder:
     if name not in BACKENDS:
         raise AccuQuantError(f"unknown backend {name!r}; choices: {', '.join(sorted(BACKENDS))}")
     return BACKENDS[name]
+
+
+def check_backend(name: str, device: str = "cpu") -> None:
+    """Refuse, in one line, a backend that is unknown, for another device, or without its
+    kernels here (what the command line checks before it loads a model)."""
+    get_backend(name)
+    want, unavailable = NEEDS[name]
+    dev = torch.device(device).type
+    if want is not None and want != dev:
+        raise AccuQuantError(f"backend {name} runs on {want} (--device {want}); this run is on {dev}")
+    why = unavailable()
+    if why:
+        raise AccuQuantError(f"backend {name} cannot run here: {why}")
+
+
+def backends_for(device: str = "cpu") -> list[str]:
+    """The backends this machine can run on ``device``, in registration order."""
+    out = []
+    for name in BACKENDS:
+        try:
+            check_backend(name, device)
+        except AccuQuantError:
+            continue
+        out.append(name)
+    return out
 
 
 def build_layer(spec: LayerSpec, backend: str = "fake") -> nn.Module:
@@ -168,9 +216,12 @@ def _workspace(x: torch.Tensor, strides: tuple[int, ...] | None) -> torch.Tensor
 class FakeQuantLayer(nn.Module):
     """A frozen layer computed in floating point: the weight dequantized once, the input
     fake-quantized per part. Its tensors are non-persistent buffers (they follow
-    ``.to(device)``; the wrapping layer's state dict holds the codes)."""
+    ``.to(device)``; the wrapping layer's state dict holds the rest). It holds the only copy
+    of the weight (``holds_weights``): the codes come back from it exactly (:meth:`codes`),
+    so a model on ``fake`` takes no more memory than its float32 base."""
 
     runs_on = "fake"
+    holds_weights = True
 
     def __init__(self, spec: LayerSpec):
         super().__init__()
@@ -178,8 +229,13 @@ class FakeQuantLayer(nn.Module):
             raise AccuQuantError(f"the fake backend has no {spec.kind!r} layer; it has {', '.join(KINDS)}")
         self.kind = spec.kind
         self.split = spec.split
+        self.weight_grids = spec.weight_grids
         with torch.no_grad():
             self.register_buffer("weight", spec.dequantized_weight().detach(), persistent=False)
+        self.weight_shape = tuple(self.weight.shape)
+        # the codes must come back bit for bit (they always do for finite, normal step sizes)
+        self.holds_weights = spec.weight_codes is not None and torch.equal(self.codes(),
+                                                                           spec.weight_codes.to(torch.int16))
         self.register_buffer("bias", spec.bias.detach() if spec.bias is not None else None, persistent=False)
         for i, g in enumerate(spec.input_grids):
             if g.scale.numel() != 1:
@@ -194,7 +250,14 @@ class FakeQuantLayer(nn.Module):
         self.conv = {"conv1d": F.conv1d, "conv2d": F.conv2d}.get(spec.kind)
         self.layouts: dict[tuple, tuple[int, ...]] = {}  # input shape and strides -> strides of the quantized input
         if spec.padding_mode != "zeros":
-            self.pad = _reversed_padding(spec.padding, spec.dilation, self.weight.shape[2:])
+            self.pad = _reversed_padding(spec.padding, spec.dilation, self.weight_shape[2:])
+
+    def codes(self) -> torch.Tensor:
+        """The weight's integer codes (int16)."""
+        return recovered_codes(self.weight, self.weight_grids, self.split)
+
+    def float_weight(self) -> torch.Tensor:
+        return self.weight
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` fake-quantized per part, as calibration's input quantizers compute it."""
@@ -234,16 +297,47 @@ class FakeQuantLayer(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.quantize_input(x)
+        x, w = self.quantize_input(x), self.float_weight()
         if self.conv is None:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, w, self.bias)
         if self.padding_mode != "zeros":
             x = F.pad(x, self.pad, mode=self.padding_mode)
-            return self.conv(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return self.conv(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        return self.conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, weight={tuple(self.weight.shape)}, split={self.split}, inputs={len(self.grids)}"
+        return f"{self.kind}, weight={self.weight_shape}, split={self.split}, inputs={len(self.grids)}"
+
+
+class PackedLayer(FakeQuantLayer):
+    """The ``packed`` backend: the ``fake`` backend's arithmetic (bit-identical outputs) with
+    the weight held as packed codes (:mod:`~accuquant.quant.packing`: two per byte at 4
+    bits) and dequantized just in time, one layer at a time, on every call. For memory:
+    a W4 model holds about an eighth of its float32 weights, at the cost of one pass over
+    each weight per call."""
+
+    runs_on = "packed"
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__(spec)
+        if spec.weight_codes is None:
+            return
+        self.holds_weights = True
+        self.bits, self.qmins = spec.weight_bits, [g.qmin for g in spec.weight_grids]
+        parts = spec.parts(spec.weight_codes, 1)
+        unsigned = torch.cat([c - qmin for c, qmin in zip(parts, self.qmins)], dim=1)
+        self.register_buffer("packed_codes", pack_codes(unsigned, self.bits), persistent=False)
+        self.weight = None
+
+    def codes(self) -> torch.Tensor:
+        if self.weight is not None:
+            return super().codes()
+        c = unpack_codes(self.packed_codes, self.bits, self.weight_shape).to(torch.int16)
+        parts = [c] if self.split is None else [c[:, :self.split], c[:, self.split:]]
+        return torch.cat([p + qmin for p, qmin in zip(parts, self.qmins)], dim=1)
+
+    def float_weight(self) -> torch.Tensor:
+        return self.weight if self.weight is not None else dequantize(self.codes(), self.weight_grids, self.split)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -273,4 +367,8 @@ def _reversed_padding(padding, dilation, kernel) -> list[int]:
     return [p for p in reversed(padding) for _ in range(2)]
 
 
+#: the backends that compute what calibration computed, bit for bit
+FAKE_ARITHMETIC = ("fake", "packed")
+
 register_backend("fake", FakeQuantLayer)
+register_backend("packed", PackedLayer)

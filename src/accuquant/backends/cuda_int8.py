@@ -91,4 +91,4 @@ class IntMMLayer(IntegerLayer):
         return out.to(x.dtype)
 
 
-register_backend("cuda-int8", with_fallback(IntMMLayer))
+register_backend("cuda-int8", with_fallback(IntMMLayer), device="cuda")

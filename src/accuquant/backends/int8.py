@@ -10,7 +10,7 @@ CPUs without VNNI instructions (AVX2 only) multiply uint8 by int8 in pairs summe
 int16, which saturates unless ``|qw| <= 64``; there, weights whose codes leave that range
 (8-bit weights) stay on ``fake``. A layer the kernels cannot run (activations above 8
 bits or not quantized, float weights, 1-D convs, a padding mode other than zeros, another
-device) also stays on ``fake``; :func:`accuquant.layers.placement` says which layers run
+device) also stays on ``fake``; :func:`accuquant.backends.placement.placement` says which layers run
 where, and why. The quantized attention processors follow the backend: on ``int8`` their
 ``softmax . V`` runs on the same kernels (see :meth:`QuantAttnProcessor._attend_int8`).
 """
@@ -185,4 +185,5 @@ def with_fallback(cls):
     return build
 
 
-register_backend("int8", with_fallback(Int8Layer))
+register_backend("int8", with_fallback(Int8Layer), device="cpu",
+                 unavailable=lambda: None if available() else "this torch build has no oneDNN int8 kernels")

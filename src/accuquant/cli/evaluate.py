@@ -17,26 +17,31 @@ def add_parser(sub) -> None:
     e.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package and its weights)")
     e.add_argument("--no-cache", action="store_true", help="do not reuse or cache FP samples")
     e.add_argument("--backend", default="fake", help=BACKEND_HELP)
+    o.add_lora_args(e, "the model and its FP base alike (metrics to FP + LoRA)")
     o.add_sampling_args(e, conditioning=False)
 
 
 def run(args) -> None:
     import json
 
-    from ..backends import get_backend
+    from ..backends import check_backend
     from ..bundled import resolve_ref
-    from ..eval.evaluation import evaluate, format_table, to_json_safe
+    from ..eval.evaluation import base_of, evaluate, format_table, to_json_safe
     from ..io.load import load_pipeline
 
     check_device(args.device)
     o.check_scheduler(args.scheduler)
-    get_backend(args.backend)
+    check_backend(args.backend, args.device)
     prompts = o.prompts(args)  # a bad prompt file is refused before the model loads
     o.check_images("evaluate (image metrics)", o.model_arg(args), resolve_ref(args.base) if args.base else None)
     model = load_pipeline(o.model_arg(args), device=args.device, backend=args.backend)
     if not args.json:
         o.print_placement(model, args.backend)
-    r = evaluate(model, args.base, num=args.num, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
+    base = args.base
+    if args.lora:  # the reference is the FP base with the same LoRA
+        base = base_of(model, args.base)
+        o.apply_lora(args, model, base)
+    r = evaluate(model, base, num=args.num, steps=args.steps, seed=args.seed, scheduler=args.scheduler,
                  features=args.features, batch_size=args.batch_size, device=args.device, progress=not args.quiet,
                  use_cache=not args.no_cache, lpips=args.lpips, prompts=prompts)
     print(json.dumps(to_json_safe(r)) if args.json else format_table(r))

@@ -223,6 +223,19 @@ def add_sampling_args(p: argparse.ArgumentParser, conditioning: bool = True) -> 
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_lora_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--lora", default=None, help=f"a LoRA (diffusers/PEFT safetensors file or directory) applied to "
+                   f"{what}, in floating point beside the quantized layers")
+    p.add_argument("--lora-strength", type=float, default=1.0, help="the LoRA's strength (default 1)")
+
+
+def apply_lora(args, *pipes) -> None:
+    """Attach ``--lora`` at ``--lora-strength`` to each pipeline (a bad LoRA is refused in one line)."""
+    if args.lora:
+        for p in {id(p): p for p in pipes}.values():  # an FP model is its own base
+            p.load_lora_weights(args.lora, strength=args.lora_strength)
+
+
 def model_arg(args) -> str:
     """The ``--model`` given (a bundled model's name or ``bundled:NAME`` as its directory), or
     the default bundled model."""
@@ -305,7 +318,7 @@ def check_images(what: str, *models) -> None:
 
 def print_placement(pipe, backend: str) -> None:
     """Which backend runs the quantized layers, when one other than ``fake`` was asked for."""
-    from ..quant.layers import placement
+    from ..backends.placement import placement
 
     if backend == "fake" or not pipe.quant:
         return

@@ -20,11 +20,12 @@ def add_parser(sub) -> None:
     s.add_argument("--out", required=True, help="output PNG file (not inside the model's directory)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     s.add_argument("--backend", default="fake", help=BACKEND_HELP)
+    o.add_lora_args(s, "the model")
     o.add_sampling_args(s)
 
 
 def run(args) -> None:
-    from ..backends import get_backend
+    from ..backends import check_backend
     from ..eval.images import save_grid
     from ..io.load import load_pipeline
 
@@ -36,10 +37,11 @@ def run(args) -> None:
     if out.suffix.lower() != ".png":
         raise AccuQuantError(f"{out}: the grid is written as PNG; use a .png name")
     o.check_images("sample (an image grid)", model)
-    get_backend(args.backend)  # an unknown backend is refused before the model loads
+    check_backend(args.backend, args.device)  # refused before the model loads
     prompts = o.prompts(args)  # a bad prompt file is refused before the model loads
     pipe = load_pipeline(model, device=args.device, backend=args.backend)
     o.print_placement(pipe, args.backend)
+    o.apply_lora(args, pipe)
     args.steps, args.scheduler = pipe.sampling_settings(args.steps, args.scheduler)
     x = pipe.sample(args.num, seed=args.seed, steps=args.steps, scheduler=args.scheduler, labels=args.labels,
                     prompts=prompts, guidance_scale=args.guidance_scale, batch_size=args.batch_size,

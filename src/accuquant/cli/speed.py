@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
                         "bf16 autocast)")
     sp.add_argument("--model", required=True, help="accuquant output directory")
     sp.add_argument("--base", default=None, help="the FP base model (default: the one recorded at quantization)")
-    sp.add_argument("--backend", default="fake,int8", help="backends to time, comma-separated (default fake,int8)")
+    sp.add_argument("--backend", default=None, help="backends to time, comma-separated (default: every backend "
+                    "that can run on this machine and device)")
     sp.add_argument("--batch", type=o.positive, default=2, help="samples per call (default 2; guided models run "
                     "twice the rows)")
     sp.add_argument("--steps", type=o.positive, default=DEFAULT_STEPS, help="steps of the timed whole sample "
@@ -27,13 +28,13 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     import json
 
-    from ..backends import get_backend
+    from ..backends import backends_for, check_backend
     from ..eval.speed import format_speed, measure
 
     check_device(args.device)
-    backends = [b for b in args.backend.split(",") if b]
+    backends = backends_for(args.device) if args.backend is None else [b for b in args.backend.split(",") if b]
     for b in backends:
-        get_backend(b)
+        check_backend(b, args.device)
     r = measure(o.model_arg(args), backends, batch=args.batch, steps=args.steps, repeats=args.repeats,
                 threads=args.threads, base=args.base, device=args.device)
     print(json.dumps(r) if args.json else format_speed(r))

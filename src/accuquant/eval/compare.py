@@ -69,10 +69,10 @@ class CompareSettings:
     quant: dict | None = None
 
     def check(self) -> None:
-        from ..backends import get_backend
+        from ..backends import check_backend
         from ..methods import method_class
 
-        get_backend(self.backend)
+        check_backend(self.backend, self.device)
 
         if not self.methods:
             raise AccuQuantError("methods: give at least one method")

@@ -1,12 +1,13 @@
 """``accuquant speed``: how fast a quantized model runs on each backend, against its FP base.
 
 One process times, in alternating order so that other load falls on all alike: the FP
-base in float32, the FP base under bfloat16 autocast (and float16 autocast on a GPU), and
+base in float32, the FP base under bfloat16 autocast where the CPU computes in bf16 (and
+float16 autocast on a GPU), and
 the quantized model on each backend asked for. Per variant it reports the median (and min, max) over ``repeats`` of
 one denoiser call (the guided batch: ``2 x batch`` rows with guidance) and of a whole
 ``batch``-sample run of ``steps`` steps, and the ratio of float32's median to each
 variant's (above 1: faster than float32). It also gives the bytes of the tensors each
-variant's denoiser holds (:func:`accuquant.layers.resident_bytes`; bf16 autocast casts on the
+variant's denoiser holds (:func:`accuquant.backends.placement.resident_bytes`; bf16 autocast casts on the
 fly and holds float32's), as a ratio of float32's.
 """
 
@@ -19,9 +20,20 @@ import time
 import torch
 
 from ..config import DEFAULT_STEPS
-from ..quant.layers import placement, resident_bytes
+from ..backends.placement import placement, resident_bytes
 from .evaluation import base_of
 from ..io.load import load_pipeline
+
+
+def bf16_hardware() -> bool:
+    """Whether this CPU computes in bf16 (AVX512-BF16 or AMX); elsewhere bf16 autocast runs
+    emulated kernels (a 3x3 convolution about 100x slower than float32 on an AVX2 CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _stats(times: list[float]) -> dict:
@@ -52,8 +64,12 @@ def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = DEFAULT_STEP
     conditions, when the pipeline cannot make them (a denoiser without its text encoder)."""
     first = next(iter(quant.values()))
     device = next(fp.model.parameters()).device
-    variants = {"fp32": (fp, contextlib.nullcontext),
-                "bf16": (fp, lambda: torch.autocast(device.type, torch.bfloat16))}
+    variants = {"fp32": (fp, contextlib.nullcontext)}
+    skipped = {}
+    if device.type == "cpu" and not bf16_hardware():
+        skipped["bf16"] = "no bf16 arithmetic on this CPU (AVX512-BF16 or AMX): oneDNN's bf16 kernels emulate it"
+    else:
+        variants["bf16"] = (fp, lambda: torch.autocast(device.type, torch.bfloat16))
     if device.type == "cuda":
         variants["fp16"] = (fp, lambda: torch.autocast("cuda", torch.float16))
     variants.update({f"{first.quant.config.label}-{b}": (p, contextlib.nullcontext) for b, p in quant.items()})
@@ -98,7 +114,7 @@ def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = DEFAULT_STEP
             "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}),
-            "placement": where, "variants": rows}
+            "placement": where, "variants": rows, **({"skipped": skipped} if skipped else {})}
 
 
 def format_speed(r: dict) -> str:
@@ -114,4 +130,6 @@ def format_speed(r: dict) -> str:
                      f"{v['weights_mb']:>7.2f} MB  {v['weights_vs_fp32']:>6.3f}")
     for b, where in r["placement"].items():
         lines.append(f"{b}: " + ", ".join(f"{n} layers on {kind}" for kind, n in where.items()))
+    for k, why in r.get("skipped", {}).items():
+        lines.append(f"{k}: not timed ({why})")
     return "\n".join(lines)

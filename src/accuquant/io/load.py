@@ -24,7 +24,8 @@ from ..models import ADAPTERS, adapter_class, denoiser_names, unsupported
 from ..backends import get_backend
 from ..bundled import model_ref, resolve_ref
 from ..errors import AccuQuantError
-from .save import FORMAT, QUANT_FILE, SCALARS, WEIGHTS_FILE, module_dtype, unpack_codes
+from .save import FORMAT, QUANT_FILE, SCALARS, WEIGHTS_FILE, module_dtype
+from ..quant.packing import packed_numel
 from ..quant.layers import freeze_model, quant_layers, wrap_model
 from ..methods import METHODS
 from ..pipeline import SAMPLING_FILE, Pipeline, QuantRecord, SamplingDefaults
@@ -198,7 +199,12 @@ def _load_quantized(root: Path, device: str, backend: str) -> Pipeline:
                                                                               "sampling")})
     wfile = root / name / WEIGHTS_FILE
     check_safetensors(wfile)
-    model = getattr(diffusers, cls_name).from_config(_read_json(root / name / "config.json"))
+    # every saved tensor is loaded below: no random initialisation, so the float weights
+    # of the quantized layers, dropped unread, never take memory
+    from diffusers.models.modeling_utils import no_init_weights
+
+    with no_init_weights():
+        model = getattr(diffusers, cls_name).from_config(_read_json(root / name / "config.json"))
     # what was quantized comes from the record (layers by keep_fp, attention modules by
     # name), not from today's adapter of the family
     wrap_model(model, record.config, record.splits, attention=record.report.attention,
@@ -220,13 +226,16 @@ def _load_quantized(root: Path, device: str, backend: str) -> Pipeline:
             continue
         info = shapes[key]
         expected = tuple(layer.module.weight.shape)
-        if tuple(info["shape"]) != expected or info["bits"] != max(q.bits for q in layer.weight_quant):
+        if (tuple(info["shape"]) != expected or info["bits"] != layer.codes_bits
+                or tensors[key].shape != (packed_numel(layer.codes_bits, expected),)):
             raise AccuQuantError(f"{wfile}: codes of {lname} do not match the model ({info} vs {expected})")
-        tensors[key] = unpack_codes(tensors[key], info["bits"], tuple(info["shape"]))
-        layer.weight_codes = torch.empty(tuple(info["shape"]), dtype=torch.uint8)
+        layer.weight_codes, layer.codes_shape = torch.empty_like(tensors[key]), expected  # packed, as in memory
         del layer.module.weight
+    # the file's tensors become the model's (no second copy while loading); zero points are
+    # saved as uint8 and held as float32
+    tensors = {k: v.float() if k.endswith("zero_point") else v for k, v in tensors.items()}
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
         raise AccuQuantError(f"{wfile}: does not match the model ({str(e).splitlines()[0]})") from None
     dtype = meta.get("dtype", "float32")

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from ..models import adapter_class
 from ..errors import AccuQuantError
+from ..quant.lora import has_lora
 from ..quant.layers import quant_layers
 from .files import atomic_dir, check_not_inside
 
@@ -35,39 +36,6 @@ QUANT_FILE = "accuquant.json"
 WEIGHTS_FILE = "accuquant_weights.safetensors"
 FORMAT = "accuquant.quantized/1"
 SCALARS = "__scalars__"
-
-
-def _slot_bits(bits: int) -> int:
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes (< 2^bits) into bytes, ``8 // slot`` per byte, little end first."""
-    slot = _slot_bits(bits)
-    per = 8 // slot
-    flat = codes.reshape(-1).to(torch.uint8)
-    if per == 1:
-        return flat.clone()
-    pad = (-flat.numel()) % per
-    flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, per).to(torch.int32)
-    packed = torch.zeros(flat.shape[0], dtype=torch.int32)
-    for k in range(per):
-        packed |= flat[:, k] << (slot * k)
-    return packed.to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
-    slot = _slot_bits(bits)
-    per = 8 // slot
-    n = 1
-    for s in shape:
-        n *= s
-    if per == 1:
-        return packed[:n].reshape(shape).clone()
-    p = packed.to(torch.int32)
-    mask = (1 << slot) - 1
-    parts = torch.stack([(p >> (slot * k)) & mask for k in range(per)], dim=1).reshape(-1)
-    return parts[:n].to(torch.uint8).reshape(shape)
 
 
 def module_dtype(component):
@@ -107,6 +75,9 @@ def save_quantized(pipe, out: str | Path, overwrite: bool = False) -> None:
         raise AccuQuantError("the model is not frozen; quantize() freezes it")
     for layer in layers.values():
         layer._need_codes()
+    if has_lora(pipe.model):
+        raise AccuQuantError("a LoRA is loaded on this model; it is not part of the quantized model: unload it "
+                             "(unload_lora_weights) before saving, and load it again after")
     tensors, shapes, scalars = {}, {}, {}
     for key, t in pipe.model.state_dict().items():
         t = t.detach().cpu().contiguous()
@@ -118,13 +89,9 @@ def save_quantized(pipe, out: str | Path, overwrite: bool = False) -> None:
             tensors[key] = t
     if scalars:
         tensors[SCALARS] = torch.stack(list(scalars.values()))
-    for name, layer in layers.items():
-        if layer.weight_codes is None:
-            continue
-        key = f"{name}.weight_codes"
-        bits = max(q.bits for q in layer.weight_quant)
-        tensors[key] = pack_codes(layer.weight_codes.cpu(), bits)
-        shapes[key] = {"shape": list(layer.weight_codes.shape), "bits": bits}
+    for name, layer in layers.items():  # the state dict holds their packed codes
+        if layer.frozen:
+            shapes[f"{name}.weight_codes"] = {"shape": list(layer.codes_shape), "bits": layer.codes_bits}
     with atomic_dir(Path(out), overwrite) as tmp:
         sub = tmp / pipe.denoiser_name
         pipe.model.save_config(str(sub))

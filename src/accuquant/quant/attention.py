@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from ..backends.base import fake_quant_
+from ..backends.base import FAKE_ARITHMETIC, fake_quant_
 from .quantizers import UniformQuantizer
 
 
@@ -62,8 +62,8 @@ def _quant(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class QuantAttnProcessor(nn.Module):
     """Attention with fake-quantized matmul inputs.
 
-    ``backend`` is set by :func:`accuquant.layers.freeze_model`: on ``fake`` inference
-    computes exactly what calibration computed; on any other backend it takes
+    ``backend`` is set by :func:`accuquant.layers.freeze_model`: on ``fake`` and ``packed``
+    inference computes exactly what calibration computed; on any other backend it takes
     :meth:`_attend_fast`, equal up to float rounding.
 
     Args:
@@ -97,7 +97,7 @@ class QuantAttnProcessor(nn.Module):
         n_q, n_k = query.shape[-2], key.shape[-2]
         heads = query.numel() // (n_q * query.shape[-1])
         observing = any(q.observer is not None for q in self.quantizers().values())  # ranges see whole calls
-        if (self.backend != "fake" and not torch.is_grad_enabled() and not observing and attention_mask is None
+        if (self.backend not in FAKE_ARITHMETIC and not torch.is_grad_enabled() and not observing and attention_mask is None
                 and query.dtype == key.dtype == value.dtype == torch.float32 and query.device.type == "cpu"
                 and n_q * n_k > 0 and (_frozen(self.probs_quant) or not _active(self.probs_quant))):
             return self._attend_fast(query, key, value, scale)

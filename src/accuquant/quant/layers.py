@@ -6,7 +6,7 @@ quantizers for the weight and the input. It has two states:
 * calibrating: the float weight is fake-quantized on every forward, so the quantizers'
   step sizes and rounding can be learned;
 * frozen (:meth:`QuantLayer.freeze`): the float weight is replaced by its integer codes
-  (``uint8``, what is saved), and the forward runs a backend module built from the
+  (packed into bytes, what is saved), and the forward runs a backend module built from the
   layer's :class:`~accuquant.backends.LayerSpec` (:mod:`accuquant.backends`). A saved and
   reloaded model builds the same module, so its outputs are bit-identical.
 
@@ -31,6 +31,7 @@ from ..backends import Grid, LayerSpec, get_backend
 from ..config import QuantConfig
 from ..errors import AccuQuantError
 from .outliers import Outliers, fold_rotations, rotate
+from .packing import pack_codes, unpack_codes
 from .quantizers import TokenQuantizer, UniformQuantizer
 
 WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -103,6 +104,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("weight_codes", None)
         self.register_module("kernel", None)  # the backend module, once frozen
         self.codes_in_kernel = False  # the codes were dropped: the kernel holds the only copy
+        self.codes_shape: tuple[int, ...] | None = None  # the weight's shape, of the packed codes
 
     # ------------------------------------------------------------------ the wrapped layer's shape
     # (pipelines read them: SDXL's reads ``add_embedding.linear_1.in_features``)
@@ -117,10 +119,24 @@ class QuantLayer(nn.Module):
         return self.weight_codes is not None or self.codes_in_kernel
 
     def _need_codes(self) -> None:
-        if self.codes_in_kernel:
+        if self.codes_in_kernel and not hasattr(self.kernel, "codes"):
             b = self.kernel.runs_on
             raise AccuQuantError(f"this model's integer weights live only in its {b} kernels (a model loaded with "
                                  f"backend {b} keeps no other copy); load it again for another backend or to save it")
+
+    @property
+    def codes_bits(self) -> int:
+        return max(q.bits for q in self.weight_quant)
+
+    def int_codes(self) -> torch.Tensor:
+        """The frozen weight's integer codes (int16, in each part's ``[qmin, qmax]``), unpacked
+        from this layer's bytes or given back by the kernel that holds the only copy."""
+        self._need_codes()
+        if self.codes_in_kernel:
+            return self.kernel.codes()
+        codes = unpack_codes(self.weight_codes, self.codes_bits, self.codes_shape)
+        return torch.cat([c.to(torch.int16) + q.qmin for q, c in zip(self.weight_quant, self._parts(codes, 1))],
+                         dim=1)
 
     def _parts(self, t: torch.Tensor, dim: int) -> list[torch.Tensor]:
         if self.split is None:
@@ -149,11 +165,8 @@ class QuantLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         """The weight as the forward uses it (dequantized codes when frozen)."""
         if self.frozen:
-            self._need_codes()
-            parts = self._parts(self.weight_codes, 1)
-            return torch.cat(
-                [q.from_int(c.to(torch.int16) + q.qmin) for q, c in zip(self.weight_quant, parts)], dim=1
-            )
+            return torch.cat([q.from_int(c) for q, c in zip(self.weight_quant, self._parts(self.int_codes(), 1))],
+                             dim=1)
         if not self.weight_quant:
             return self._float_weight()
         return torch.cat([q(p) for q, p in self.weight_parts()], dim=1)
@@ -181,22 +194,47 @@ class QuantLayer(nn.Module):
 
     @torch.no_grad()
     def freeze(self, backend: str = "fake") -> None:
-        """Replace the float weight by its integer codes (stored as ``q - qmin``, uint8) and
-        run the layer on ``backend`` from here on. A kernel that holds the weight itself
-        (``holds_weights``: the int8 backend's prepacked tensors) takes the only copy: the
-        codes are dropped, so the model stays small, and can no longer be saved or moved."""
+        """Replace the float weight by its integer codes (``q - qmin``, packed into bytes:
+        :mod:`~accuquant.quant.packing`) and run the layer on ``backend`` from here on. A
+        kernel that holds the weight itself (``holds_weights``) takes the only copy: the
+        codes are dropped, so the model stays small. Where that kernel can give the codes
+        back (``codes()``: the ``fake`` and ``packed`` backends) the model can still be
+        saved and moved to another backend; the int8 kernels' prepacked tensors cannot."""
         build = get_backend(backend)
-        self._need_codes()
         if not self.frozen and self.weight_quant:
             codes = [q.to_int(p) - q.qmin for q, p in self.weight_parts()]
-            self.weight_codes = torch.cat(codes, dim=1).to(torch.uint8)
+            self._hold_codes(torch.cat(codes, dim=1))
             for q in self.weight_quant:
                 q.alpha = None
                 q.codes = None
             del self.module.weight
-        self.kernel = build(self.spec())
+        spec = self.spec()
+        self.kernel = build(spec)
         if getattr(self.kernel, "holds_weights", False):
             self.weight_codes, self.codes_in_kernel = None, True
+        elif self.codes_in_kernel:  # from a kernel that held them to one that does not
+            self.codes_in_kernel = False
+            self._hold_codes(torch.cat([c - q.qmin for q, c in zip(self.weight_quant,
+                                                                    self._parts(spec.weight_codes, 1))], dim=1))
+
+    def _hold_codes(self, unsigned: torch.Tensor) -> None:
+        self.codes_shape = tuple(unsigned.shape)
+        self.weight_codes = pack_codes(unsigned, self.codes_bits)
+
+    def packed_codes(self) -> torch.Tensor:
+        """The codes ``q - qmin`` packed into bytes, as held in memory and saved."""
+        if not self.codes_in_kernel:
+            return self.weight_codes
+        codes = self.int_codes()
+        return pack_codes(torch.cat([c - q.qmin for q, c in zip(self.weight_quant, self._parts(codes, 1))], dim=1),
+                          self.codes_bits)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The state dict holds the codes wherever they live (a model's fingerprint and its
+        saved file cover them)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.codes_in_kernel and hasattr(self.kernel, "codes"):
+            destination[prefix + "weight_codes"] = self.packed_codes()
 
     @torch.no_grad()
     def spec(self) -> LayerSpec:
@@ -206,9 +244,7 @@ class QuantLayer(nn.Module):
                                  isinstance(q, TokenQuantizer)) for q in qs]
         codes = None
         if self.frozen:
-            self._need_codes()
-            parts = self._parts(self.weight_codes, 1)
-            codes = torch.cat([c.to(torch.int16) + q.qmin for q, c in zip(self.weight_quant, parts)], dim=1)
+            codes = self.int_codes()
         elif self.weight_quant:
             codes = torch.cat([q.to_int(p) for q, p in self.weight_parts()], dim=1)
         kind = "linear" if isinstance(m, nn.Linear) else "conv1d" if isinstance(m, nn.Conv1d) else "conv2d"
@@ -357,30 +393,3 @@ def freeze_model(model: nn.Module, backend: str = "fake") -> None:
     for m in model.modules():
         if isinstance(m, QuantAttnProcessor):
             m.backend = backend
-
-
-def resident_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors ``model`` holds: its parameters and buffers (each storage once)
-    and the opaque prepacked weights of its kernels (``packed``)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-    for m in model.modules():
-        total += sum(p.numel() * p.element_size() for p in getattr(m, "packed", ()))
-    return total
-
-
-def placement(model: nn.Module) -> dict[str, list[str]]:
-    """Frozen layers by the backend that runs them; a fallback's entry gives its reason."""
-    out: dict[str, list[str]] = {}
-    for name, layer in quant_layers(model).items():
-        k = layer.kernel
-        if k is None:
-            continue
-        where = getattr(k, "runs_on", "fake")
-        why = getattr(k, "why", None)
-        out.setdefault(where, []).append(name + (f" ({why})" if why else ""))
-    return out
