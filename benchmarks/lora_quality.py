@@ -40,10 +40,10 @@ KEYS = ("fid2fp", "fid2fp_interval", "psnr", "ssim", "class_accuracy")
 
 
 def ink(pipe, num: int) -> float:
-    """Mean share of pixels above mid-grey in ``num`` decoded samples."""
+    """Mean share of pixels above mid-grey in ``num`` decoded samples (images in [0, 1])."""
     with torch.no_grad():
         x = pipe.decode(pipe.sample(num, seed=123, progress=False))
-    return (x > 0).float().mean().item()
+    return (x > 0.5).float().mean().item()
 
 
 def main() -> None:
@@ -58,7 +58,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--out", default=str(RESULTS / "lora_quality"))
+    p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     args = p.parse_args()
+    if args.render_only:
+        render(json.loads(Path(args.out).with_suffix(".json").read_text()), Path(args.out))
+        return
     if not Path(args.lora).exists():
         if not args.data:
             raise SystemExit(f"{args.lora} does not exist: pass --data to train it")
@@ -93,20 +97,26 @@ def main() -> None:
            "rows": rows}
     with atomic_path(Path(args.out).with_suffix(".json")) as t:
         t.write_text(json.dumps(doc, indent=2))
+    render(doc, Path(args.out))
+
+
+def render(doc: dict, out: Path) -> None:
     iv = lambda r: (f"{r['fid2fp']:.3f}" + (f" ({r['fid2fp_interval'][0]:.2f}..{r['fid2fp_interval'][1]:.2f})"  # noqa: E731
                                              if r.get("fid2fp_interval") else "") + f" / {r['psnr']:.2f} dB")
-    lines = [f"Written by benchmarks/lora_quality.py on the CPU ({cpu_name()}): {args.model} quantized at "
-             f"{args.bits} by {args.method} ({args.calib_samples} calibration trajectories, {args.steps} steps), "
-             f"the \"thick strokes\" LoRA (training/train_lora_thick.py) in floating point beside the quantized "
-             f"layers; {args.num} paired samples. FID to FP (95% bootstrap interval) / PSNR.", "",
-             f"The LoRA's own effect (FP + LoRA against FP): FID {iv(effect)}; ink (share of pixels above mid-grey): "
-             f"FP {doc['ink_fp']:.3f}, FP + LoRA {doc['ink_fp_lora']:.3f}.", "",
-             "| seed | quantized vs FP | quantized + LoRA vs FP + LoRA | ratio (target at most 1.5) | "
-             "ink, quantized + LoRA |", "| --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {iv(r['without_lora'])} | {iv(r['with_lora'])} | {r['ratio']:.2f} | "
-                     f"{r['ink_quantized_lora']:.3f} |")
-    with atomic_path(Path(args.out).with_suffix(".md")) as t:
+    has_ink = "ink_fp" in doc
+    lines = [f"Written by benchmarks/lora_quality.py on the CPU ({doc['cpu']}): {doc['model']} quantized at "
+             f"{doc['bits']} by {doc['method']} ({doc['calib_samples']} calibration trajectories, {doc['steps']} "
+             "steps), the \"thick strokes\" LoRA (training/train_lora_thick.py) in floating point beside the "
+             f"quantized layers; {doc['num']} paired samples. FID to FP (95% bootstrap interval) / PSNR.", "",
+             f"The LoRA's own effect (FP + LoRA against FP): FID {iv(doc['lora_effect'])}"
+             + (f"; ink (share of pixels above mid-grey): FP {doc['ink_fp']:.3f}, FP + LoRA {doc['ink_fp_lora']:.3f}"
+                if has_ink else "") + ".", "",
+             "| seed | quantized vs FP | quantized + LoRA vs FP + LoRA | ratio (target at most 1.5) |"
+             + (" ink, quantized + LoRA |" if has_ink else ""), "| --- " * (5 if has_ink else 4) + "|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['seed']} | {iv(r['without_lora'])} | {iv(r['with_lora'])} | {r['ratio']:.2f} |"
+                     + (f" {r['ink_quantized_lora']:.3f} |" if has_ink else ""))
+    with atomic_path(out.with_suffix(".md")) as t:
         t.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -108,16 +108,18 @@ class LayerSpec:
 def dequantize(codes: torch.Tensor, grids: list[Grid], split: int | None) -> torch.Tensor:
     """``(q - z) * s`` of integer ``codes`` per part (cut at input channel ``split``)."""
     parts = [codes] if split is None else [codes[:, :split], codes[:, split:]]
-    return torch.cat([((grouped(c, g.group).to(g.scale.dtype) - g.zero_point) * g.scale).reshape(c.shape)
-                      for g, c in zip(grids, parts)], dim=1)
+    dev = codes.device  # (a kernel moved to another device keeps the grids it was built with)
+    return torch.cat([((grouped(c, g.group).to(g.scale.dtype) - g.zero_point.to(dev)) * g.scale.to(dev))
+                      .reshape(c.shape) for g, c in zip(grids, parts)], dim=1)
 
 
 def recovered_codes(weight: torch.Tensor, grids: list[Grid], split: int | None) -> torch.Tensor:
     """The integer codes (int16) that :func:`dequantize` turned into ``weight``:
     ``round(w / s + z)``, exact while ``|q - z| * 2^-23`` stays far below one half."""
     parts = [weight] if split is None else [weight[:, :split], weight[:, split:]]
-    return torch.cat([(grouped(w, g.group) / g.scale + g.zero_point).round_().reshape(w.shape).to(torch.int16)
-                      for g, w in zip(grids, parts)], dim=1)
+    dev = weight.device
+    return torch.cat([(grouped(w, g.group) / g.scale.to(dev) + g.zero_point.to(dev)).round_().reshape(w.shape)
+                      .to(torch.int16) for g, w in zip(grids, parts)], dim=1)
 
 
 Builder = Callable[[LayerSpec], nn.Module]

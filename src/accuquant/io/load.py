@@ -238,6 +238,7 @@ def _load_quantized(root: Path, device: str, backend: str) -> Pipeline:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
         raise AccuQuantError(f"{wfile}: does not match the model ({str(e).splitlines()[0]})") from None
+    del tensors  # the model holds them now: a kernel that takes the only copy of a layer's codes frees them
     dtype = meta.get("dtype", "float32")
     if dtype not in DTYPES:
         raise AccuQuantError(f"{root / QUANT_FILE}: unknown dtype {dtype!r}")
