@@ -7,7 +7,7 @@ import torch
 import accuquant as aq
 from accuquant.errors import AccuQuantError
 from accuquant.backends import backends_for
-from accuquant.quant.lora import load_lora, unload_lora
+from accuquant.quant.lora import load_lora, parse_lora, unload_lora
 from accuquant.quant.layers import freeze_model
 from conftest import class_pipeline
 
@@ -198,3 +198,12 @@ def test_a_saved_lora_file_loads_on_diffusers_own_pipeline(sd_pipeline_dir, tmp_
     assert torch.equal(d("a digit", generator=torch.Generator().manual_seed(0), **kw).images, base)
     d.unload_lora_weights()
     assert not any(hasattr(m, "lora_adapters") for m in pipe.model.modules())
+
+
+def test_a_files_text_encoder_entries_are_left_out_with_a_warning():
+    t = {"unet.a.lora_A.weight": torch.zeros(2, 4), "unet.a.lora_B.weight": torch.zeros(4, 2),
+         "unet.a.alpha": torch.tensor(1.0),
+         "text_encoder.b.lora_A.weight": torch.zeros(2, 4), "text_encoder.b.lora_B.weight": torch.zeros(4, 2)}
+    with pytest.warns(UserWarning, match="2 text-encoder entries left out"):
+        out = parse_lora(t)
+    assert list(out) == ["a"] and out["a"][2] == 0.5  # alpha / rank

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -130,9 +131,15 @@ def _default_alpha(meta: dict) -> float | None:
 def parse_lora(tensors: dict[str, torch.Tensor], meta: dict | None = None, prefix: str | None = None
                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """Per target module name: ``(A, B, alpha / r)``, with the denoiser's ``prefix`` (and a
-    leading ``unet.`` or ``transformer.``) taken off the names."""
+    leading ``unet.`` or ``transformer.``) taken off the names. A file's text-encoder
+    entries (``text_encoder*.``) are left out, with a warning: only the denoiser's apply."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     ratio = _default_alpha(meta or {})
+    text = [k for k in tensors if k.startswith("text_encoder")]
+    if text:
+        warnings.warn(f"LoRA: {len(text)} text-encoder entries left out (only the denoiser's adapters apply)",
+                      stacklevel=2)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("text_encoder")}
     used = set()
     for key in tensors:
         for down_s, up_s in _PATTERNS:
@@ -157,8 +164,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], meta: dict | None = None, prefi
                              "lora_B.weight, the diffusers/PEFT format)")
     other = [k for k in tensors if k not in used and not re.search(r"\.alpha$", k)]
     if other:
-        raise AccuQuantError(f"LoRA: {len(other)} entries that are not adapter factors (first: {other[0]}); "
-                             "text-encoder LoRAs are not applied")
+        raise AccuQuantError(f"LoRA: {len(other)} entries that are not adapter factors (first: {other[0]})")
     return out
 
 
