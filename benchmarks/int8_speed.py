@@ -206,6 +206,11 @@ def main() -> None:
                 print(f"{name} {bits} {r['threads']} thread(s): " + ", ".join(
                     f"{k} {x['call']['median_ms']:.0f} ms ({x['call_speedup']:.2f}x)" for k, x in r["variants"].items()),
                     flush=True)
+            write(rows, args)
+
+
+def write(rows: list[dict], args) -> None:
+    """The results files from the rows measured so far (rewritten after each process)."""
     with atomic_path(Path(args.out).with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
     b8 = args.backend
