@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AccuQuantError
-from ..quant.packing import pack_codes, unpack_codes
+from ..quant.packing import pack_signed, unpack_signed
 from ..quant.quantizers import grouped, int_range, round_ste, token_quant
 
 KINDS = ("linear", "conv1d", "conv2d")
@@ -326,17 +326,14 @@ class PackedLayer(FakeQuantLayer):
             return
         self.holds_weights = True
         self.bits, self.qmins = spec.weight_bits, [g.qmin for g in spec.weight_grids]
-        parts = spec.parts(spec.weight_codes, 1)
-        unsigned = torch.cat([c - qmin for c, qmin in zip(parts, self.qmins)], dim=1)
-        self.register_buffer("packed_codes", pack_codes(unsigned, self.bits), persistent=False)
+        self.register_buffer("packed_codes", pack_signed(spec.weight_codes, self.qmins, self.split, self.bits),
+                             persistent=False)
         self.weight = None
 
     def codes(self) -> torch.Tensor:
         if self.weight is not None:
             return super().codes()
-        c = unpack_codes(self.packed_codes, self.bits, self.weight_shape).to(torch.int16)
-        parts = [c] if self.split is None else [c[:, :self.split], c[:, self.split:]]
-        return torch.cat([p + qmin for p, qmin in zip(parts, self.qmins)], dim=1)
+        return unpack_signed(self.packed_codes, self.qmins, self.split, self.bits, self.weight_shape)
 
     def float_weight(self) -> torch.Tensor:
         return self.weight if self.weight is not None else dequantize(self.codes(), self.weight_grids, self.split)

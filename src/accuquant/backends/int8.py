@@ -33,14 +33,18 @@ class Unsupported(Exception):
 
 
 @functools.lru_cache(maxsize=None)
-def vnni() -> bool:
-    """Whether this CPU multiplies uint8 by int8 without int16 saturation (VNNI or AMX)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "")
+            return frozenset(next((ln for ln in f if ln.startswith("flags")), "").split())
     except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        return frozenset()
+
+
+def vnni() -> bool:
+    """Whether this CPU multiplies uint8 by int8 without int16 saturation (VNNI or AMX)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def available() -> bool:

@@ -28,12 +28,9 @@ from ..io.load import load_pipeline
 def bf16_hardware() -> bool:
     """Whether this CPU computes in bf16 (AVX512-BF16 or AMX); elsewhere bf16 autocast runs
     emulated kernels (a 3x3 convolution about 100x slower than float32 on an AVX2 CPU)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from ..backends.int8 import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def _stats(times: list[float]) -> dict:

@@ -31,7 +31,7 @@ from ..backends import Grid, LayerSpec, get_backend
 from ..config import QuantConfig
 from ..errors import AccuQuantError
 from .outliers import Outliers, fold_rotations, rotate
-from .packing import pack_codes, unpack_codes
+from .packing import pack_signed, unpack_signed
 from .quantizers import TokenQuantizer, UniformQuantizer
 
 WRAPPABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -134,9 +134,10 @@ class QuantLayer(nn.Module):
         self._need_codes()
         if self.codes_in_kernel:
             return self.kernel.codes()
-        codes = unpack_codes(self.weight_codes, self.codes_bits, self.codes_shape)
-        return torch.cat([c.to(torch.int16) + q.qmin for q, c in zip(self.weight_quant, self._parts(codes, 1))],
-                         dim=1)
+        return unpack_signed(self.weight_codes, self._qmins(), self.split, self.codes_bits, self.codes_shape)
+
+    def _qmins(self) -> list[int]:
+        return [q.qmin for q in self.weight_quant]
 
     def _parts(self, t: torch.Tensor, dim: int) -> list[torch.Tensor]:
         if self.split is None:
@@ -202,8 +203,7 @@ class QuantLayer(nn.Module):
         saved and moved to another backend; the int8 kernels' prepacked tensors cannot."""
         build = get_backend(backend)
         if not self.frozen and self.weight_quant:
-            codes = [q.to_int(p) - q.qmin for q, p in self.weight_parts()]
-            self._hold_codes(torch.cat(codes, dim=1))
+            self._hold_codes(torch.cat([q.to_int(p) for q, p in self.weight_parts()], dim=1))
             for q in self.weight_quant:
                 q.alpha = None
                 q.codes = None
@@ -214,20 +214,18 @@ class QuantLayer(nn.Module):
             self.weight_codes, self.codes_in_kernel = None, True
         elif self.codes_in_kernel:  # from a kernel that held them to one that does not
             self.codes_in_kernel = False
-            self._hold_codes(torch.cat([c - q.qmin for q, c in zip(self.weight_quant,
-                                                                    self._parts(spec.weight_codes, 1))], dim=1))
+            self._hold_codes(spec.weight_codes)
 
-    def _hold_codes(self, unsigned: torch.Tensor) -> None:
-        self.codes_shape = tuple(unsigned.shape)
-        self.weight_codes = pack_codes(unsigned, self.codes_bits)
+    def _hold_codes(self, codes: torch.Tensor) -> None:
+        """Hold integer ``codes`` (each part in its ``[qmin, qmax]``) packed."""
+        self.codes_shape = tuple(codes.shape)
+        self.weight_codes = pack_signed(codes, self._qmins(), self.split, self.codes_bits)
 
     def packed_codes(self) -> torch.Tensor:
         """The codes ``q - qmin`` packed into bytes, as held in memory and saved."""
         if not self.codes_in_kernel:
             return self.weight_codes
-        codes = self.int_codes()
-        return pack_codes(torch.cat([c - q.qmin for q, c in zip(self.weight_quant, self._parts(codes, 1))], dim=1),
-                          self.codes_bits)
+        return pack_signed(self.int_codes(), self._qmins(), self.split, self.codes_bits)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The state dict holds the codes wherever they live (a model's fingerprint and its

@@ -41,6 +41,23 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> tor
     return parts[:n].reshape(shape)
 
 
+def _offset(codes: torch.Tensor, offsets: list[int], split: int | None) -> torch.Tensor:
+    parts = [codes] if split is None else [codes[:, :split], codes[:, split:]]
+    return torch.cat([p + o for p, o in zip(parts, offsets)], dim=1)
+
+
+def pack_signed(codes: torch.Tensor, qmins: list[int], split: int | None, bits: int) -> torch.Tensor:
+    """A weight's integer codes, each part (cut at input channel ``split``) in its own
+    ``[qmin, qmax]``, packed as ``q - qmin`` (what frozen layers hold and save)."""
+    return pack_codes(_offset(codes, [-m for m in qmins], split), bits)
+
+
+def unpack_signed(packed: torch.Tensor, qmins: list[int], split: int | None, bits: int,
+                  shape: tuple[int, ...]) -> torch.Tensor:
+    """The integer codes (int16) that :func:`pack_signed` packed."""
+    return _offset(unpack_codes(packed, bits, shape).to(torch.int16), qmins, split)
+
+
 def packed_numel(bits: int, shape: tuple[int, ...]) -> int:
     """Bytes :func:`pack_codes` takes for codes of ``shape`` at ``bits``."""
     per = 8 // slot_bits(bits)
