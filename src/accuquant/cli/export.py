@@ -1,4 +1,5 @@
-"""``accuquant export``: a quantized model as a plain diffusers directory (torchao int8 weights)."""
+"""``accuquant export``: a quantized model as a plain diffusers directory (torchao int8 weights and,
+by default, its static int8 input grids)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ def add_parser(sub) -> None:
     x.add_argument("--out", required=True, help="output directory (not the model's own, nor one inside it or "
                    "holding it)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    x.add_argument("--activations", choices=("static", "float"), default="static",
+                   help="static: each quantized Linear's calibrated 8-bit input grid as torchao's static int8 "
+                   "activation quantization (W*A8 as calibrated, attention matmuls in float); float: the weights "
+                   "only (default: static)")
 
 
 def run(args) -> None:
@@ -23,6 +28,6 @@ def run(args) -> None:
     check_not_inside(out, args.model)
     check_out_dir(out, args.overwrite, "--overwrite")
     pipe = load_pipeline(args.model)
-    save_torchao(pipe, out, overwrite=args.overwrite)
+    save_torchao(pipe, out, overwrite=args.overwrite, activations=args.activations)
     print(f"wrote {out}: load it with {pipe.to_diffusers().__class__.__name__}.from_pretrained"
           f"('{out}', torch_dtype=torch.float32) (diffusers and torchao)")
