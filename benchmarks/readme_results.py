@@ -349,7 +349,13 @@ OTHER_TABLES = [
      "The target: the quantized model with the LoRA at most 1.5x as far (FID) from FP + LoRA as the quantized "
      "model without it is from FP."),
     ("torchao_export.md", "The torchao export",
-     "`python benchmarks/torchao_export.py --num 100` (`benchmarks/results/torchao_export.{md,json}`)."),
+     "`python benchmarks/torchao_export.py --num 100` (`benchmarks/results/torchao_export.{md,json}`; CPU and "
+     "threads in the file). With the attention matmuls in float (`-attnfp`, all the export can carry), the static "
+     "export is as close to the quantized model as the quantized model is to itself sampled one image at a time "
+     "(float sums in another order move a few activations across a rounding boundary); with quantized attention, "
+     "the attention is what the export lacks. Weights only (`float`) is nearer FP but is not the calibrated "
+     "network. torchao runs the static int8 matmul through `torch._int_mm`, slow in eager mode on a CPU without "
+     "VNNI or AMX."),
     ("reliability.md", "Reliability",
      "`python benchmarks/kill_resume.py --trials 10`, then `python benchmarks/reliability.py --pairs 3` "
      "(`benchmarks/results/kill_resume.json`, `reliability.{md,json}`)."),
