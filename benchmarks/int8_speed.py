@@ -12,6 +12,8 @@ process per model and bit width, each thread count in turn (variants in turn, me
 bf16 autocast only where the CPU computes in bf16). The large models time one denoiser
 call only; the bundled one also a whole 20-step sample. ``--openvino`` also converts the
 FP model with OpenVINO (the ``bench`` extra) and times its call in the same process.
+``--compile`` also times float32 and the ``--backend`` model compiled by ``torch.compile``
+(``Pipeline.compile``; the compile time, in the warm-up call, is reported apart).
 
     python benchmarks/int8_speed.py --threads 1,2 --repeats 3   # results/int8_speed.{json,md}
     python benchmarks/int8_speed.py --models mnist-ddpm,sd15-unet,dit-xl-2:w4a8   # DiT-XL/2 at W4A8 only
@@ -62,7 +64,8 @@ def build(name: str):
 
 
 def run_one(name: str, bits: str, threads: list[int], repeats: int, backend: str = "int8",
-            device: str = "cpu", extra: tuple[str, ...] = (), openvino: bool = False) -> list[dict]:
+            device: str = "cpu", extra: tuple[str, ...] = (), openvino: bool = False,
+            compiled: bool = False) -> list[dict]:
     import accuquant as aq
     from accuquant.quant.layers import freeze_model
     from accuquant.eval.speed import measure_pipelines
@@ -84,11 +87,15 @@ def run_one(name: str, bits: str, threads: list[int], repeats: int, backend: str
                     calib=calib, progress=False, **kw)
     quantize_s = time.perf_counter() - t0
     quant = {"fake": q}
-    for b in [backend, *extra]:
+    for b in [backend, *extra] + ([backend + "+compile"] if compiled else []):
         quant[b] = copy.deepcopy(q)
-        freeze_model(quant[b].model, b)
+        freeze_model(quant[b].model, b.removesuffix("+compile"))
+        if b.endswith("+compile"):
+            quant[b].compile()
+    fp_compiled = copy.deepcopy(fp).compile() if compiled else None
     params = sum(p.numel() for p in fp.model.parameters())
     fp = fp.to(device)
+    fp_compiled = fp_compiled.to(device) if fp_compiled is not None else None
     quant = {b: p.to(device) for b, p in quant.items()}
     if call_cond is not None:
         call_cond = call_cond.to(device)
@@ -102,7 +109,7 @@ def run_one(name: str, bits: str, threads: list[int], repeats: int, backend: str
     for n in threads:
         torch.set_num_threads(n)
         r = measure_pipelines(quant, fp, batch=1, steps=kw["steps"] if small else 20,
-                              repeats=repeats, whole_sample=not small, cond=call_cond)
+                              repeats=repeats, whole_sample=not small, cond=call_cond, fp_compiled=fp_compiled)
         if ov is not None:
             r["variants"]["openvino"] = time_openvino(ov, n, repeats, r["variants"]["fp32"]["call"]["median_ms"])
         rows.append({"model": name, "bits": bits, "params_m": round(params / 1e6, 1),
@@ -183,6 +190,7 @@ def main() -> None:
                    "empty: none)")
     p.add_argument("--openvino", action="store_true", help="also the FP model converted by OpenVINO (bf16 where the "
                    "CPU computes in bf16, else float32; pip install openvino)")
+    p.add_argument("--compile", action="store_true", help="also float32 and --backend compiled by torch.compile")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model,bits: run in this process
     p.add_argument("--out", default=str(RESULTS / "int8_speed"))
     args = p.parse_args()
@@ -190,7 +198,8 @@ def main() -> None:
     if args.one:
         name, bits = args.one.split(",")
         extra = tuple(b for b in args.also.split(",") if b)
-        print(json.dumps(run_one(name, bits, threads, args.repeats, args.backend, args.device, extra, args.openvino)))
+        print(json.dumps(run_one(name, bits, threads, args.repeats, args.backend, args.device, extra, args.openvino,
+                                 args.compile)))
         return
     rows = []
     for spec in args.models.split(","):  # model or model:bits,bits
@@ -199,7 +208,8 @@ def main() -> None:
             # one process per model and bit width (its thread counts in turn): a fresh allocator
             out = subprocess.run([sys.executable, __file__, "--one", f"{name},{bits}", "--threads", args.threads,
                                   "--repeats", str(args.repeats), "--backend", args.backend, "--device", args.device,
-                                  "--also", args.also] + (["--openvino"] if args.openvino else []),
+                                  "--also", args.also] + (["--openvino"] if args.openvino else [])
+                                 + (["--compile"] if args.compile else []),
                                  check=True, capture_output=True, text=True).stdout
             for r in json.loads(out.strip().splitlines()[-1]):
                 rows.append(r)
@@ -220,6 +230,7 @@ def write(rows: list[dict], args) -> None:
     floats = [f for f in ("bf16", "fp16") if f in first]
     others = [b for b in args.also.split(",") if b]
     ov = ["openvino"] if args.openvino else []
+    comp = [f"{b8}+compile"] if args.compile else []
     skipped = "; ".join(f"{k} not timed: {why}" for k, why in (rows[0].get("skipped", {}) if rows else {}).items())
     lines = [f"Written by benchmarks/int8_speed.py on {where} ({cpu_name()}): median latency of one denoiser call (one "
              "guided sample: 2 rows), in one process per model and bit width, variants timed in turn; "
@@ -228,11 +239,17 @@ def write(rows: list[dict], args) -> None:
              "configurations (speed only). 8-bit weights are symmetric."
              + (" OpenVINO: the FP model converted and compiled for the CPU (bf16 where the CPU computes in bf16, "
                 "else float32), timed after the others in the same process." if ov else "")
+             + (" `+compile`: compiled by torch.compile (Inductor, weights frozen as constants), compile time "
+                "apart: " + "; ".join(f"{r['model']} {r['bits']} {r['threads']} thread(s): fp32 "
+                                      f"{r['variants']['fp32+compile']['compile_s']:.0f} s, {comp[0]} "
+                                      f"{r['variants'][r['bits'] + '-' + comp[0]]['compile_s']:.0f} s"
+                                      for r in rows) + "." if comp else "")
              + (f" {skipped}." if skipped else ""), "",
              f"| model | bits | threads | fp32 (ms) | {' | '.join(floats + ['fake', b8] + others + ov)} | "
-             f"{b8} layers | "
+             + "".join(f"{k} | " for k in (["fp32+compile"] + comp if comp else []))
+             + f"{b8} layers | "
              f"weights {b8} / fp32 |" + "".join(f" weights {b} / fp32 |" for b in others),
-             "| --- " * (8 + len(floats) + 2 * len(others) + len(ov)) + "|"]
+             "| --- " * (8 + len(floats) + 2 * len(others) + len(ov) + 2 * len(comp)) + "|"]
     for r in rows:
         v = r["variants"]
         b = r["bits"]
@@ -240,7 +257,8 @@ def write(rows: list[dict], args) -> None:
         total = sum(r["placement"][b8].values())
         cell = lambda k: f"{v[k]['call']['median_ms']:.0f} ms ({v[k]['call_speedup']:.2f}x)"  # noqa: E731
         cells = [cell(f) for f in floats] + [cell(f"{b}-{k}") for k in ["fake", b8] + others] + [
-            cell(k) if k in v else "not converted" for k in ov]
+            cell(k) if k in v else "not converted" for k in ov] + (
+            [cell("fp32+compile"), cell(f"{b}-{comp[0]}")] if comp else [])
         lines.append(f"| {r['model']} ({r['params_m']} M) | {b} | {r['threads']} | "
                      f"{v['fp32']['call']['median_ms']:.0f} | " + " | ".join(cells) + f" | {on}/{total} | "
                      f"{v[b + '-' + b8]['weights_vs_fp32']:.3f} |"

@@ -324,6 +324,14 @@ class Pipeline:
     def unload_lora_weights(self, adapter_name: str | None = None) -> None:
         unload_lora(self.model, adapter_name)
 
+    def compile(self) -> "Pipeline":
+        """Compile the denoiser with ``torch.compile`` for inference, on the backend it is on
+        (:mod:`accuquant.backends.compiled`); compiled at the first call, which is slow."""
+        from .backends.compiled import compile_model
+
+        compile_model(self.model)
+        return self
+
     def save(self, out, overwrite: bool = False) -> None:
         """Save a quantized pipeline as a directory (see :mod:`accuquant.export`)."""
         save_quantized(self, out, overwrite=overwrite)

@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     sp.add_argument("--threads", type=o.positive, default=None, help="torch threads (default: torch's)")
     sp.add_argument("--device", default="cpu", help="where the models run (default cpu; cuda: time cuda-int8 "
                     "against float32, bf16 and fp16 autocast)")
+    sp.add_argument("--compile", action="store_true", help="also time each backend and float32 compiled by "
+                    "torch.compile (Inductor; the compile time is reported apart)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -29,12 +31,14 @@ def run(args) -> None:
     import json
 
     from ..backends import backends_for, check_backend
-    from ..eval.speed import format_speed, measure
+    from ..eval.speed import COMPILE, format_speed, measure
 
     check_device(args.device)
     backends = backends_for(args.device) if args.backend is None else [b for b in args.backend.split(",") if b]
     for b in backends:
         check_backend(b, args.device)
+    if args.compile:
+        backends += [b + COMPILE for b in backends]
     r = measure(o.model_arg(args), backends, batch=args.batch, steps=args.steps, repeats=args.repeats,
                 threads=args.threads, base=args.base, device=args.device)
     print(json.dumps(r) if args.json else format_speed(r))

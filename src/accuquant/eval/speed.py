@@ -8,7 +8,10 @@ one denoiser call (the guided batch: ``2 x batch`` rows with guidance) and of a 
 ``batch``-sample run of ``steps`` steps, and the ratio of float32's median to each
 variant's (above 1: faster than float32). It also gives the bytes of the tensors each
 variant's denoiser holds (:func:`accuquant.backends.placement.resident_bytes`; bf16 autocast casts on the
-fly and holds float32's), as a ratio of float32's.
+fly and holds float32's), as a ratio of float32's. A backend named ``NAME+compile`` is the
+model on ``NAME`` compiled by ``torch.compile`` (:mod:`accuquant.backends.compiled`), timed
+beside float32 compiled (``fp32+compile``); the compilation, in the warm-up call, is
+reported apart (``compile_s``: the first call's time less the median call's).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from ..config import DEFAULT_STEPS
 from ..backends.placement import placement, resident_bytes
 from .evaluation import base_of
 from ..io.load import load_pipeline
+
+
+COMPILE = "+compile"  # a backend name's suffix: the model on that backend, compiled
 
 
 def bf16_hardware() -> bool:
@@ -43,9 +49,15 @@ def measure(path: str, backends: list[str], batch: int = 2, steps: int = DEFAULT
     """Latency of the FP base (float32, bf16 autocast) and of ``path`` on each of ``backends``."""
     if threads is not None:
         torch.set_num_threads(threads)
-    quant = {b: load_pipeline(path, device=device, backend=b) for b in backends}
+    quant = {b: load_pipeline(path, device=device, backend=b.removesuffix(COMPILE)) for b in backends}
     fp = base_of(next(iter(quant.values())), base).to(device)
-    return {"model": str(path), **measure_pipelines(quant, fp, batch, steps, repeats)}
+    fp_compiled = None
+    if any(b.endswith(COMPILE) for b in backends):
+        for b, p in quant.items():
+            if b.endswith(COMPILE):
+                p.compile()
+        fp_compiled = base_of(next(iter(quant.values())), base).to(device).compile()
+    return {"model": str(path), **measure_pipelines(quant, fp, batch, steps, repeats, fp_compiled=fp_compiled)}
 
 
 def _sync(device: torch.device) -> None:
@@ -54,11 +66,12 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = DEFAULT_STEPS, repeats: int = 5,
-                      whole_sample: bool = True, cond=None) -> dict:
+                      whole_sample: bool = True, cond=None, fp_compiled=None) -> dict:
     """:func:`measure` on pipelines in memory: ``quant`` maps a backend name to the quantized
     pipeline frozen onto it, ``fp`` is their base; ``whole_sample=False`` times one
     denoiser call only (for models whose whole sample takes minutes); ``cond``: the call's
-    conditions, when the pipeline cannot make them (a denoiser without its text encoder)."""
+    conditions, when the pipeline cannot make them (a denoiser without its text encoder);
+    ``fp_compiled``: a compiled copy of ``fp``, timed as ``fp32+compile``."""
     first = next(iter(quant.values()))
     device = next(fp.model.parameters()).device
     variants = {"fp32": (fp, contextlib.nullcontext)}
@@ -69,6 +82,8 @@ def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = DEFAULT_STEP
         variants["bf16"] = (fp, lambda: torch.autocast(device.type, torch.bfloat16))
     if device.type == "cuda":
         variants["fp16"] = (fp, lambda: torch.autocast("cuda", torch.float16))
+    if fp_compiled is not None:
+        variants["fp32" + COMPILE] = (fp_compiled, contextlib.nullcontext)
     variants.update({f"{first.quant.config.label}-{b}": (p, contextlib.nullcontext) for b, p in quant.items()})
     steps_, solver = first.sampling_settings(steps, None)
     den0 = fp.denoiser()
@@ -77,10 +92,15 @@ def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = DEFAULT_STEP
     t = first.solver(steps_, solver).timesteps[steps_ // 2]  # a mid-trajectory step
     calls: dict[str, list[float]] = {k: [] for k in variants}
     samples: dict[str, list[float]] = {k: [] for k in variants}
+    first_call: dict[str, float] = {}
     with torch.inference_mode():
-        for k, (p, ctx) in variants.items():  # warm-up: first-call allocation and kernel selection
+        for k, (p, ctx) in variants.items():  # warm-up: first-call allocation, kernel selection, compilation
             with ctx():
+                _sync(device)
+                t0 = time.perf_counter()
                 p.denoiser()(x, t, cond)
+                _sync(device)
+                first_call[k] = time.perf_counter() - t0
         for _ in range(repeats):
             for k, (p, ctx) in variants.items():
                 den = p.denoiser()
@@ -103,6 +123,8 @@ def measure_pipelines(quant: dict, fp, batch: int = 2, steps: int = DEFAULT_STEP
         held = resident_bytes(p.model)
         rows[k] = {"call": _stats(calls[k]), "call_speedup": round(ref_call / statistics.median(calls[k]), 3),
                    "weights_mb": round(held / 2**20, 3), "weights_vs_fp32": round(held / ref_bytes, 3)}
+        if k.endswith(COMPILE):
+            rows[k]["compile_s"] = round(first_call[k] - statistics.median(calls[k]), 2)
         if whole_sample:
             rows[k].update(sample=_stats(samples[k]),
                            sample_speedup=round(ref_sample / statistics.median(samples[k]), 3))
@@ -125,6 +147,9 @@ def format_speed(r: dict) -> str:
                   else f"{'-':>13}  {'-':>7}")
         lines.append(f"{k:>14}  {v['call']['median_ms']:>11.2f} ms  {v['call_speedup']:>7.2f}  {sample}  "
                      f"{v['weights_mb']:>7.2f} MB  {v['weights_vs_fp32']:>6.3f}")
+    for k, v in r["variants"].items():
+        if "compile_s" in v:
+            lines.append(f"{k}: compiled in {v['compile_s']:.1f} s (its first call, apart from the times above)")
     for b, where in r["placement"].items():
         lines.append(f"{b}: " + ", ".join(f"{n} layers on {kind}" for kind, n in where.items()))
     for k, why in r.get("skipped", {}).items():
