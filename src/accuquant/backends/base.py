@@ -268,7 +268,9 @@ class FakeQuantLayer(nn.Module):
         dim = -1 if self.kind == "linear" else 1
         sizes = (x.shape[dim],) if self.split is None else (self.split, x.shape[dim] - self.split)
         key = (x.shape, x.stride(), x.dtype)
-        out = None if any(t is not None for t in self.per_token) else _workspace(x, self.layouts.get(key))
+        # no reused workspace under torch.compile: Inductor's freezing folds such a tensor as a constant
+        reuse = not any(t is not None for t in self.per_token) and not torch.compiler.is_compiling()
+        out = _workspace(x, self.layouts.get(key)) if reuse else None
         if out is None:
             # per part, then concatenated as calibration does: the result's memory format
             # (channels-last or not), which the conv's algorithm and rounding depend on, is

@@ -52,8 +52,10 @@ def _probs_grid(q: UniformQuantizer) -> tuple[float, int, int, int, bool]:
 
 def _quant(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``q(x)`` for ``x``, a temporary of the processor: at inference, computed in place on
-    ``x`` with the same arithmetic (:func:`~accuquant.backends.fake_quant_`)."""
-    if _frozen(q) and not torch.is_grad_enabled() and x.dtype == q.scale.dtype:
+    ``x`` with the same arithmetic (:func:`~accuquant.backends.fake_quant_`); out of place
+    under ``torch.compile``, where ``x`` can be a graph's input, whose in-place update
+    Inductor's freezing gets wrong."""
+    if _frozen(q) and not torch.is_grad_enabled() and x.dtype == q.scale.dtype and not torch.compiler.is_compiling():
         z = q.zero_point.item()
         return fake_quant_(x.div_(q.scale), q.scale.item(), q.qmin - z, q.qmax - z)
     return q(x)
@@ -64,7 +66,8 @@ class QuantAttnProcessor(nn.Module):
 
     ``backend`` is set by :func:`accuquant.layers.freeze_model`: on ``fake`` and ``packed``
     inference computes exactly what calibration computed; on any other backend it takes
-    :meth:`_attend_fast`, equal up to float rounding.
+    :meth:`_attend_fast`, equal up to float rounding (not under ``torch.compile``, which
+    fuses the plain arithmetic itself).
 
     Args:
         attn_bits: bits of Q, K and V (``None``: floating point).
@@ -97,7 +100,10 @@ class QuantAttnProcessor(nn.Module):
         n_q, n_k = query.shape[-2], key.shape[-2]
         heads = query.numel() // (n_q * query.shape[-1])
         observing = any(q.observer is not None for q in self.quantizers().values())  # ranges see whole calls
-        if (self.backend not in FAKE_ARITHMETIC and not torch.is_grad_enabled() and not observing and attention_mask is None
+        # under torch.compile, the plain arithmetic below, which Inductor fuses (its freezing
+        # mishandles the fast path's per-call prepacked V and reused buffers)
+        fast = self.backend not in FAKE_ARITHMETIC and not torch.compiler.is_compiling()
+        if (fast and not torch.is_grad_enabled() and not observing and attention_mask is None
                 and query.dtype == key.dtype == value.dtype == torch.float32 and query.device.type == "cpu"
                 and n_q * n_k > 0 and (_frozen(self.probs_quant) or not _active(self.probs_quant))):
             return self._attend_fast(query, key, value, scale)
