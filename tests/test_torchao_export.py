@@ -86,37 +86,37 @@ def test_the_weights_only_export_computes_the_weight_quantized_network(dit_pipel
     assert (s - fake).norm() * 100 < (a - fake).norm()
 
 
+def _refused(q, tmp_path, capsys, match: str) -> str:
+    """``q``'s export refused by the API (``match``) and by the command line (exit status 2),
+    nothing written either way; the command line's message."""
+    from accuquant.cli import main
+
+    with pytest.raises(aq.AccuQuantError, match=match):
+        aq.save_torchao(q, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    q.save(tmp_path / "q")
+    assert main(["export", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+    return capsys.readouterr().err.strip()
+
+
 def test_inputs_torchao_cannot_quantize_statically_are_refused_unless_weights_only(dit_pipeline_dir, tmp_path,
                                                                                  capsys):
     """A 4-bit input grid has no torchao static form: the static export says so (the command
     line: one line, exit status 2, nothing written) and names the way out; the weights-only
     export of the same model works."""
-    from accuquant.cli import main
-
     q = aq.quantize(str(dit_pipeline_dir), aq.QuantConfig(weight_bits=4, act_bits=4), "naive", steps=4,
                     calib_samples=4, progress=False)
-    with pytest.raises(aq.AccuQuantError, match="4 bits.*activations='float'"):
-        aq.save_torchao(q, tmp_path / "x")
-    assert not (tmp_path / "x").exists()
-    q.save(tmp_path / "q")
-    assert main(["export", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--activations float" in err and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
+    err = _refused(q, tmp_path, capsys, "4 bits.*activations='float'")
+    assert "--activations float" in err and len(err.splitlines()) == 1
     aq.save_torchao(q, tmp_path / "x", activations="float")
     assert (tmp_path / "x" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_quantized_convolutions_are_refused(digit_pipeline_dir, tmp_path, capsys):
-    from accuquant.cli import main
-
     q = aq.quantize(str(digit_pipeline_dir), aq.QuantConfig(weight_bits=4, act_bits=8), "naive", steps=4,
                     calib_samples=4, progress=False)
-    with pytest.raises(aq.AccuQuantError, match="has no torchao form"):
-        aq.save_torchao(q, tmp_path / "x")
-    assert not (tmp_path / "x").exists()
-    q.save(tmp_path / "q")
-    assert main(["export", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "x")]) == 2
-    assert "has no torchao form" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert "has no torchao form" in _refused(q, tmp_path, capsys, "has no torchao form")
 
 
 def test_the_command_line_exports(dit_pipeline_dir, tmp_path, capsys):
