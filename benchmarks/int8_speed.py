@@ -37,6 +37,7 @@ import torch
 
 from common import ROOT, cpu_name, sd15_conditions, sd15_unet
 
+from accuquant.eval.speed import COMPILE
 from accuquant.io.files import atomic_path
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,10 +88,10 @@ def run_one(name: str, bits: str, threads: list[int], repeats: int, backend: str
                     calib=calib, progress=False, **kw)
     quantize_s = time.perf_counter() - t0
     quant = {"fake": q}
-    for b in [backend, *extra] + ([backend + "+compile"] if compiled else []):
+    for b in [backend, *extra] + ([backend + COMPILE] if compiled else []):
         quant[b] = copy.deepcopy(q)
-        freeze_model(quant[b].model, b.removesuffix("+compile"))
-        if b.endswith("+compile"):
+        freeze_model(quant[b].model, b.removesuffix(COMPILE))
+        if b.endswith(COMPILE):
             quant[b].compile()
     fp_compiled = copy.deepcopy(fp).compile() if compiled else None
     params = sum(p.numel() for p in fp.model.parameters())
@@ -230,7 +231,7 @@ def write(rows: list[dict], args) -> None:
     floats = [f for f in ("bf16", "fp16") if f in first]
     others = [b for b in args.also.split(",") if b]
     ov = ["openvino"] if args.openvino else []
-    comp = [f"{b8}+compile"] if args.compile else []
+    comp = [b8 + COMPILE] if args.compile else []
     skipped = "; ".join(f"{k} not timed: {why}" for k, why in (rows[0].get("skipped", {}) if rows else {}).items())
     lines = [f"Written by benchmarks/int8_speed.py on {where} ({cpu_name()}): median latency of one denoiser call (one "
              "guided sample: 2 rows), in one process per model and bit width, variants timed in turn; "
@@ -241,12 +242,12 @@ def write(rows: list[dict], args) -> None:
                 "else float32), timed after the others in the same process." if ov else "")
              + (" `+compile`: compiled by torch.compile (Inductor, weights frozen as constants), compile time "
                 "apart: " + "; ".join(f"{r['model']} {r['bits']} {r['threads']} thread(s): fp32 "
-                                      f"{r['variants']['fp32+compile']['compile_s']:.0f} s, {comp[0]} "
+                                      f"{r['variants']['fp32' + COMPILE]['compile_s']:.0f} s, {comp[0]} "
                                       f"{r['variants'][r['bits'] + '-' + comp[0]]['compile_s']:.0f} s"
                                       for r in rows) + "." if comp else "")
              + (f" {skipped}." if skipped else ""), "",
              f"| model | bits | threads | fp32 (ms) | {' | '.join(floats + ['fake', b8] + others + ov)} | "
-             + "".join(f"{k} | " for k in (["fp32+compile"] + comp if comp else []))
+             + "".join(f"{k} | " for k in (["fp32" + COMPILE] + comp if comp else []))
              + f"{b8} layers | "
              f"weights {b8} / fp32 |" + "".join(f" weights {b} / fp32 |" for b in others),
              "| --- " * (8 + len(floats) + 2 * len(others) + len(ov) + 2 * len(comp)) + "|"]
@@ -258,7 +259,7 @@ def write(rows: list[dict], args) -> None:
         cell = lambda k: f"{v[k]['call']['median_ms']:.0f} ms ({v[k]['call_speedup']:.2f}x)"  # noqa: E731
         cells = [cell(f) for f in floats] + [cell(f"{b}-{k}") for k in ["fake", b8] + others] + [
             cell(k) if k in v else "not converted" for k in ov] + (
-            [cell("fp32+compile"), cell(f"{b}-{comp[0]}")] if comp else [])
+            [cell("fp32" + COMPILE), cell(f"{b}-{comp[0]}")] if comp else [])
         lines.append(f"| {r['model']} ({r['params_m']} M) | {b} | {r['threads']} | "
                      f"{v['fp32']['call']['median_ms']:.0f} | " + " | ".join(cells) + f" | {on}/{total} | "
                      f"{v[b + '-' + b8]['weights_vs_fp32']:.3f} |"
