@@ -312,6 +312,12 @@ def unknown_method(c):
     return args
 
 
+def unknown_correction(c):
+    args = quantize(c.fixture("tiny_pipeline_dir"), c.out)
+    args[args.index("naive")] = "naive+magic"
+    return args
+
+
 def unknown_scheduler(c):
     return sample(c.fixture("tiny_pipeline_dir"), c.grid, "--scheduler", "euler")
 
@@ -485,6 +491,7 @@ CASES = [
     (gpu_backend_on_the_cpu, "a GPU-only `--backend` on the CPU", "backend cuda-int8 runs on cuda (--device cuda)"),
     (weight_bits_out_of_range, "a bit width out of range", "weight_bits: 9 bits is out of range"),
     (unknown_method, "an unknown `--method`", "unknown method 'magic'"),
+    (unknown_correction, "an unknown sampling correction (`--method naive+magic`)", "unknown correction 'magic'"),
     (unknown_scheduler, "an unknown `--scheduler`", "unknown scheduler 'euler'"),
     (flag_of_another_method, "an option of another method (`--iters` for naive)", "not an option of the naive"),
     (batch_smaller_than_its_pieces, "more `--micro-batches` (times ranks) than rows in a batch",

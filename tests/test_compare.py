@@ -276,3 +276,20 @@ def test_quantization_options_and_recipes_reach_every_pair(tmp_path, monkeypatch
     assert main(["compare", "--out", str(tmp_path / "o"), "--methods", "svdquant,accuquant", "--bits", "w4a4",
                  "--weight-group", "64", "--outliers", "smooth,rotate"]) == 2
     assert seen["settings"].quant == {"weight-group": 64, "outliers": ["smooth,rotate"]}
+
+
+def test_corrections_compose_with_methods_in_compare(tmp_path, monkeypatch):
+    """``method+correction`` and a correction's shorthand are method names of compare, each
+    passed as it is to its quantize process."""
+    from accuquant.errors import AccuQuantError
+    from accuquant.eval import compare
+
+    seen = _stop_at_popen(monkeypatch)
+    s = compare.CompareSettings(model="m", methods=["naive", "ptqd", "accuquant+ptqd"], bits=["w4a8"],
+                                scheduler="ddim")
+    s.check()
+    with pytest.raises(_Started):
+        compare.quantize_process(s, "accuquant+ptqd", "w4a8", tmp_path / "q", quiet=True)
+    assert seen["cmd"][seen["cmd"].index("--method") + 1] == "accuquant+ptqd"
+    with pytest.raises(AccuQuantError, match="unknown correction 'nope'"):
+        compare.CompareSettings(model="m", methods=["naive+nope"], bits=["w4a8"]).check()

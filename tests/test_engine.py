@@ -86,7 +86,7 @@ def test_adam_relative_rates_move_each_element_by_its_own_scale():
 
 
 #: the flags of ``accuquant quantize`` that are settings of the run, not options of a config
-RUN_FLAGS = {"--model", "--method", "--calib-samples", "--calib", "--no-cache", "--out", "--overwrite", "--summary",
+RUN_FLAGS = {"--model", "--method", "--correct", "--calib-samples", "--calib", "--no-cache", "--out", "--overwrite", "--summary",
              "--resume", "--micro-batches", "--max-memory", "--steps", "--scheduler", "--guidance-scale", "--labels",
              "--prompt", "--prompt-file", "--seed", "--batch-size", "--device", "--quiet", "-h", "--help"}
 

@@ -29,6 +29,7 @@ from .config import (DEFAULT_BATCH_SIZE, DEFAULT_CALIB_SAMPLES, DEFAULT_MAX_MEMO
 from .errors import AccuQuantError, check_device, check_finite
 from .io.load import DTYPES, as_pipeline
 from .methods import RECIPES, cached_or_calibrate, method_config, resolve_recipe
+from .methods.corrections import CORRECTIONS, split_method
 from .pipeline import Pipeline, QuantRecord
 from .quant.layers import WrapReport, freeze_model
 from .quant.quantizers import UniformQuantizer
@@ -186,6 +187,7 @@ def quantize(
     inplace: bool = False,
     use_cache: bool = True,
     resume: bool = False,
+    correct: str | None = None,
     **method_options,
 ) -> Pipeline:
     """Quantize a diffusion model.
@@ -197,7 +199,9 @@ def quantize(
         method: a method name (``"naive"``, ``"per-step"``, ``"accuquant"``, the default) with
             its options as keywords (``iters=``, ``lr=``...), or a method config
             (``AccuQuantConfig(...)``), or a recipe (``"svdquant"``: per-step with SVDQuant's
-            options set in ``config`` where it leaves them at their defaults).
+            options set in ``config`` where it leaves them at their defaults); ``"NAME+CORR"``
+            adds the sampling correction ``CORR``, and a correction's name alone (``"ptqd"``)
+            is per-step with it.
         calib: FP trajectories (or a path to a saved set) to calibrate on; collected
             from ``calib_samples`` seeded noises when ``None``.
         steps, scheduler: the sampler used at inference; calibration follows it.
@@ -218,12 +222,19 @@ def quantize(
             seed is served from the result store).
         resume: continue an interrupted calibration with the same settings from its last
             checkpoint (under ``cache_dir()/runs``; removed when the run finishes).
+        correct: a sampling correction (``"ptqd"``: :mod:`accuquant.methods.corrections`),
+            estimated on the calibration trajectories once calibrated, saved with the model
+            and applied in every sampler step.
 
     Returns:
         the quantized :class:`Pipeline` (weights frozen as integer codes; ``pipe.quant``
         says what was done).
     """
     config = config if config is not None else QuantConfig()
+    if isinstance(method, str):
+        method, correct = split_method(method, correct)
+    else:
+        correct = split_method(method.NAME, correct)[1]  # an unknown correction is refused here
     recipe = method if isinstance(method, str) and method in RECIPES else None
     method, config = resolve_recipe(method, config)
     mconfig = method_config(method, method_options)
@@ -245,4 +256,10 @@ def quantize(
         method_log=run.log, timing_s={"calibration_data": round(prep.seconds, 3),
                                       "method": round(time.perf_counter() - t1, 3)},
         accuquant_version=__version__, dtype=str(prep.dtype).removeprefix("torch."))
-    return freeze(prep, record)
+    pipe = freeze(prep, record)
+    if correct is not None:  # on the frozen model, as it will sample
+        t2 = time.perf_counter()
+        record.correction = CORRECTIONS[correct].estimate(run.denoiser, run.calib, run.batch_size, run.device,
+                                                          run.progress).to_dict()
+        record.timing_s["correction"] = round(time.perf_counter() - t2, 3)
+    return pipe

@@ -126,15 +126,22 @@ class QuantRecord:
     #: the FP model it came from (a path, or ``bundled:NAME``)
     base_model: str | None = None
     component_dtypes: dict = field(default_factory=dict)
+    #: a sampling correction's name, version and statistics (:mod:`accuquant.methods.corrections`)
+    correction: dict | None = None
 
     @property
     def splits(self) -> dict[str, int]:
         return self.report.split
 
     @property
+    def method_name(self) -> str:
+        """The method with its sampling correction, if any: ``accuquant+ptqd``."""
+        return f"{self.method}+{self.correction['name']}" if self.correction else self.method
+
+    @property
     def label(self) -> str:
-        """``naive W4A8``"""
-        return f"{self.method} {self.config.label.upper()}"
+        """``naive W4A8``, ``accuquant+ptqd W4A8``"""
+        return f"{self.method_name} {self.config.label.upper()}"
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -290,6 +297,11 @@ class Pipeline:
                                  "sample with accuquant (Pipeline.sample)")
         if self.quant:  # the scheduler it was calibrated for (call it with the calibrated step count)
             sched = self.solver().scheduler
+            if self.quant.correction:
+                import warnings
+
+                warnings.warn(f"the {self.quant.correction['name']} correction acts in accuquant's sampler step "
+                              "(Pipeline.sample); diffusers' own loop samples without it", stacklevel=2)
         else:
             sched = self.diffusers_scheduler()
         given = {**self.components, self.denoiser_name: self.model, "scheduler": sched}
@@ -339,10 +351,16 @@ class Pipeline:
     def solver(self, steps: int | None = None, scheduler: str | None = None) -> Solver:
         """The one place a pipeline's solver is built: the steps and sampler of
         :meth:`sampling_settings`, with the arguments the model's family adds (a flow
-        model's dynamic shift ``mu``: :meth:`~accuquant.models.Denoiser.solver_options`)."""
+        model's dynamic shift ``mu``: :meth:`~accuquant.models.Denoiser.solver_options`),
+        and a quantized model's sampling correction in its step."""
         steps, name = self.sampling_settings(steps, scheduler)
-        return make_solver(name, self.scheduler_config, steps,
-                           **self.denoiser(1.0).solver_options(name, self.scheduler_config, steps))
+        solver = make_solver(name, self.scheduler_config, steps,
+                             **self.denoiser(1.0).solver_options(name, self.scheduler_config, steps))
+        if self.quant is not None and self.quant.correction:  # the correction acts inside the step
+            from .methods.corrections import CorrectedSolver, Correction
+
+            solver = CorrectedSolver(solver, Correction.from_dict(self.quant.correction))
+        return solver
 
     def sampling_settings(self, steps: int | None = None, scheduler: str | None = None) -> tuple[int, str]:
         """Steps and scheduler: as given, else those a quantized model was calibrated for, else

@@ -69,6 +69,11 @@ class Solver:
     def step(self, i: int, x: torch.Tensor, out: torch.Tensor, state: State, generator=None) -> tuple[torch.Tensor, State]:
         raise NotImplementedError
 
+    def output(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The model output step ``i`` uses (a sampling correction's changes it:
+        :class:`~accuquant.methods.corrections.CorrectedSolver`)."""
+        return out
+
     def predicted_x0(self, i: int, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The clean sample the model output at step ``i`` predicts from ``x``."""
         sched = self.scheduler
@@ -101,8 +106,38 @@ class DDPMSolver(Solver):
     scheduler_class = "DDPMScheduler"
     stochastic = True
 
-    def step(self, i, x, out, state, generator=None):
-        return self.scheduler.step(out, self.timesteps[i], x, generator=generator).prev_sample, state
+    def step(self, i, x, out, state, generator=None, noise_factor: float = 1.0):
+        """``noise_factor`` scales the noise the step adds (a sampling correction's variance
+        calibration); the same noise is drawn either way."""
+        res = self.scheduler.step(out, self.timesteps[i], x, generator=generator)
+        if noise_factor == 1.0:
+            return res.prev_sample, state
+        c_x0, c_x, _ = self._coefficients(i)
+        mean = c_x0 * res.pred_original_sample + c_x * x
+        return (mean + noise_factor * (res.prev_sample - mean)).to(out.dtype), state
+
+    def _coefficients(self, i: int) -> tuple[float, float, float]:
+        """The posterior's coefficients at step ``i``, as diffusers' step computes them: on the
+        predicted clean sample, on ``x``, and its variance (``fixed_small``)."""
+        s = self.scheduler
+        t = int(self.timesteps[i])
+        prev = int(s.previous_timestep(t))
+        a = float(s.alphas_cumprod[t])
+        a_prev = float(s.alphas_cumprod[prev]) if prev >= 0 else float(s.one)
+        alpha = a / a_prev
+        return ((a_prev ** 0.5) * (1 - alpha) / (1 - a), alpha ** 0.5 * (1 - a_prev) / (1 - a),
+                max((1 - a_prev) / (1 - a) * (1 - alpha), 1e-20))
+
+    def output_noise(self, i: int) -> tuple[float, float]:
+        """How an error in the model output reaches ``x_{i+1}`` (its factor, through the
+        predicted clean sample) and the standard deviation of the noise the step adds (0 at
+        timestep 0, or for a variance type other than ``fixed_small``)."""
+        c_x0, _, var = self._coefficients(i)
+        zero = torch.zeros(())
+        dx0 = float(self.predicted_x0(i, zero, torch.ones(())) - self.predicted_x0(i, zero, zero))
+        noiseless = int(self.timesteps[i]) == 0 or self.scheduler.config.variance_type != "fixed_small"
+        sigma = 0.0 if noiseless else var ** 0.5
+        return abs(c_x0 * dx0), sigma
 
 
 class PLMSSolver(Solver):

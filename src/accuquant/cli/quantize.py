@@ -17,6 +17,7 @@ BUNDLED_SUMMARY = 300
 
 def add_parser(sub) -> None:
     from ..methods import METHODS, RECIPES
+    from ..methods.corrections import CORRECTIONS, SHORTHAND_BASE
 
     q = sub.add_parser("quantize", help="quantize a diffusers model and save it")
     q.add_argument("--model", default=None, help="diffusers pipeline or model directory, hub id, or "
@@ -24,7 +25,12 @@ def add_parser(sub) -> None:
     q.add_argument("--method", default=DEFAULT_METHOD, help=f"calibration method: {', '.join(METHODS)} "
                    f"(default {DEFAULT_METHOD}), or a recipe: "
                    + "; ".join(f"{n} ({base} with {_options_text(opts)} unless given)"
-                               for n, (base, opts) in RECIPES.items()))
+                               for n, (base, opts) in RECIPES.items())
+                   + f"; METHOD+CORRECTION adds a sampling correction, and a correction alone "
+                   f"({', '.join(CORRECTIONS)}) is {SHORTHAND_BASE} with it")
+    q.add_argument("--correct", default=None, choices=list(CORRECTIONS), help="sampling correction, estimated on "
+                   "the calibration trajectories, saved with the model and applied in every sampler step "
+                   "(docs/methods.md)")
     quant = q.add_argument_group("quantization options (generated from QuantConfig)")
     o.add_quant_flags(quant, {"keep_fp": "; patterns given replace the family's, which are "
                               + o.family_keep_fp()})
@@ -86,7 +92,10 @@ def run(args) -> None:
     from ..io.files import check_not_inside, check_out_dir
     from ..methods import method_config, resolve_recipe
 
+    from ..methods.corrections import split_method
+
     check_device(args.device)
+    args.correct = split_method(args.method, args.correct)[1]
     cfg = resolve_recipe(args.method, o.quant_config(args))[1]
     mconfig = method_config(args.method, method_options(args))  # validated before any work
     o.check_scheduler(args.scheduler)
@@ -119,7 +128,7 @@ def _quantize(args, model_path, cfg, mconfig, out: Path, bundled: bool, main: bo
                          calib_samples=args.calib_samples, seed=args.seed, guidance_scale=args.guidance_scale,
                          labels=args.labels, prompts=args.prompts, batch_size=args.batch_size, device=args.device,
                          use_cache=not args.no_cache)
-    pipe = quantize(model_path, cfg, mconfig, args.calib, inplace=True, resume=args.resume,
+    pipe = quantize(model_path, cfg, mconfig, args.calib, inplace=True, resume=args.resume, correct=args.correct,
                     micro_batches=args.micro_batches, max_memory=args.max_memory, progress=not args.quiet,
                     **calib_options)
     if not main:

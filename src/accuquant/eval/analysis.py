@@ -3,7 +3,7 @@
 For paired noises and labels, per sampling step ``i``:
 
 * ``step_error``: ``||eps~(x_i) - eps(x_i)||`` on the FP trajectory's own inputs (what
-  per-step calibration minimises);
+  per-step calibration minimises; of a model with a sampling correction, the corrected output);
 * ``accumulated_error``: ``||x~_{i+1} - x_{i+1}||`` between the full quantized and FP
   trajectories (what the quantized model actually does to a sample);
 * ``fid2fp_x0``: FID2FP of the predicted clean sample ``x0`` at a few steps.
@@ -49,6 +49,7 @@ def error_accumulation(
     steps, scheduler = model.sampling_settings(steps, scheduler)
     fp = base_of(model, base).to(device)
     solver = fp.solver(steps, scheduler)
+    q_solver = model.solver(steps, scheduler)  # with the model's sampling correction, if it has one
     den_q, den_fp = model.denoiser(), fp.denoiser()
     cond = model.conditions(num, prompts=prompts)
     n_steps = solver.num_steps
@@ -65,13 +66,14 @@ def error_accumulation(
             # the same generator state for both runs: a stochastic sampler adds the same noise
             g_fp, g_q = (torch.Generator(device=noise.device).manual_seed(seed + start) for _ in range(2))
             _, xs_fp, outs_fp = run_trajectory(den_fp, solver, noise, c, keep=True, generator=g_fp, callback=cb)
-            _, xs_q, outs_q = run_trajectory(den_q, solver, noise, c, keep=True, generator=g_q, callback=cb)
+            _, xs_q, outs_q = run_trajectory(den_q, q_solver, noise, c, keep=True, generator=g_q, callback=cb)
             for i in range(n_steps):
-                eps_q_on_fp = den_q(xs_fp[:, i], solver.timesteps[i], c)
+                eps_q_on_fp = q_solver.output(i, xs_fp[:, i], den_q(xs_fp[:, i], solver.timesteps[i], c))
                 step_err[i] += (eps_q_on_fp - outs_fp[:, i]).flatten(1).norm(dim=1).sum().cpu()
                 acc_err[i] += (xs_q[:, i + 1] - xs_fp[:, i + 1]).flatten(1).norm(dim=1).sum().cpu()
                 if i in x0_at:
-                    x0_q[i].append(solver.predicted_x0(i, xs_q[:, i], outs_q[:, i]).clamp(-1, 1).cpu())
+                    out_q = q_solver.output(i, xs_q[:, i], outs_q[:, i])
+                    x0_q[i].append(solver.predicted_x0(i, xs_q[:, i], out_q).clamp(-1, 1).cpu())
                     x0_fp[i].append(solver.predicted_x0(i, xs_fp[:, i], outs_fp[:, i]).clamp(-1, 1).cpu())
     extractor = None
     rows = []

@@ -242,7 +242,7 @@ def evaluate(
         "guidance_scale": model.defaults.guidance_scale,
         "weight_bits": q.config.weight_bits if q else None,
         "act_bits": q.config.act_bits if q else None,
-        "method": q.method if q else "fp",
+        "method": q.method_name if q else "fp",
         "features": extractor.name,
         "sampling_seconds": round(t_sample, 2),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -273,7 +273,7 @@ def quality_summary(model: Pipeline, base: str | Path | Pipeline | None = None, 
     ev = dict(num=num, steps=steps, seed=seed, scheduler=scheduler, batch_size=batch_size, device=device,
               progress=progress, prompts=prompts)
     rows = [evaluate(model, fp, **ev)]
-    if model.quant.method != "naive":
+    if model.quant.method_name != "naive":
         cal = model.quant.calibration
         recorded = {"steps": cal.get("steps"), "scheduler": cal.get("solver"), "calib_samples": cal.get("samples"),
                     "seed": cal.get("seed"), "guidance_scale": cal.get("guidance_scale")}

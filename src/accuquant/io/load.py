@@ -28,6 +28,7 @@ from .save import FORMAT, QUANT_FILE, SCALARS, WEIGHTS_FILE, module_dtype
 from ..quant.packing import packed_numel
 from ..quant.layers import freeze_model, quant_layers, wrap_model
 from ..methods import METHODS
+from ..methods.corrections import Correction
 from ..pipeline import SAMPLING_FILE, Pipeline, QuantRecord, SamplingDefaults
 from ..errors import check_finite
 from .safetensors import check_safetensors
@@ -197,6 +198,8 @@ def _load_quantized(root: Path, device: str, backend: str) -> Pipeline:
         raise AccuQuantError(f"{root}: unsupported denoiser {cls_name}")
     record = QuantRecord.from_dict({k: v for k, v in meta.items() if k not in ("format", "denoiser", "denoiser_class",
                                                                               "sampling")})
+    if record.correction:  # refused now if unknown or newer, not at the first sampling
+        Correction.from_dict(record.correction, str(root / QUANT_FILE))
     wfile = root / name / WEIGHTS_FILE
     check_safetensors(wfile)
     # every saved tensor is loaded below: no random initialisation, so the float weights

@@ -1,5 +1,6 @@
-"""Calibration methods: ``naive``, ``per-step`` and ``accuquant``, and recipes (``svdquant``:
-a method with a published method's quantization options).
+"""Calibration methods: ``naive``, ``per-step`` and ``accuquant``, recipes (``svdquant``:
+a method with a published method's quantization options), and sampling corrections
+(``ptqd``: :mod:`.corrections`) that compose with any of them.
 
 Each is a module with its config dataclass and a
 :class:`~accuquant.calibrate.protocol.Method` decorated with :func:`register_method`;
@@ -7,8 +8,9 @@ importing this package registers them all. The engine runs them all.
 """
 
 from . import accuquant, naive, per_step  # noqa: F401  (they register themselves)
+from .corrections import CORRECTIONS, split_method
 from .registry import METHODS, RECIPES, base_method, cached_or_calibrate, config_class, method_class, method_config, \
     register_method, resolve_recipe, start_from
 
-__all__ = ["METHODS", "RECIPES", "base_method", "cached_or_calibrate", "config_class", "method_class", "method_config",
-           "register_method", "resolve_recipe", "start_from"]
+__all__ = ["CORRECTIONS", "METHODS", "RECIPES", "base_method", "cached_or_calibrate", "config_class", "method_class",
+           "method_config", "register_method", "resolve_recipe", "split_method", "start_from"]

@@ -18,6 +18,7 @@ from ..calibrate.loop import calibrate
 from ..calibrate.protocol import Run
 from ..config import MethodConfig
 from ..errors import AccuQuantError
+from .corrections import split_method
 
 #: name -> method class (with a ``Config`` attribute)
 METHODS: dict[str, type] = {}
@@ -33,7 +34,9 @@ RECIPES: dict[str, tuple[str, dict]] = {
 
 
 def base_method(name: str) -> str:
-    """The method a recipe runs (a method's name is its own)."""
+    """The method a recipe runs (a method's name is its own; of ``NAME+CORRECTION`` or a
+    correction's shorthand, the calibration method's)."""
+    name = split_method(name)[0]
     return RECIPES[name][0] if name in RECIPES else name
 
 
@@ -41,6 +44,8 @@ def resolve_recipe(method, config):
     """``(method, config)``, a recipe's name replaced by its method and its options set in
     ``config`` (a :class:`~accuquant.config.QuantConfig`) wherever ``config`` leaves them at
     their defaults; anything else as it is."""
+    if isinstance(method, str):
+        method = split_method(method)[0]
     if not isinstance(method, str) or method not in RECIPES:
         return method, config
     from ..config import QuantConfig
