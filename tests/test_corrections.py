@@ -8,9 +8,9 @@ import torch
 
 import accuquant as aq
 from accuquant.calibrate.data import Trajectories
-from accuquant.methods.corrections import K_FLOOR, PTQD, CorrectedSolver, Correction, split_method
+from accuquant.methods.corrections import K_FLOOR, PTQD, QNCD, TAC, CorrectedSolver, Correction, split_method
 from accuquant.models import Conditions
-from accuquant.sampling import make_solver
+from accuquant.sampling import make_solver, run_trajectory
 from conftest import class_pipeline
 
 STEPS = 4
@@ -38,7 +38,7 @@ def test_ptqd_recovers_the_correlated_part_and_the_bias_and_removes_the_correlat
     k = [0.3, 0.1, -0.2, 0.05]  # a negative slope: the quantized output shrinks
     bias = [[0.2, -0.1], [0.0, 0.05], [0.1, 0.1], [-0.3, 0.0]]
     calib, den = _synthetic(64, 0, k, bias, noise=0.1)
-    corr = PTQD.estimate(den, calib, batch_size=16, progress=False)
+    corr = PTQD.estimate(den, None, calib, batch_size=16, progress=False)
     est_k = corr.stats["k"]
     # k recovered, the bias per channel, the residual's variance
     assert torch.allclose(est_k, torch.tensor(k), atol=0.01)
@@ -60,7 +60,7 @@ def test_ptqd_recovers_the_correlated_part_and_the_bias_and_removes_the_correlat
     assert corr.log["correlation_before"][0] > 0.4 and abs(corr.log["correlation_after"][0]) < 0.02
     # a slope below the floor is not divided out in full
     calib, den = _synthetic(16, 2, [-0.8] * 4, [[0.0, 0.0]] * 4, noise=0.0)
-    assert torch.allclose(PTQD.estimate(den, calib, 16, progress=False).stats["k"], torch.full((4,), K_FLOOR))
+    assert torch.allclose(PTQD.estimate(den, None, calib, 16, progress=False).stats["k"], torch.full((4,), K_FLOOR))
 
 
 def test_statistics_are_read_by_timestep():
@@ -90,11 +90,12 @@ def test_method_names_compose_a_correction():
         aq.quantize(class_pipeline(), method="naive", correct="nope")
 
 
-def test_a_corrected_model_samples_with_its_correction_on_every_backend_and_after_loading(tmp_path):
-    q = aq.quantize(class_pipeline(channels=(16, 32)), aq.QuantConfig(weight_bits=4, act_bits=8), "naive+ptqd",
+@pytest.mark.parametrize("name", ["ptqd", "tac", "qncd"])
+def test_a_corrected_model_samples_with_its_correction_on_every_backend_and_after_loading(tmp_path, name):
+    q = aq.quantize(class_pipeline(channels=(16, 32)), aq.QuantConfig(weight_bits=4, act_bits=8), f"naive+{name}",
                     steps=STEPS, calib_samples=8, progress=False)
-    assert q.quant.method == "naive" and q.quant.correction["name"] == "ptqd"
-    assert q.quant.label == "naive+ptqd W4A8" and len(q.quant.correction["stats"]["k"]) == STEPS
+    assert q.quant.method == "naive" and q.quant.correction["name"] == name
+    assert q.quant.label == f"naive+{name} W4A8" and len(q.quant.correction["timesteps"]) == STEPS
     assert isinstance(q.solver(), CorrectedSolver)
     x = q.sample(4, progress=False)
     plain = q.copy()
@@ -102,7 +103,7 @@ def test_a_corrected_model_samples_with_its_correction_on_every_backend_and_afte
     assert not torch.equal(x, plain.sample(4, progress=False))  # the correction acts
     q.save(tmp_path / "q")
     saved = json.loads((tmp_path / "q" / "accuquant.json").read_text())
-    assert saved["correction"]["name"] == "ptqd"
+    assert saved["correction"]["name"] == name
     assert torch.equal(aq.load_pipeline(tmp_path / "q").sample(4, progress=False), x)
     int8 = aq.load_pipeline(tmp_path / "q", backend="int8")
     assert isinstance(int8.solver(), CorrectedSolver)
@@ -162,3 +163,71 @@ def test_the_command_line_takes_corrections_as_options_and_in_method_names(tiny_
         code, (out, err) = quantize("bad", *extra)
         assert code == 2 and message in err and "Traceback" not in err, err
         assert not (tmp_path / "bad").exists()
+
+
+def _linear_trajectories(num: int, seed: int, solver):
+    """FP trajectories of a linear "denoiser" ``0.5 x`` with the given solver."""
+    def fp(x, t, cond):
+        return 0.5 * x
+
+    noise = torch.randn(num, 2, 6, 6, generator=torch.Generator().manual_seed(seed))
+    _, xs, outs = run_trajectory(fp, solver, noise, keep=True)
+    return Trajectories(xs, outs, solver.timesteps, Conditions(), {})
+
+
+def test_tac_scales_each_channel_by_its_least_squares_factor_and_removes_the_input_drift():
+    solver = make_solver("ddim", dict(diffusers.DDIMScheduler().config), STEPS)
+    calib = _linear_trajectories(32, 0, solver)
+    shift = torch.tensor([0.3, -0.2]).view(1, 2, 1, 1)
+
+    def quantized(x, t, cond):  # channel 0 too large by 20%, both channels offset
+        return 0.5 * x * torch.tensor([1.2, 1.0]).view(1, 2, 1, 1) + shift
+
+    corr = TAC.estimate(quantized, solver, calib, 8, progress=False)
+    q, o = quantized(calib.xs[:, 1], None, None), calib.outs[:, 1]
+    n_c = o.numel() // 2
+    expect = ((q * o).sum((0, 2, 3)) + TAC.PULL * n_c) / ((q * q).sum((0, 2, 3)) + TAC.PULL * n_c)
+    assert torch.allclose(corr.stats["scale"][1], expect, rtol=1e-4)
+    assert corr.stats["scale"][1, 0] < corr.stats["scale"][1, 1]  # the enlarged channel is scaled down
+    assert torch.equal(corr.stats["input_bias"][0], torch.zeros(2))  # the noise itself is not corrected
+    # on other noises, the corrected quantized trajectory drifts far less from the FP one
+    held = _linear_trajectories(32, 1, solver)
+    final = {}
+    for name, s in (("plain", solver), ("tac", CorrectedSolver(solver, corr))):
+        final[name] = run_trajectory(quantized, s, held.xs[:, 0])
+    drift = {k: (v - held.final).mean((0, 2, 3)).abs().max() for k, v in final.items()}
+    assert drift["tac"] < 0.1 * drift["plain"], drift
+
+
+def test_qncd_estimates_the_mean_noise_error_on_renoised_samples():
+    solver = make_solver("ddim", dict(diffusers.DDIMScheduler().config), STEPS)
+    alphas = solver.scheduler.alphas_cumprod
+    x0 = torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(3))
+    offsets = [0.05, -0.1, 0.2, 0.0]
+    xs = x0.expand(16, STEPS + 1, -1, -1, -1).clone()  # every trajectory ends at x0
+    calib = Trajectories(xs, torch.zeros(16, STEPS, 2, 6, 6), solver.timesteps, Conditions(), {})
+
+    def quantized(x, t, cond):  # the noise a sample of x0 holds, off by a constant per step
+        a = alphas[int(t)]
+        i = int((solver.timesteps == t).nonzero())
+        return (x - a.sqrt() * x0[0]) / (1 - a).sqrt() + offsets[i]
+
+    corr = QNCD.estimate(quantized, solver, calib, 8, progress=False)
+    assert torch.allclose(corr.stats["mean"], torch.tensor(offsets), atol=1e-4)
+    x, target = solver.renoise(2, x0, torch.randn(x0.shape))
+    fixed = corr.output(corr.at(solver.timesteps[2]), x, quantized(x, solver.timesteps[2], None))
+    assert torch.allclose(fixed, target, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("ddim", dict(diffusers.DDIMScheduler().config)),
+    ("ddim", dict(diffusers.DDIMScheduler(prediction_type="v_prediction").config)),
+    ("dpm++", dict(diffusers.DDIMScheduler(prediction_type="sample").config)),
+    ("flow-euler", dict(diffusers.FlowMatchEulerDiscreteScheduler().config)),
+])
+def test_renoising_gives_the_output_that_predicts_the_clean_sample(name, config):
+    solver = make_solver(name, config, 5)
+    x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for i in (0, 2, 4):
+        x, target = solver.renoise(i, x0, noise)
+        assert torch.allclose(solver.predicted_x0(i, x, target), x0, atol=1e-4)

@@ -259,7 +259,7 @@ def quantize(
     pipe = freeze(prep, record)
     if correct is not None:  # on the frozen model, as it will sample
         t2 = time.perf_counter()
-        record.correction = CORRECTIONS[correct].estimate(run.denoiser, run.calib, run.batch_size, run.device,
-                                                          run.progress).to_dict()
+        record.correction = CORRECTIONS[correct].estimate(run.denoiser, run.solver, run.calib, run.batch_size,
+                                                          run.device, run.progress).to_dict()
         record.timing_s["correction"] = round(time.perf_counter() - t2, 3)
     return pipe

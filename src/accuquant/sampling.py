@@ -85,6 +85,19 @@ class Solver:
             return a.sqrt() * x - (1 - a).sqrt() * out
         return out
 
+    def renoise(self, i: int, x0: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sample at step ``i`` made from the clean ``x0`` and ``noise`` as training does,
+        and the output a perfect model would give there (noise, velocity or clean sample)."""
+        sched = self.scheduler
+        a = sched.alphas_cumprod[int(self.timesteps[i])].to(x0.dtype)
+        x = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pt = sched.config.prediction_type
+        if pt == "epsilon":
+            return x, noise
+        if pt == "v_prediction":
+            return x, a.sqrt() * noise - (1 - a).sqrt() * x0
+        return x, x0
+
     def describe(self) -> dict:
         return {"solver": self.name, "steps": self.requested_steps, "scheduler_config": dict(self.scheduler.config)}
 
@@ -294,6 +307,10 @@ class FlowEulerSolver(Solver):
 
     def predicted_x0(self, i, x, out):
         return x - self.sigmas[i].to(x.dtype) * out
+
+    def renoise(self, i, x0, noise):
+        s = self.sigmas[i].to(x0.dtype)
+        return (1 - s) * x0 + s * noise, noise - x0
 
     def describe(self):
         return {**super().describe(), **{k: v for k, v in (("mu", self._mu), ("sigmas", self._sigmas)) if v is not None}}

@@ -15,6 +15,19 @@ so the model may be sampled with other step counts than it was calibrated with.
   residual's per-channel mean (bias correction); a stochastic sampler (``ddpm``) adds less
   noise by the residual variance the step passes on (variance-schedule calibration). A
   deterministic sampler has no noise to take it from: there the variance is kept and unused.
+* ``tac`` (TAC-Diffusion, Yao et al., ECCV 2024; our reading, docs/methods.md): the output
+  is scaled per step and channel by the least-squares factor towards the FP output, pulled
+  towards 1 (noise-estimation reconstruction); then the quantized model's own trajectories
+  from the calibration noises are run with it, and each step's per-channel drift of the
+  sample from the FP trajectory is removed from the sample before the next model call
+  (input bias correction).
+* ``qncd`` (QNCD, Chu et al., ACM MM 2024; inter-step noise): per step, the mean error of
+  the quantized model's output on calibration samples noised again with known noise,
+  subtracted from the output. QNCD estimates it while sampling, every few steps; here it
+  is estimated once, on the FP samples of the calibration trajectories.
+
+Every estimate takes the quantized ``denoiser``, the calibration ``solver`` and ``calib``
+trajectories.
 """
 
 from __future__ import annotations
@@ -104,6 +117,10 @@ class Correction:
         """The factor on the noise a stochastic sampler adds at step ``i`` (1: unchanged)."""
         return 1.0
 
+    def next_sample(self, stats: dict, x: torch.Tensor) -> torch.Tensor:
+        """The sample given to the model at a step (``stats``: that step's) instead of ``x``."""
+        return x
+
     # ------------------------------------------------------------ saving
     def to_dict(self) -> dict:
         """JSON-ready: float32 values as Python floats, which read back exactly."""
@@ -135,6 +152,9 @@ class _Moments:
     count: int = 0
     e_c: torch.Tensor | None = None  # per-channel sums
     o_c: torch.Tensor | None = None
+    ee_c: torch.Tensor | None = None
+    eo_c: torch.Tensor | None = None
+    oo_c: torch.Tensor | None = None
     n_c: int = 0  # elements per channel
 
     def add(self, e: torch.Tensor, o: torch.Tensor) -> None:
@@ -146,9 +166,9 @@ class _Moments:
         self.o_sum += float(o.sum())
         self.count += e.numel()
         dims = [d for d in range(e.dim()) if d != 1]
-        ec, oc = e.sum(dims), o.sum(dims)
-        self.e_c = ec if self.e_c is None else self.e_c + ec
-        self.o_c = oc if self.o_c is None else self.o_c + oc
+        for name, v in (("e_c", e), ("o_c", o), ("ee_c", e * e), ("eo_c", e * o), ("oo_c", o * o)):
+            total = v.sum(dims)
+            setattr(self, name, total if getattr(self, name) is None else getattr(self, name) + total)
         self.n_c += e.numel() // e.shape[1]
 
     def slope(self) -> float:
@@ -195,7 +215,7 @@ class PTQD(Correction):
     NAME = "ptqd"
 
     @classmethod
-    def estimate(cls, denoiser, calib, batch_size: int, device="cpu", progress: bool = True) -> "PTQD":
+    def estimate(cls, denoiser, solver, calib, batch_size: int, device="cpu", progress: bool = True) -> "PTQD":
         moments = output_errors(denoiser, calib, batch_size, device, progress)
         k, bias, var, before, after, slopes = [], [], [], [], [], []
         for m in moments:
@@ -229,6 +249,96 @@ class PTQD(Correction):
         return max(sigma * sigma - passed, 0.0) ** 0.5 / sigma
 
 
+@register_correction
+class TAC(Correction):
+    """TAC-Diffusion's correction as we read it (see the module docstring): per step a
+    per-channel ``scale`` of the output and a per-channel ``input_bias`` of the sample."""
+
+    NAME = "tac"
+    #: weight of the pull of each scale towards 1, per element (the loss's ``lambda_2``)
+    PULL = 0.1
+
+    @classmethod
+    def estimate(cls, denoiser, solver, calib, batch_size: int, device="cpu", progress: bool = True) -> "TAC":
+        scales = []
+        for m in output_errors(denoiser, calib, batch_size, device, progress):
+            # min over K of sum (K q - o)^2 + PULL n (K - 1)^2, q = e + o the quantized output
+            qo, qq = m.eo_c + m.oo_c, m.ee_c + 2 * m.eo_c + m.oo_c
+            scales.append((qo + cls.PULL * m.n_c) / (qq + cls.PULL * m.n_c))
+        scale = torch.stack(scales).float()
+        corr = cls(calib.timesteps.float().clone(), {"scale": scale, "input_bias": torch.zeros_like(scale)})
+        corr.stats["input_bias"], drift = _input_drift(denoiser, solver, corr, calib, batch_size, device, progress)
+        corr.log = {"drift_before": drift}
+        return corr
+
+    def output(self, stats, x, out):
+        return (out.float() * _channel_view(stats["scale"], out).to(out.device)).to(out.dtype)
+
+    def next_sample(self, stats, x):
+        return (x.float() - _channel_view(stats["input_bias"], x).to(x.device)).to(x.dtype)
+
+
+@torch.no_grad()
+def _input_drift(denoiser, solver, corr: Correction, calib, batch_size: int, device, progress: bool):
+    """Run the calibration noises through the quantized model with ``corr`` (its input bias
+    filled in step by step); the per-channel mean drift of every step's sample from the FP
+    trajectory's (``S, C``: row ``i`` for the sample entering step ``i``, row 0 zero), and
+    the drift's size before its removal, per step."""
+    n, steps = calib.num_samples, calib.num_steps
+    stats = [corr.at(t) for t in calib.timesteps]  # views: the output's scale as it is now
+    bias = corr.stats["input_bias"]
+    xs = calib.xs[:, 0].float().clone()
+    states = [solver.init_state() for _ in range(0, n, batch_size)]
+    size = []
+    gen = torch.Generator().manual_seed(0)
+    with progress_bar(steps * len(states), "input drift", disable=not progress) as bar:
+        for i in range(steps):
+            for b, start in enumerate(range(0, n, batch_size)):
+                idx = torch.arange(start, min(n, start + batch_size))
+                x = xs[idx].to(device)
+                out = denoiser(x, calib.timesteps[i].to(device), calib.cond.index(idx).to(device))
+                x, states[b] = solver.step(i, x, corr.output(stats[i], x, out), states[b], gen)
+                xs[idx] = x.float().cpu()
+                bar.update(1)
+            if i + 1 < steps:
+                d = xs - calib.xs[:, i + 1].float()
+                size.append(round(float(d.flatten(1).norm(dim=1).mean()), 5))
+                bias[i + 1] = d.mean([k for k in range(d.dim()) if k != 1])
+                xs -= _channel_view(bias[i + 1], xs)
+    return bias, size
+
+
+@register_correction
+class QNCD(Correction):
+    """QNCD's inter-step correction, estimated once (see the module docstring): per step one
+    ``mean`` error of the output, subtracted."""
+
+    NAME = "qncd"
+
+    @classmethod
+    @torch.no_grad()
+    def estimate(cls, denoiser, solver, calib, batch_size: int, device="cpu", progress: bool = True) -> "QNCD":
+        n, steps = calib.num_samples, calib.num_steps
+        gen = torch.Generator().manual_seed(0)
+        means = []
+        with progress_bar(steps * -(-n // batch_size), "noise error", disable=not progress) as bar:
+            for i in range(steps):
+                total, count = 0.0, 0
+                for start in range(0, n, batch_size):
+                    idx = torch.arange(start, min(n, start + batch_size))
+                    x0 = calib.xs[idx, -1].float()
+                    x, target = solver.renoise(i, x0, torch.randn(x0.shape, generator=gen))
+                    out = denoiser(x.to(device), calib.timesteps[i].to(device), calib.cond.index(idx).to(device))
+                    total += float((out.float().cpu() - target).double().sum())
+                    count += target.numel()
+                    bar.update(1)
+                means.append(total / count)
+        return cls(calib.timesteps.float().clone(), {"mean": torch.tensor(means, dtype=torch.float32)})
+
+    def output(self, stats, x, out):
+        return (out.float() - float(stats["mean"])).to(out.dtype)
+
+
 class CorrectedSolver:
     """A solver whose step corrects the model output first (and scales the noise a
     stochastic sampler adds); everything else is the wrapped solver's."""
@@ -247,8 +357,12 @@ class CorrectedSolver:
         out = self.output(i, x, out)
         factor = self.correction.noise_factor(self._stats[i], self.inner, i)
         if factor != 1.0:
-            return self.inner.step(i, x, out, state, generator, noise_factor=factor)
-        return self.inner.step(i, x, out, state, generator)
+            x, state = self.inner.step(i, x, out, state, generator, noise_factor=factor)
+        else:
+            x, state = self.inner.step(i, x, out, state, generator)
+        if i + 1 < self.inner.num_steps:  # the next model input (the final sample is no input)
+            x = self.correction.next_sample(self._stats[i + 1], x)
+        return x, state
 
     def describe(self) -> dict:
         return {**self.inner.describe(), "correction": self.correction.NAME}

@@ -78,6 +78,10 @@ class PerStep(Method):
     def initialise(self, run: Run) -> None:
         start_from(run, "naive")  # naive's ranges, kept for the naive method itself
 
+    def rounding_layers(self, run: Run, layers: dict) -> dict:
+        """The layers of a block whose rounding its reconstruction learns (all of them)."""
+        return layers
+
     def units(self, run: Run) -> list[Unit]:
         points = run.calib.points(self.config.samples_per_step, run.seed)
         first = next(run.calib.batches(points[: run.batch_size], run.batch_size, run.device))
@@ -97,6 +101,7 @@ class PerStep(Method):
                 before = _block_loss(block, probe).item()
             layers = {f"{block.name}.{n}" if n else block.name: m for n, m in block.module.named_modules()
                       if m in block.layers}
+            rounded = self.rounding_layers(run, layers)
             warm = int(c.warmup * c.iters)
 
             def rounding_loss(gen, it):
@@ -104,7 +109,7 @@ class PerStep(Method):
                 if it < warm:
                     return loss
                 beta = annealed_beta((it - warm) / max(1, c.iters - warm), c.beta_start, c.beta_end)
-                return loss + c.reg_weight * penalty(weight_quantizers(layers), beta)
+                return loss + c.reg_weight * penalty(weight_quantizers(rounded), beta)
 
             def act_steps(resumed):
                 quants = [q for q in block.act_quant if q.enabled]
@@ -112,8 +117,8 @@ class PerStep(Method):
                 return [Group({f"{block.name}.act.{k}": q.scale for k, q in enumerate(quants)}, c.act_lr, True),
                         *([Group(extra, c.outlier_lr)] if extra else [])]
 
-            yield [Phase("rounding", c.iters, lambda resumed: [Group(learnable_rounding(layers), c.lr)],
-                         rounding_loss, end=lambda: harden(layers)),
+            yield [Phase("rounding", c.iters, lambda resumed: [Group(learnable_rounding(rounded), c.lr)],
+                         rounding_loss, end=lambda: harden(rounded)),
                    Phase("act steps", c.act_iters, act_steps,
                          lambda gen, it: _block_loss(block, data.batch(gen, run.batch_size, run.device,
                                                                        run.shard)))]

@@ -56,6 +56,9 @@ class Denoiser(nn.Module):
     block_types: tuple[str, ...] = ()
     #: full module names (fnmatch patterns) kept in full precision by default
     keep_fp: tuple[str, ...] = ()
+    #: full module names (fnmatch patterns) of the temporal path: the layers that see the
+    #: timestep (and class) alone, which ``tfmq`` reconstructs on their own
+    temporal_layers: tuple[str, ...] = ()
     #: attention processors replaced by the quantized one (others keep their own logic, in FP)
     attention_processors: tuple[str, ...] = ("AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor")
     #: ``"none"``, ``"class"`` or ``"text"``

@@ -17,6 +17,7 @@ class DiTAdapter(ClassConditional):
     pipeline_class = "DiTPipeline"
     block_types = ("BasicTransformerBlock", "Attention", "TimestepEmbedding")
     keep_fp = ("pos_embed.proj", "proj_out", "proj_out_1", "proj_out_2")  # patch embedding and output projections
+    temporal_layers = ("*.norm1.emb.*", "*.norm1.linear")
 
     def __init__(self, model, guidance_scale=1.0, null_class=None, components=None, num_classes=None, **kw):
         if null_class is None:

@@ -33,6 +33,8 @@ class FluxAdapter(TextConditional):
     block_types = ("FluxTransformerBlock", "FluxSingleTransformerBlock", "TimestepEmbedding",
                    "PixArtAlphaTextProjection")
     keep_fp = ("x_embedder", "norm_out.linear", "proj_out")  # patch embedding and final layer, as DiT and SD3
+    temporal_layers = ("time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear", "*.norm.linear",
+                       "norm_out.linear")
     attention_processors = Denoiser.attention_processors + ("FluxAttnProcessor", "QuantFluxAttnProcessor")
 
     @property

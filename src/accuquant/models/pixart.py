@@ -28,6 +28,7 @@ class PixArtAdapter(TextConditional):
     default_sample_size = 128  # PixArt-Σ 1024: 1024 x 1024 images
     block_types = ("BasicTransformerBlock", "PixArtAlphaTextProjection")
     keep_fp = ("pos_embed.proj", "proj_out", "adaln_single.*")
+    temporal_layers = ("adaln_single.*",)
 
     def raw(self, x, t, cond):
         self.require(cond)

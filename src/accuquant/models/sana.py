@@ -33,6 +33,7 @@ class SanaAdapter(TextConditional):
     condition_keys = ("embeds", "mask")
     block_types = ("SanaTransformerBlock", "AdaLayerNormSingle", "PixArtAlphaTextProjection")
     keep_fp = ("patch_embed.proj", "proj_out")  # patch embedding and final layer, as DiT
+    temporal_layers = ("time_embed.*",)
     attention_processors = Denoiser.attention_processors + (
         "SanaLinearAttnProcessor2_0", "QuantSanaLinearAttnProcessor", "SanaAttnProcessor2_0", "QuantSanaAttnProcessor")
 

@@ -26,6 +26,7 @@ class SD3Adapter(TextConditional):
     block_types = ("JointTransformerBlock", "SD3SingleTransformerBlock", "TimestepEmbedding",
                    "PixArtAlphaTextProjection")
     keep_fp = ("pos_embed.proj", "norm_out.linear", "proj_out")  # patch embedding and final layer, as DiT
+    temporal_layers = ("time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear", "norm_out.linear")
     attention_processors = Denoiser.attention_processors + ("JointAttnProcessor2_0", "QuantJointAttnProcessor")
 
     def raw(self, x, t, cond):

@@ -50,6 +50,7 @@ class _UNet(Denoiser):
     component = "unet"
     block_types = BLOCKS
     keep_fp = ("conv_in", "conv_out")  # few weights, and an error there hits every pixel
+    temporal_layers = ("time_embedding.*", "*.time_emb_proj")
 
     def shortcut_splits(self):
         return shortcut_splits(self.model)

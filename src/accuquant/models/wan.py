@@ -42,6 +42,7 @@ class WanAdapter(TextConditional):
     condition_keys = ("embeds",)
     block_types = ("WanTransformerBlock", "WanTimeTextImageEmbedding")
     keep_fp = ("patch_embedding", "proj_out")  # patch embedding (a Conv3d, never wrapped) and final layer
+    temporal_layers = ("condition_embedder.time_embedder.*", "condition_embedder.time_proj")
     attention_processors = Denoiser.attention_processors + ("WanAttnProcessor", "QuantWanAttnProcessor")
 
     def __init__(self, model, *args, **kwargs):
