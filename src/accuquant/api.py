@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import cache
+from .calibrate.block_data import quantization_disabled
 from .calibrate.data import Trajectories, collect_trajectories
 from .calibrate.distributed import is_main, world
 from .calibrate.protocol import Run
@@ -256,10 +257,14 @@ def quantize(
         method_log=run.log, timing_s={"calibration_data": round(prep.seconds, 3),
                                       "method": round(time.perf_counter() - t1, 3)},
         accuquant_version=__version__, dtype=str(prep.dtype).removeprefix("torch."))
-    pipe = freeze(prep, record)
-    if correct is not None:  # on the frozen model, as it will sample
+    if correct is not None:  # before freezing: the FP model is still at hand, with the quantizers off
         t2 = time.perf_counter()
+
+        def reference(x, t, cond):
+            with quantization_disabled(run.model):
+                return run.denoiser(x, t, cond)
+
         record.correction = CORRECTIONS[correct].estimate(run.denoiser, run.solver, run.calib, run.batch_size,
-                                                          run.device, run.progress).to_dict()
+                                                          run.device, run.progress, reference).to_dict()
         record.timing_s["correction"] = round(time.perf_counter() - t2, 3)
-    return pipe
+    return freeze(prep, record)

@@ -21,13 +21,15 @@ so the model may be sampled with other step counts than it was calibrated with.
   from the calibration noises are run with it, and each step's per-channel drift of the
   sample from the FP trajectory is removed from the sample before the next model call
   (input bias correction).
-* ``qncd`` (QNCD, Chu et al., ACM MM 2024; inter-step noise): per step, the mean error of
-  the quantized model's output on calibration samples noised again with known noise,
-  subtracted from the output. QNCD estimates it while sampling, every few steps; here it
-  is estimated once, on the FP samples of the calibration trajectories.
+* ``qncd`` (QNCD, Chu et al., ACM MM 2024; inter-step noise): per step, the mean
+  quantization noise of the output (quantized minus FP) on the calibration trajectories'
+  final samples noised again to that step's level, subtracted from the output. QNCD
+  estimates it while sampling, every few steps, against the known noise; here it is
+  estimated once, against the FP model (docs/methods.md says why).
 
 Every estimate takes the quantized ``denoiser``, the calibration ``solver`` and ``calib``
-trajectories.
+trajectories, and ``reference``, the FP model's call (the quantizers off), which is there
+while a model is quantized.
 """
 
 from __future__ import annotations
@@ -215,7 +217,8 @@ class PTQD(Correction):
     NAME = "ptqd"
 
     @classmethod
-    def estimate(cls, denoiser, solver, calib, batch_size: int, device="cpu", progress: bool = True) -> "PTQD":
+    def estimate(cls, denoiser, solver, calib, batch_size: int, device="cpu", progress: bool = True,
+                 reference=None) -> "PTQD":
         moments = output_errors(denoiser, calib, batch_size, device, progress)
         k, bias, var, before, after, slopes = [], [], [], [], [], []
         for m in moments:
@@ -259,7 +262,8 @@ class TAC(Correction):
     PULL = 0.1
 
     @classmethod
-    def estimate(cls, denoiser, solver, calib, batch_size: int, device="cpu", progress: bool = True) -> "TAC":
+    def estimate(cls, denoiser, solver, calib, batch_size: int, device="cpu", progress: bool = True,
+                 reference=None) -> "TAC":
         scales = []
         for m in output_errors(denoiser, calib, batch_size, device, progress):
             # min over K of sum (K q - o)^2 + PULL n (K - 1)^2, q = e + o the quantized output
@@ -311,13 +315,14 @@ def _input_drift(denoiser, solver, corr: Correction, calib, batch_size: int, dev
 @register_correction
 class QNCD(Correction):
     """QNCD's inter-step correction, estimated once (see the module docstring): per step one
-    ``mean`` error of the output, subtracted."""
+    ``mean`` quantization noise of the output, subtracted."""
 
     NAME = "qncd"
 
     @classmethod
     @torch.no_grad()
-    def estimate(cls, denoiser, solver, calib, batch_size: int, device="cpu", progress: bool = True) -> "QNCD":
+    def estimate(cls, denoiser, solver, calib, batch_size: int, device="cpu", progress: bool = True,
+                 reference=None) -> "QNCD":
         n, steps = calib.num_samples, calib.num_steps
         gen = torch.Generator().manual_seed(0)
         means = []
@@ -327,10 +332,11 @@ class QNCD(Correction):
                 for start in range(0, n, batch_size):
                     idx = torch.arange(start, min(n, start + batch_size))
                     x0 = calib.xs[idx, -1].float()
-                    x, target = solver.renoise(i, x0, torch.randn(x0.shape, generator=gen))
-                    out = denoiser(x.to(device), calib.timesteps[i].to(device), calib.cond.index(idx).to(device))
-                    total += float((out.float().cpu() - target).double().sum())
-                    count += target.numel()
+                    x, _ = solver.renoise(i, x0, torch.randn(x0.shape, generator=gen))
+                    args = (x.to(device), calib.timesteps[i].to(device), calib.cond.index(idx).to(device))
+                    out = denoiser(*args).float() - reference(*args).float()
+                    total += float(out.double().sum())
+                    count += out.numel()
                     bar.update(1)
                 means.append(total / count)
         return cls(calib.timesteps.float().clone(), {"mean": torch.tensor(means, dtype=torch.float32)})
