@@ -126,7 +126,7 @@ def test_every_config_option_is_a_flag_of_quantize_and_its_help_shows_it(monkeyp
     the run's own flags; each option's help text is in its flag's entry of ``--help``."""
     flags = _config_flags()
     assert [f.name for _, f in flags["--no-split-shortcut"]] == ["split_shortcut"]  # a flag named in the metadata
-    assert {owner for owner, _ in flags["--iters"]} == {"per-step", "accuquant", "tfmq"}  # one flag, three methods
+    assert {owner for owner, _ in flags["--iters"]} == {"per-step", "accuquant", "tfmq", "eda-dm"}  # one flag, four
     assert not set(flags) & RUN_FLAGS - {"--batch-size"}  # accuquant's trajectories per step share --batch-size
     quantize = build_parser()._subparsers._group_actions[0].choices["quantize"]
     assert {s for a in quantize._actions for s in a.option_strings} == set(flags) | RUN_FLAGS

@@ -1,4 +1,4 @@
-"""Calibration methods: ``naive``, ``per-step``, ``accuquant`` and ``tfmq``, recipes (``svdquant``:
+"""Calibration methods: ``naive``, ``per-step``, ``accuquant``, ``tfmq`` and ``eda-dm``, recipes (``svdquant``:
 a method with a published method's quantization options), and sampling corrections
 (``ptqd``: :mod:`.corrections`) that compose with any of them.
 
@@ -7,7 +7,7 @@ Each is a module with its config dataclass and a
 importing this package registers them all. The engine runs them all.
 """
 
-from . import accuquant, naive, per_step, tfmq  # noqa: F401  (they register themselves)
+from . import accuquant, eda_dm, naive, per_step, tfmq  # noqa: F401  (they register themselves)
 from .corrections import CORRECTIONS, split_method
 from .registry import METHODS, RECIPES, base_method, cached_or_calibrate, config_class, method_class, method_config, \
     register_method, resolve_recipe, start_from

@@ -59,14 +59,18 @@ def _rec_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return d.sum(1).mean() if d.dim() > 1 else d.mean()
 
 
-def _block_loss(block: Block, batch) -> torch.Tensor:
-    """The reconstruction loss of a block; of a block with several outputs (an MMDiT block's
-    image and text streams), the sum over them."""
-    args, kwargs, target = batch
-    out = block_outputs(block.module(*args, **kwargs))
+def output_loss(out, target) -> torch.Tensor:
+    """The reconstruction loss of a block's output; of a block with several outputs (an MMDiT
+    block's image and text streams), the sum over them."""
     if isinstance(target, tuple):
         return sum(_rec_loss(o, t) for o, t in zip(out, target))
     return _rec_loss(out, target)
+
+
+def _block_loss(block: Block, batch) -> torch.Tensor:
+    """The reconstruction loss of a block at a batch of its captured data."""
+    args, kwargs, target = batch
+    return output_loss(block_outputs(block.module(*args, **kwargs)), target)
 
 
 @register_method
@@ -82,8 +86,16 @@ class PerStep(Method):
         """The layers of a block whose rounding its reconstruction learns (all of them)."""
         return layers
 
+    def calibration_points(self, run: Run) -> list[tuple[int, int]]:
+        """The ``(trajectory, step)`` points calibrated on: ``samples_per_step`` at every step."""
+        return run.calib.points(self.config.samples_per_step, run.seed)
+
+    def block_loss(self, block: Block, batch) -> torch.Tensor:
+        """What a block's reconstruction minimises: its output's error (:func:`_block_loss`)."""
+        return _block_loss(block, batch)
+
     def units(self, run: Run) -> list[Unit]:
-        points = run.calib.points(self.config.samples_per_step, run.seed)
+        points = self.calibration_points(run)
         first = next(run.calib.batches(points[: run.batch_size], run.batch_size, run.device))
         run.log["points"] = len(points)
         return [Unit(b.name, self.config.iters + self.config.act_iters, partial(self._open, run, b, points))
@@ -105,7 +117,7 @@ class PerStep(Method):
             warm = int(c.warmup * c.iters)
 
             def rounding_loss(gen, it):
-                loss = _block_loss(block, data.batch(gen, run.batch_size, run.device, run.shard))
+                loss = self.block_loss(block, data.batch(gen, run.batch_size, run.device, run.shard))
                 if it < warm:
                     return loss
                 beta = annealed_beta((it - warm) / max(1, c.iters - warm), c.beta_start, c.beta_end)
@@ -120,8 +132,8 @@ class PerStep(Method):
             yield [Phase("rounding", c.iters, lambda resumed: [Group(learnable_rounding(rounded), c.lr)],
                          rounding_loss, end=lambda: harden(rounded)),
                    Phase("act steps", c.act_iters, act_steps,
-                         lambda gen, it: _block_loss(block, data.batch(gen, run.batch_size, run.device,
-                                                                       run.shard)))]
+                         lambda gen, it: self.block_loss(block, data.batch(gen, run.batch_size, run.device,
+                                                                           run.shard)))]
             with torch.no_grad():
                 after = _block_loss(block, probe).item()
             run.log.setdefault("blocks", {})[block.name] = {
