@@ -127,6 +127,14 @@ OTHER_TABLES = [
      "`benchmarks/results/compare_mnist-dit*.{md,json}`, grids in `docs/compare/mnist-dit/`): each seed, then the "
      "mean (min..max) over seeds. AccuQuant's calibration time excludes the per-step initialisation it starts from "
      "(cached from the per-step pair)."),
+    ("neighbours_mnist-dit.md", "mnist-dit: AccuQuant and its neighbours (PTQD, TAC, QNCD, TFMQ-DM, EDA-DM)",
+     "`python benchmarks/families.py --name neighbours --model mnist-dit --bits w4a8,w3a8 --seeds 0,1,2 --num 500 "
+     "--methods naive,per-step,ptqd,tac,qncd,tfmq,eda-dm,accuquant,accuquant+ptqd,accuquant+tac,accuquant+qncd` "
+     "(one `accuquant compare` per calibration seed; `benchmarks/results/neighbours_mnist-dit*.{md,json}`, with "
+     "the CPU's name; what each method is: docs/methods.md): each seed, FID to FP with its bootstrap interval, "
+     "PSNR and the accumulated error at the last step, then the mean (min..max) over the seeds a method has "
+     "and its FID as a ratio of per-step's. `ptqd`, `tac` and `qncd` are per-step with that correction; "
+     "`accuquant+X` is AccuQuant's calibration with it."),
     ("ablation_mnist-dit.md", "mnist-dit: group size at equal compute, and what stays in full precision",
      "`python benchmarks/ablation.py --model mnist-dit --bits w4a8 --num 300 --seeds 0,1,2 --variants ...` "
      "(`benchmarks/results/ablation_mnist-dit.{md,json}`): AccuQuant with M = 1, 2, 4, 8 and the whole 20-step "

@@ -352,9 +352,14 @@ class MethodConfig(Options):
     VERSION: ClassVar[int] = 1
     #: options that no longer exist or were settings of a run: ignored in saved configs
     RETIRED: ClassVar[tuple[str, ...]] = ()
+    #: options added after the method's results were first kept, with their defaults
+    LATER: ClassVar[dict[str, Any]] = {}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.NAME, "version": self.VERSION, **dataclasses.asdict(self)}
+        """Name, version and fields; a field in :attr:`LATER` at its default is left out, so
+        the configs that do not use it (saved files, run and cache keys) read as before."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if not (k in self.LATER and v == self.LATER[k])}
+        return {"method": self.NAME, "version": self.VERSION, **d}
 
     def resume_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` without the learning rates: what a checkpoint must match to be resumed."""

@@ -44,13 +44,13 @@ def multistep_loss(den: Denoiser, solver: Solver, x: torch.Tensor, state, start:
 
 
 def multistep_backward(den: Denoiser, solver: Solver, x: torch.Tensor, state, start: int, m: int,
-                       cond: Conditions, target: torch.Tensor, mode: str = "checkpoint") -> float:
+                       cond: Conditions, target: torch.Tensor, mode: str = "checkpoint", weight: float = 1.0) -> float:
     """Compute ``L`` from FP sample ``x`` (and solver ``state``) at step ``start`` over ``m``
-    quantized steps, and accumulate the parameters' gradients (``.grad``) by ``mode``.
+    quantized steps, and accumulate the gradients of ``weight * L`` (``.grad``) by ``mode``.
     Returns ``L``."""
     if mode == "exact":
         loss = multistep_loss(den, solver, x, state, start, m, cond, target)
-        loss.backward()
+        (weight * loss).backward()
         return loss.item()
     if mode not in GRAD_MODES:
         raise ValueError(f"unknown gradient mode {mode!r}; choose one of {GRAD_MODES}")
@@ -62,7 +62,7 @@ def multistep_backward(den: Denoiser, solver: Solver, x: torch.Tensor, state, st
             x, state = _step(den, solver, start + k, x, state, cond)
     x_last = x.detach().requires_grad_(True)
     loss = (x_last - target).pow(2).mean()
-    (g,) = torch.autograd.grad(loss, x_last)
+    (g,) = torch.autograd.grad(weight * loss, x_last)
     if mode == "approx":
         for k in range(m):
             xk, sk = inputs[k]

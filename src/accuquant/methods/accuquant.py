@@ -19,6 +19,10 @@ a learned rounding (per-step's) stays as the integer codes it chose and the weig
 sizes scale them; with ``"learn"`` the AdaRound variables are learned jointly, softened
 around the initial decisions, with AdaRound's annealed regulariser, and hardened at the end.
 
+``sample_weights="gradient-aligned"`` weighs each group's loss by how well its gradient
+agrees with the mean over the groups (:func:`alignment_weights`; our reading of
+gradient-aligned calibration, docs/methods.md).
+
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache import derive_seed
 from ..calibrate.protocol import Group, Method, Phase, Run, Unit
 from ..quant.layers import all_quantizers, outlier_parameters, quant_layers
 from ..calibrate.multistep import GRAD_MODES, multistep_backward
@@ -70,11 +75,25 @@ class AccuQuantConfig(MethodConfig):
                              positive=True, rate=True)
     round_reg: float = option(1e-4, "weight of the rounding regulariser, relative to the loss", cli=False, minimum=0)
     round_margin: float = option(2.0, "|alpha| of a hard decision made learnable again", cli=False, positive=True)
+    sample_weights: str = option("uniform", "weights of the groups in the loss: uniform, or gradient-aligned "
+                                 "(each group's gradient on a fixed batch against their mean gradient, refreshed "
+                                 "every save_every iterations: a group pulling the other way counts less)",
+                                 choices=("uniform", "gradient-aligned"))
+    LATER = {"sample_weights": "uniform"}
 
 
 def groups(num_steps: int, m: int) -> list[tuple[int, int]]:
     """Consecutive, non-overlapping groups ``(start, length)`` covering every step."""
     return [(s, min(m, num_steps - s)) for s in range(0, num_steps, m)]
+
+
+def alignment_weights(grads: torch.Tensor) -> torch.Tensor:
+    """Weights of groups from their gradients (one row each): ``relu(cos(g_k, mean g))``,
+    scaled to a mean of 1 (all 1 where none agrees with the mean)."""
+    grads = grads.double()
+    mean = grads.mean(0)
+    w = (grads @ mean / (grads.norm(dim=1) * mean.norm()).clamp_min(1e-300)).clamp_min(0)
+    return (w / w.mean() if float(w.sum()) > 0 else torch.ones_like(w)).float()
 
 
 @register_method
@@ -95,6 +114,8 @@ class AccuQuant(Method):
         learn = c.rounding == "learn"
         start: dict = {}
         n = run.calib.num_samples
+        learned: list[torch.Tensor] = []
+        weights: dict = {}  # iteration they were computed at -> weight per group
 
         def params(resumed: bool) -> list[Group]:
             scales = Group({f"{n}.scale": q.scale for n, q in all_quantizers(run.model).items() if q.enabled}, c.lr,
@@ -104,18 +125,45 @@ class AccuQuant(Method):
             outliers = [Group(extra, c.outlier_lr)] if extra else []
             if not learn:
                 fix_learned_codes(layers)
-                return [scales, *outliers]
-            alphas = learnable_rounding(layers, c.round_margin, resumed)
-            start.update({k: a.detach() >= 0 for k, a in alphas.items()})
-            return [scales, Group(alphas, c.round_lr), *outliers]
+                out = [scales, *outliers]
+            else:
+                alphas = learnable_rounding(layers, c.round_margin, resumed)
+                start.update({k: a.detach() >= 0 for k, a in alphas.items()})
+                out = [scales, Group(alphas, c.round_lr), *outliers]
+            learned[:] = [t for g in out for t in g.params.values()]
+            return out
+
+        def group_weights(it: int) -> torch.Tensor:
+            """The groups' :func:`alignment_weights` from their gradients on a fixed batch, computed at
+            multiples of ``save_every``, so that a resumed run computes the same weights."""
+            at = it - it % c.save_every
+            if at not in weights:
+                g = torch.Generator().manual_seed(derive_seed("gradient-aligned", run.seed, at))
+                idx = torch.randperm(n, generator=g)[: c.traj_batch]
+                xs, outs, cond = run.trajectories(idx)
+                grads = []
+                for s, length in grp:
+                    for p in learned:
+                        p.grad = None
+                    multistep_backward(run.denoiser, run.solver, xs[:, s], run.solver.state_at(s, xs, outs), s,
+                                       length, cond, xs[:, s + length], c.grad)
+                    grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                            for p in learned]).double())
+                for p in learned:
+                    p.grad = None
+                weights.clear()
+                weights[at] = alignment_weights(torch.stack(grads))
+                run.log.setdefault("group_weights", {})[str(at)] = [round(float(v), 4) for v in weights[at]]
+            return weights[at]
 
         def loss(gen: torch.Generator, it: int) -> float:
-            s, length = grp[int(torch.randint(len(grp), (1,), generator=gen)) if c.schedule == "uniform"
-                            else it % len(grp)]
+            k = int(torch.randint(len(grp), (1,), generator=gen)) if c.schedule == "uniform" else it % len(grp)
+            s, length = grp[k]
+            weight = float(group_weights(it)[k]) if c.sample_weights == "gradient-aligned" else 1.0
             idx = run.shard(torch.randperm(n, generator=gen)[: c.traj_batch])
             xs, outs, cond = run.trajectories(idx)
             value = multistep_backward(run.denoiser, run.solver, xs[:, s], run.solver.state_at(s, xs, outs), s,
-                                       length, cond, xs[:, s + length], c.grad)
+                                       length, cond, xs[:, s + length], c.grad, weight)
             warm = int(0.2 * c.iters)
             if learn and it >= warm:  # AdaRound's annealed regulariser, scaled by the loss
                 beta = annealed_beta((it - warm) / max(1, c.iters - warm))
