@@ -81,7 +81,8 @@ def _channel_view(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Correction:
     """Statistics by timestep (``stats[name][j]`` belongs to ``timesteps[j]``) and what the
-    sampler's step does with them; subclasses estimate them and define the two hooks."""
+    sampler's step does with them; subclasses estimate them (:meth:`estimate`) and define
+    the hooks they need (:meth:`output`, :meth:`noise_factor`, :meth:`next_sample`)."""
 
     NAME = "base"
     VERSION = 1
@@ -109,6 +110,13 @@ class Correction:
         a, b = int(order[hi - 1]), int(order[hi])
         w = (t - float(ts[a])) / (float(ts[b]) - float(ts[a]))
         return {k: (1 - w) * v[a] + w * v[b] for k, v in self.stats.items()}
+
+    @classmethod
+    def estimate(cls, denoiser, solver, calib, batch_size: int, device="cpu", progress: bool = True,
+                 reference=None) -> "Correction":
+        """The statistics of the quantized ``denoiser`` on the ``calib`` trajectories of
+        ``solver`` (``reference``: the FP model's call)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------ the hooks
     def output(self, stats: dict, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
