@@ -134,7 +134,12 @@ OTHER_TABLES = [
      "the CPU's name; what each method is: docs/methods.md): each seed, FID to FP with its bootstrap interval, "
      "PSNR and the accumulated error at the last step, then the mean (min..max) over the seeds a method has "
      "and its FID as a ratio of per-step's. `ptqd`, `tac` and `qncd` are per-step with that correction; "
-     "`accuquant+X` is AccuQuant's calibration with it."),
+     "`accuquant+X` is AccuQuant's calibration with it. What the table says: AccuQuant has the lowest FID to FP "
+     "and the highest PSNR of the calibration methods at both widths. At W4A8 every neighbour improves on per-step, "
+     "as their papers report; at W3A8 on this DiT only qncd matches per-step and the others fall behind it "
+     "(TFMQ-DM, whose paper works on UNets, among them). Of the corrections on top of AccuQuant, ptqd and qncd "
+     "change little at W4A8, ptqd lowers the W3A8 FID on every seed (within the bootstrap intervals), and tac "
+     "raises it at both."),
     ("ablation_mnist-dit.md", "mnist-dit: group size at equal compute, and what stays in full precision",
      "`python benchmarks/ablation.py --model mnist-dit --bits w4a8 --num 300 --seeds 0,1,2 --variants ...` "
      "(`benchmarks/results/ablation_mnist-dit.{md,json}`): AccuQuant with M = 1, 2, 4, 8 and the whole 20-step "

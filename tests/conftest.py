@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# The models here are tiny: one thread per process runs them faster than two threads that
+# wait on each other, in the test process and in the processes it starts (the caller's
+# setting, if any, stands)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import diffusers
 import pytest
