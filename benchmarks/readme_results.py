@@ -139,7 +139,8 @@ OTHER_TABLES = [
      "as their papers report; at W3A8 on this DiT only qncd matches per-step and the others fall behind it "
      "(TFMQ-DM, whose paper works on UNets, among them). Of the corrections on top of AccuQuant, ptqd and qncd "
      "change little at W4A8, ptqd lowers the W3A8 FID on every seed (within the bootstrap intervals), and tac "
-     "raises it at both."),
+     "raises it at both. The calibration times were taken with two such runs at once on the 2 cores: they "
+     "compare methods within the table, not machines."),
     ("ablation_mnist-dit.md", "mnist-dit: group size at equal compute, and what stays in full precision",
      "`python benchmarks/ablation.py --model mnist-dit --bits w4a8 --num 300 --seeds 0,1,2 --variants ...` "
      "(`benchmarks/results/ablation_mnist-dit.{md,json}`): AccuQuant with M = 1, 2, 4, 8 and the whole 20-step "
@@ -155,6 +156,12 @@ OTHER_TABLES = [
     ("ablation_mnist-sd.md", "mnist-sd: group size at equal compute",
      "`python benchmarks/ablation.py --model mnist-sd --bits w4a8 --num 300 --seeds 0,1,2 --variants ...` "
      "(`benchmarks/results/ablation_mnist-sd.{md,json}`): the same group-size ablation on the text-to-image UNet."),
+    ("neighbours_mnist-sd3.md", "mnist-sd3: AccuQuant and its neighbours",
+     "The same comparison as mnist-dit's (`--model mnist-sd3`; `benchmarks/results/neighbours_mnist-sd3*`), on the "
+     "calibration seeds the file lists; two such runs at once on the 2 cores."),
+    ("neighbours_mnist-flux.md", "mnist-flux: AccuQuant and its neighbours",
+     "The same comparison as mnist-dit's (`--model mnist-flux`; `benchmarks/results/neighbours_mnist-flux*`), on "
+     "the calibration seeds the file lists; two such runs at once on the 2 cores."),
     ("compare_mnist-sd3.md", "mnist-sd3 (flow-matching MMDiT, text-to-image): all methods",
      "`python benchmarks/families.py --model mnist-sd3 --bits w8a8,w4a8,w3a8 --seeds 0 --num 500`, then "
      "`--bits w4a8,w3a8 --seeds 1,2` (`benchmarks/results/compare_mnist-sd3*.{md,json}`, grids and error plots in "
