@@ -41,3 +41,9 @@ def test_eda_dm_calibrates_on_its_points_with_layer_terms():
     assert len(set(log["points_per_step"])) > 1  # not the even share per-step takes
     block = next(iter(log["blocks"].values()))
     assert block["loss"] >= 0 and block["rows"] > 0
+
+
+def test_eda_dm_reads_the_features_of_a_block_called_by_keyword(sd3_pipeline_dir):
+    q = aq.quantize(str(sd3_pipeline_dir), aq.QuantConfig(weight_bits=4, act_bits=8), "eda-dm", steps=3,
+                    calib_samples=2, progress=False, iters=2, act_iters=1, samples_per_step=2, feature_samples=2)
+    assert sum(q.quant.method_log["points_per_step"]) == 6

@@ -93,7 +93,12 @@ class EDADM(PerStep):
         blocks = find_blocks(run.model, lambda: run.denoiser(*first), run.denoiser.block_types)
         middle = blocks[len(blocks) // 2].module
         feats: list[torch.Tensor] = []
-        hook = middle.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach().float().cpu()))
+
+        def keep(module, args, kwargs):  # a transformer block may take its input by keyword
+            x = args[0] if args else kwargs.get("hidden_states", next(v for v in kwargs.values() if torch.is_tensor(v)))
+            feats.append(x.detach().float().cpu())
+
+        hook = middle.register_forward_pre_hook(keep, with_kwargs=True)
         try:
             with torch.no_grad(), quantization_disabled(run.model):
                 for i in range(steps):
