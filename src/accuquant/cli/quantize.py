@@ -90,9 +90,7 @@ def run(args) -> None:
     from ..bundled import is_bundled
     from ..calibrate import distributed
     from ..io.files import check_not_inside, check_out_dir
-    from ..methods import method_config, resolve_recipe
-
-    from ..methods.corrections import split_method
+    from ..methods import method_config, resolve_recipe, split_method
 
     check_device(args.device)
     args.correct = split_method(args.method, args.correct)[1]

@@ -19,7 +19,6 @@ step): see docs/methods.md.
 
 from __future__ import annotations
 
-import fnmatch
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ import torch
 from ..calibrate.block_data import quantization_disabled
 from ..calibrate.protocol import Group, Phase, Run, Unit
 from ..config import option
-from ..quant.layers import quant_layers
+from ..quant.layers import matches, quant_layers
 from ..quant.quantizers import annealed_beta
 from ..quant.rounding import harden, learnable_rounding, penalty, weight_quantizers
 from .per_step import PerStep, PerStepConfig
@@ -47,9 +46,8 @@ class _Stop(Exception):
 
 def temporal_layers(run: Run) -> dict:
     """The quantized layers of the family's temporal path (``Denoiser.temporal_layers``)."""
-    patterns = run.denoiser.temporal_layers
     return {n: lyr for n, lyr in quant_layers(run.model).items()
-            if lyr.weight_quant and any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+            if lyr.weight_quant and matches(n, run.denoiser.temporal_layers)}
 
 
 def temporal_outputs(run: Run, layers: dict, x, t, cond) -> dict[str, torch.Tensor]:

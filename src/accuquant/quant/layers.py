@@ -281,9 +281,14 @@ class WrapReport:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+def matches(name: str, patterns) -> bool:
+    """Whether module ``name`` matches one of the fnmatch ``patterns`` (a family's or a config's)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def kept_fp(name: str, cfg: QuantConfig) -> bool:
     """Whether layer ``name`` stays in full precision by ``cfg.keep_fp``'s patterns."""
-    return any(fnmatch.fnmatchcase(name, p) for p in cfg.keep_fp or ())
+    return matches(name, cfg.keep_fp or ())
 
 
 def layer_config(cfg: QuantConfig, name: str) -> QuantConfig:
