@@ -81,11 +81,11 @@ class TFMQ(PerStep):
     Config = TFMQConfig
 
     def rounding_layers(self, run: Run, layers: dict) -> dict:
-        temporal = set(map(id, temporal_layers(run).values()))
-        return {n: lyr for n, lyr in layers.items() if id(lyr) not in temporal}
+        return {n: lyr for n, lyr in layers.items() if id(lyr) not in self.temporal_ids}
 
     def units(self, run: Run) -> list[Unit]:
         layers = temporal_layers(run)
+        self.temporal_ids = set(map(id, layers.values()))  # the blocks' units leave these out
         run.log["temporal_layers"] = list(layers)
         blocks = super().units(run)
         if not layers:  # the family has none, or keeps them in full precision: per-step
